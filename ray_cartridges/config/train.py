@@ -1,0 +1,113 @@
+"""Config of the training stage (``ray-cartridges train``). Seed key names stay valid."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from .base import StrictModel
+
+
+class InputDatasetConfig(StrictModel):
+    repo_id: str | None = Field(None, description="Hub dataset id to pull with snapshot_download.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of repo_id.")
+    local_path: str | None = Field(
+        None, description="Local dataset: a JSONL file (seed format) or a parquet file/directory (flat top-k)."
+    )
+    is_converted: bool = Field(
+        True, description="true: the data is flat top-k parquet; false: seed JSONL, converted on the fly."
+    )
+    min_prob_mass: float = Field(0.99, gt=0, le=1, description="Conversion: keep top tokens until this mass.")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of rows held out for evaluation.")
+    split_seed: int = Field(0, description="Seed of the train/eval split.")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if not self.repo_id and not self.local_path:
+            raise ValueError("input_dataset needs repo_id or local_path")
+        return self
+
+
+class OutputConfig(StrictModel):
+    local_dir: str = Field(description="Directory that receives the cartridge, checkpoints and metrics.")
+    hf_repo_id: str | None = Field(None, description="Hub model repo to push the cartridge to.")
+    upload_to_hf: bool = Field(False, description="Push output.local_dir to hf_repo_id at the end.")
+    hf_private: bool = Field(True, description="Create the hub repo as private.")
+
+
+class KVCacheConfig(StrictModel):
+    method: Literal["random", "text"] = Field(
+        "random", description="Cartridge init: 'random' or 'text' (prefill the first num_tokens tokens of a text)."
+    )
+    num_tokens: int = Field(128, gt=0, description="Cartridge length p (virtual KV tokens).")
+    num_frozen_tokens: int = Field(1, ge=0, description="Leading cartridge tokens kept frozen (attention sink).")
+    init_text: str | None = Field(None, description="Text for method=text.")
+    init_text_file: str | None = Field(None, description="File holding the text for method=text.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.num_frozen_tokens > self.num_tokens:
+            raise ValueError(
+                f"kv_cache.num_frozen_tokens ({self.num_frozen_tokens}) > kv_cache.num_tokens ({self.num_tokens})"
+            )
+        if self.method == "text" and not (self.init_text or self.init_text_file):
+            raise ValueError("kv_cache.method=text needs kv_cache.init_text or kv_cache.init_text_file")
+        return self
+
+
+class TrainingConfig(StrictModel):
+    epochs: int = Field(1, gt=0, description="Passes over the training split.")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
+    global_batch_size: int = Field(8, gt=0, description="Conversations per optimizer step, summed over workers.")
+    micro_batch_size: int | None = Field(
+        None, gt=0, description="Per-worker forward batch; smaller than the per-worker batch means accumulation."
+    )
+    lr: float = Field(1e-4, gt=0, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps before cosine decay.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine floor as a fraction of lr.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm (null: no clipping).")
+    top_k_logits: int = Field(20, gt=0, description="Top-k teacher logprobs per token used by the loss.")
+    seed: int = Field(0, description="Seed of init, shuffling and everything random.")
+    bf16_autocast: bool = Field(False, description="Run the frozen model under bf16 autocast.")
+    max_seq_len: int = Field(2048, gt=0, description="Conversations longer than this (tokens) are dropped.")
+    save_every: int = Field(0, ge=0, description="Write a checkpoint every N steps (0: only at the end).")
+    eval_every: int = Field(0, ge=0, description="Evaluate on the held-out split every N steps (0: start and end).")
+    log_every: int = Field(1, gt=0, description="Log metrics every N steps.")
+    backend: Literal["ddp", "deepspeed"] = Field("ddp", description="Data-parallel backend.")
+
+
+class ScalingConfig(StrictModel):
+    num_workers: int = Field(1, gt=0, description="Ray Train workers (total over all nodes).")
+    use_gpu: bool = Field(False, description="One GPU per worker.")
+    resources_per_worker: dict[str, float] | None = Field(None, description="Ray resources per worker.")
+    storage_path: str | None = Field(
+        None, description="Ray Train storage (shared FS or cloud URI on clusters); default: <local_dir>/ray."
+    )
+
+
+class WandbConfig(StrictModel):
+    mode: Literal["disabled", "offline", "online"] = Field("disabled", description="wandb mode.")
+    project: str = Field("ray-cartridges", description="wandb project.")
+    entity: str | None = Field(None, description="wandb entity.")
+    name: str | None = Field(None, description="wandb run name.")
+
+
+class TrainConfig(StrictModel):
+    """Knowledge distillation of a cartridge from precomputed teacher logprobs."""
+
+    input_dataset: InputDatasetConfig
+    output: OutputConfig
+    model_name: str = Field("smollm2-135m-instruct", description="Hub id, local dir, or bundled short name.")
+    model_dtype: Literal["fp32", "bf16"] = Field("fp32", description="dtype of the frozen model weights.")
+    student_system_prompt: str | None = Field(
+        None, description="System prompt of the student conversation (null: none; the template's default applies)."
+    )
+    kv_cache: KVCacheConfig = KVCacheConfig()
+    training: TrainingConfig = TrainingConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    distributed_backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="torch.distributed backend (auto: nccl with GPUs, gloo otherwise)."
+    )
+    wandb: WandbConfig = WandbConfig()

@@ -1,0 +1,37 @@
+"""Build seed-format conversation records (``type: memory_distillation``) from teacher outputs."""
+
+from __future__ import annotations
+
+
+def logprob_entry(tokenizer, token_id: int, logprob: float, top: list[tuple[int, float]]) -> dict:
+    """One OpenAI-style logprob entry that also carries exact token ids (never mapped back from strings)."""
+    return {
+        "token": tokenizer.convert_ids_to_tokens(int(token_id)),
+        "token_id": int(token_id),
+        "logprob": float(logprob),
+        "top_logprobs": [
+            {"token": tokenizer.convert_ids_to_tokens(int(t)), "token_id": int(t), "logprob": float(lp)} for t, lp in top
+        ],
+    }
+
+
+def make_record(
+    tokenizer,
+    *,
+    system_prompt: str,
+    user: str,
+    answer_ids: list[int],
+    entries: list[dict],
+    metadata: dict,
+) -> dict:
+    text = tokenizer.decode(answer_ids, skip_special_tokens=True)
+    return {
+        "messages": [
+            {"role": "system", "content": system_prompt, "token_ids": None, "logprobs": None},
+            {"role": "user", "content": user, "token_ids": None, "logprobs": None},
+            {"role": "assistant", "content": text, "token_ids": list(map(int, answer_ids)), "logprobs": {"content": entries}},
+        ],
+        "system_prompt": system_prompt,
+        "metadata": metadata,
+        "type": "memory_distillation",
+    }

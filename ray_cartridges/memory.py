@@ -1,0 +1,160 @@
+"""Read HistoryAgent checkpoints (or a plain text corpus) and render the memory as the agent's prompt shows it.
+
+Layout: ``<root>/checkpoints/ep_NNNNNN/{runtime.json, agent.json, memory_N.jsonl}`` plus a ``latest`` symlink
+and/or ``latest.json`` pointer. ``checkpoint_dir`` may be the root, its ``checkpoints`` dir, ``latest``, or
+one ``ep_*`` dir. A ``.txt``/``.md`` file is read as a corpus.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+ENTRY_TYPES = ("Observation", "Action", "Feedback")
+DEFAULT_HISTORY_INSTRUCTIONS = (
+    "You remember your previous experiences. Use them to answer: they are facts you have learned."
+)
+DEFAULT_TEMPLATE = "{system_prompt}\n\n{instructions}\nHere is a list of your previous experiences:\n{experiences}"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read; the message names the file (and line)."""
+
+
+@dataclass
+class MemoryEntry:
+    type: str
+    content: str
+    index: int  # position in the memory file
+
+    def render(self) -> str:
+        return f"{self.type.upper()}: {self.content}"
+
+
+@dataclass
+class AgentMemory:
+    source: str
+    episode: str | None
+    system_prompt: str
+    history_k: int | None
+    entries: list[MemoryEntry]
+    skipped_lines: int = 0
+    warnings: list[str] = field(default_factory=list)
+    is_corpus: bool = False
+
+    def render(self, entries: list[MemoryEntry] | None = None, *, template: str = DEFAULT_TEMPLATE,
+               instructions: str = DEFAULT_HISTORY_INSTRUCTIONS) -> str:
+        """The teacher's system prompt: the agent's system prompt, instructions and the experiences."""
+        entries = self.entries if entries is None else entries
+        if self.is_corpus:
+            body = "\n".join(e.content for e in entries)
+            return f"{self.system_prompt}\n\n{body}" if self.system_prompt else body
+        return template.format(
+            system_prompt=self.system_prompt,
+            instructions=instructions,
+            experiences="\n".join(e.render() for e in entries),
+        )
+
+    def triples(self) -> list[list[MemoryEntry]]:
+        """Group entries into experiences: an Observation and the Actions/Feedback that follow it."""
+        groups: list[list[MemoryEntry]] = []
+        for e in self.entries:
+            if e.type == "Observation" or not groups:
+                groups.append([e])
+            else:
+                groups[-1].append(e)
+        return groups
+
+
+def _content_text(content) -> str:
+    if isinstance(content, str):
+        return content
+    return json.dumps(content, sort_keys=True, ensure_ascii=False)
+
+
+def resolve_episode_dir(path: Path) -> Path:
+    """The ``ep_*`` directory a ``checkpoint_dir`` points at (latest where it names a root)."""
+    if not path.exists():
+        raise CheckpointError(f"checkpoint_dir {path} does not exist")
+    if path.name.startswith("ep_") and path.is_dir():
+        return path
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if path.name == "latest":
+        return path.resolve()
+    link = root / "latest"
+    if link.exists():
+        return link.resolve()
+    pointer = root / "latest.json"
+    if pointer.is_file():
+        try:
+            target = json.loads(pointer.read_text())["latest"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{pointer}: expected {{\"latest\": \"ep_NNNNNN\"}} ({err})") from None
+        ep = root / target
+        if not ep.is_dir():
+            raise CheckpointError(f"{pointer}: points at {target!r}, which is not a directory under {root}")
+        return ep
+    eps = sorted(p for p in root.glob("ep_*") if p.is_dir())
+    if not eps:
+        raise CheckpointError(f"{path}: no ep_* checkpoint directories, no latest pointer")
+    return eps[-1]
+
+
+def read_memory(checkpoint_dir: str | Path, *, strict: bool = False) -> AgentMemory:
+    """Read the memory of a checkpoint (or a text corpus); malformed lines fail (strict) or are skipped and counted."""
+    path = Path(checkpoint_dir)
+    if path.is_file():
+        text = path.read_text(encoding="utf-8")
+        paras = [p.strip() for p in text.split("\n\n") if p.strip()]
+        if not paras:
+            raise CheckpointError(f"{path}: corpus is empty")
+        entries = [MemoryEntry("Text", p, i) for i, p in enumerate(paras)]
+        return AgentMemory(str(path), None, "", None, entries, is_corpus=True)
+    ep = resolve_episode_dir(path)
+    agent_file = ep / "agent.json"
+    if not agent_file.is_file():
+        raise CheckpointError(f"{ep}: missing agent.json")
+    try:
+        agent = json.loads(agent_file.read_text())
+        acfg = agent.get("agent_config", {})
+        system_prompt = acfg.get("system_prompt", "")
+        history_k = acfg.get("history_k")
+    except (ValueError, AttributeError) as err:
+        raise CheckpointError(f"{agent_file}: not a valid agent.json ({err})") from None
+    if not isinstance(system_prompt, str):
+        raise CheckpointError(f"{agent_file}: agent_config.system_prompt must be a string")
+    mem_files = sorted(ep.glob("memory_*.jsonl"))
+    if not mem_files:
+        raise CheckpointError(f"{ep}: no memory_N.jsonl file")
+    entries, skipped, warnings = [], 0, []
+    for mf in mem_files:
+        for n, line in enumerate(mf.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            problem = None
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as err:
+                problem = f"{mf}:{n}: not valid JSON ({err.msg})"
+            else:
+                if not isinstance(rec, dict) or "type" not in rec or "content" not in rec:
+                    problem = f"{mf}:{n}: a memory line needs 'type' and 'content'"
+                elif rec["type"] not in ENTRY_TYPES:
+                    problem = f"{mf}:{n}: unknown entry type {rec['type']!r} (expected one of {ENTRY_TYPES})"
+                elif not isinstance(rec["content"], (str, dict)):
+                    problem = f"{mf}:{n}: content must be a string or an object"
+            if problem:
+                if strict:
+                    raise CheckpointError(problem)
+                skipped += 1
+                warnings.append(problem)
+                logger.warning("skipped %s", problem)
+                continue
+            entries.append(MemoryEntry(rec["type"], _content_text(rec["content"]), len(entries)))
+    if not entries:
+        raise CheckpointError(f"{ep}: the memory is empty ({skipped} malformed lines skipped)")
+    return AgentMemory(str(path), ep.name, system_prompt, history_k, entries, skipped, warnings)

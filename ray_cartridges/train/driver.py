@@ -1,0 +1,129 @@
+"""Driver side of training: resolve the dataset, start Ray, run the TorchTrainer, summarise."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from ..config import TrainConfig
+from ..flat_topk import parquet_files
+
+logger = logging.getLogger(__name__)
+
+
+def _file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def resolve_dataset(cfg: TrainConfig) -> list[Path]:
+    """Local flat top-k parquet files for the run (pulling from the hub and converting JSONL as configured)."""
+    src = cfg.input_dataset
+    if src.local_path:
+        path = Path(src.local_path)
+        if not path.exists():
+            raise FileNotFoundError(f"input_dataset.local_path: {path} does not exist")
+    else:
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(repo_id=src.repo_id, repo_type="dataset", revision=src.revision))
+    if src.is_converted:
+        return parquet_files(path)
+    jsonl = path if path.is_file() else next(iter(sorted(path.rglob("*.jsonl"))), None)
+    if jsonl is None:
+        raise FileNotFoundError(f"input_dataset: is_converted=false but no .jsonl file under {path}")
+    from ..convert import convert_jsonl
+    from ..models import load_tokenizer
+
+    out = Path(cfg.output.local_dir) / "data" / f"converted-{_file_hash(jsonl)}-k{cfg.training.top_k_logits}.parquet"
+    if not out.exists():  # written atomically, so an existing file is complete
+        stats = convert_jsonl(
+            jsonl,
+            out,
+            load_tokenizer(cfg.model_name),
+            min_prob_mass=src.min_prob_mass,
+            top_k=cfg.training.top_k_logits,
+            student_system_prompt=cfg.student_system_prompt,
+        )
+        logger.info("converted %s -> %s: %s", jsonl, out, stats.summary())
+    return [out]
+
+
+def ensure_ray(address: str | None = None) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=True)
+
+
+def run_training(cfg: TrainConfig, max_failures: int = 0) -> dict:
+    """Train a cartridge as configured; returns the run summary (also in ``train_summary.json``)."""
+    import ray
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from ..models import BUNDLED_MODEL, ensure_bundled_model
+    from .loop import train_loop_per_worker
+
+    out_dir = Path(cfg.output.local_dir).resolve()
+    cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"local_dir": str(out_dir)})})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = resolve_dataset(cfg)
+    if cfg.model_name == BUNDLED_MODEL:
+        ensure_bundled_model(dtypes=(cfg.model_dtype,))  # once, here, not racing in every worker
+    ensure_ray()
+
+    backend = cfg.distributed_backend
+    if backend == "auto":
+        backend = "nccl" if cfg.scaling.use_gpu else "gloo"
+    # Reads take no CPU slot: workers may hold every CPU, and a starved read task hangs silently.
+    ds = ray.data.read_parquet([str(f) for f in files], ray_remote_args={"num_cpus": 0})
+    storage = cfg.scaling.storage_path or str(out_dir / "ray_results")
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.model_dump(mode="json")},
+        torch_config=TorchConfig(backend=backend),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker=cfg.scaling.resources_per_worker,
+        ),
+        run_config=ray.train.RunConfig(
+            name="cartridge-train",
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+        ),
+        datasets={"train": ds},
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+    )
+    trainer.fit()
+    summary_path = out_dir / "train_summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    summary.update({"output_dir": str(out_dir), "data_files": [str(f) for f in files]})
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    out = Path(summary["output_dir"])
+    final = summary.get("final", {})
+    lines = [
+        "",
+        "=== cartridge training finished ===",
+        f"  cartridge (PEFT adapter): {out}  ->  PeftModel.from_pretrained(base_model, '{out}')",
+        f"  export:                   {out / 'cache-final.pt'}",
+        f"  metrics / plot:           {out / 'metrics.jsonl'}, {out / 'loss.png'}",
+        f"  steps: {summary.get('steps')}  train rows: {summary.get('train_rows')}  eval rows: {summary.get('eval_rows')}",
+    ]
+    if "train/loss" in final:
+        lines.append(f"  final train KD loss: {final['train/loss']:.4f}")
+    if "eval/loss" in final:
+        lines.append(f"  final held-out KD loss: {final['eval/loss']:.4f}")
+    if "train/tokens_per_s" in final:
+        lines.append(f"  throughput (last step): {final['train/tokens_per_s']:.0f} tokens/s")
+    return "\n".join(lines)

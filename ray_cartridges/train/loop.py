@@ -1,0 +1,289 @@
+"""The one training loop: runs in every Ray Train worker (``train_loop_per_worker``).
+
+The frozen model reads a cartridge and a conversation (no memory in the prompt); the loss is the KD loss
+against the teacher's precomputed top-k logprobs at the assistant positions. Only the cartridge has
+gradients. The backend (DDP today) wraps the model; the loop itself does not change with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ..batching import collate, global_batches, split_rows, student_logits_at, worker_slice
+from ..cartridge import CartridgeMeta, ModelShape, create_cartridge, encoder, save_cartridge
+from ..config import TrainConfig, dump_config
+from ..loss import kd_loss_sum
+from ..models import load_model, load_tokenizer, tokenizer_fingerprint
+from .artifacts import append_jsonl, plot_losses, write_text_atomic
+from .schedule import lr_factor
+
+STATE_FILE = "train_state.pt"
+CARTRIDGE_FILE = "cartridge.safetensors"
+
+
+def _all_reduce(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        backend = torch.distributed.get_backend()
+        if backend == "nccl":
+            t = t.cuda()
+        torch.distributed.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def init_text(cfg: TrainConfig) -> str | None:
+    if cfg.kv_cache.method != "text":
+        return None
+    if cfg.kv_cache.init_text:
+        return cfg.kv_cache.init_text
+    return Path(cfg.kv_cache.init_text_file).read_text(encoding="utf-8")
+
+
+def plan_steps(cfg: TrainConfig, n_train: int) -> tuple[list[list[int]], int]:
+    """The global batch plan and the number of optimizer steps."""
+    t = cfg.training
+    per_epoch = n_train // t.global_batch_size
+    if per_epoch == 0:
+        raise ValueError(f"training.global_batch_size={t.global_batch_size} exceeds the {n_train} training rows")
+    epochs = t.epochs if t.max_steps is None else max(1, math.ceil(t.max_steps / per_epoch))
+    return epochs, per_epoch
+
+
+@torch.no_grad()
+def evaluate(model, rows: list[dict], pad_id: int, top_k: int, micro: int, autocast) -> tuple[float, float]:
+    """(sum of per-token KD loss, number of supervised tokens) over ``rows``."""
+    total, count = 0.0, 0.0
+    for i in range(0, len(rows), micro):
+        b = collate(rows[i : i + micro], pad_id, top_k)
+        with autocast():
+            logits = student_logits_at(model, b)
+        total += float(kd_loss_sum(logits, b["topk_ids"], b["topk_logprobs"]))
+        count += b["pred_t"].numel()
+    return total, count
+
+
+def _save_train_state(d: Path, peft_model, opt, sched, step: int, extra: dict) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"weight": encoder(peft_model).weight.detach().cpu().contiguous()}, str(d / CARTRIDGE_FILE))
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step}, d / STATE_FILE)
+    (d / "progress.json").write_text(json.dumps({"step": step, **extra}))
+
+
+def _load_train_state(d: Path, peft_model, opt, sched) -> int:
+    from safetensors.torch import load_file
+
+    encoder(peft_model).load_prompt_embeddings(load_file(str(d / CARTRIDGE_FILE))["weight"])
+    state = torch.load(d / STATE_FILE, map_location="cpu", weights_only=True)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    return int(state["step"])
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg = TrainConfig.model_validate(loop_config["config"])
+    t = cfg.training
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        # Ray pins OMP_NUM_THREADS=1 in workers; share the node's cores between its local workers instead.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size())))
+    torch.manual_seed(t.seed)
+    out_dir = Path(cfg.output.local_dir)
+    is_writer = rank == 0
+
+    if t.global_batch_size % world:
+        raise ValueError(
+            f"training.global_batch_size={t.global_batch_size} does not divide over scaling.num_workers={world}"
+        )
+    per_worker = t.global_batch_size // world
+    micro = min(t.micro_batch_size or per_worker, per_worker)
+
+    tok = load_tokenizer(cfg.model_name)
+    model = load_model(cfg.model_name, cfg.model_dtype, device)
+
+    # --- data: every worker reads the whole (unsplit) dataset and takes its slice of each global batch
+    shard = ray.train.get_dataset_shard("train")
+    rows = [dict(r) for r in shard.iter_rows()]
+    rows.sort(key=lambda r: r["row_id"])
+    n_all = len(rows)
+    rows = [r for r in rows if len(r["input_ids"]) <= t.max_seq_len]
+    dropped = n_all - len(rows)
+    train_rows, eval_rows = split_rows(rows, cfg.input_dataset.eval_fraction, cfg.input_dataset.split_seed)
+    epochs, per_epoch = plan_steps(cfg, len(train_rows))
+    plan = global_batches([len(r["input_ids"]) for r in train_rows], t.global_batch_size, epochs, t.seed)
+    total_steps = min(len(plan), t.max_steps or len(plan))
+    eval_every = t.eval_every or total_steps
+
+    # --- cartridge, optimizer, schedule
+    peft_model = create_cartridge(
+        model,
+        num_tokens=cfg.kv_cache.num_tokens,
+        num_frozen_tokens=cfg.kv_cache.num_frozen_tokens,
+        method=cfg.kv_cache.method,
+        tokenizer=tok,
+        text=init_text(cfg),
+        seed=t.seed,
+    ).to(device)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, total_steps, t.warmup_steps, t.min_lr_ratio)
+    )
+    start_step = 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            start_step = _load_train_state(Path(d), peft_model, opt, sched)
+
+    train_model = ray.train.torch.prepare_model(peft_model) if world > 1 else peft_model
+    use_autocast = t.bf16_autocast or cfg.model_dtype == "bf16"
+
+    def autocast():
+        if not use_autocast:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+    pad_id = tok.pad_token_id
+    my_eval = eval_rows[rank::world]
+    metrics_path = out_dir / "metrics.jsonl"
+    run = None
+    if is_writer:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out_dir / "distillation_config.yaml", dump_config(cfg))
+        if start_step == 0 and metrics_path.exists():
+            metrics_path.unlink()
+        if cfg.wandb.mode != "disabled":
+            import wandb
+
+            run = wandb.init(
+                project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.wandb.name, mode=cfg.wandb.mode,
+                dir=str(out_dir), config=cfg.model_dump(mode="json"), resume="allow",
+            )
+
+    def run_eval(step: int) -> dict:
+        if not eval_rows:
+            return {}
+        s, c = evaluate(peft_model, my_eval, pad_id, t.top_k_logits, micro, autocast)
+        s, c = _all_reduce([s, c])
+        return {"step": step, "eval/loss": s / max(c, 1.0), "eval/tokens": c}
+
+    def log(rec: dict) -> None:
+        if is_writer:
+            append_jsonl(metrics_path, rec)
+            if run is not None:
+                run.log({k: v for k, v in rec.items() if k != "step"}, step=rec["step"])
+
+    meta_base = dict(
+        model_name=cfg.model_name,
+        shape=ModelShape.of(model),
+        num_tokens=cfg.kv_cache.num_tokens,
+        num_frozen_tokens=cfg.kv_cache.num_frozen_tokens,
+        tokenizer_fingerprint=tokenizer_fingerprint(tok),
+        init_method=cfg.kv_cache.method,
+        student_system_prompt=cfg.student_system_prompt,
+    )
+    data_hash = _rows_hash(rows)
+
+    def checkpoint(step: int, metrics: dict, final: bool) -> None:
+        if is_writer:
+            extra = {"step": step, "data_hash": data_hash, "metrics": metrics}
+            name = "cache-final.pt" if final else f"cache-step{step}.pt"
+            target = out_dir if final else out_dir / "checkpoints" / f"step-{step}"
+            save_cartridge(peft_model, target, CartridgeMeta(**meta_base, extra=extra), export_pt=name)
+            if not final:
+                os.replace(target / name, out_dir / name)
+        with tempfile.TemporaryDirectory() as d:
+            ck = None
+            if is_writer:
+                _save_train_state(Path(d), peft_model, opt, sched, step, {"metrics": metrics})
+                ck = ray.train.Checkpoint.from_directory(d)
+            ray.train.report({**metrics, "step": step}, checkpoint=ck)
+
+    if start_step == 0:
+        first = run_eval(0)
+        if first:
+            log(first)
+    last_eval: dict = {}
+    step_metrics: dict = {}
+    for step in range(start_step, total_steps):
+        t0 = time.perf_counter()
+        gbatch = plan[step]
+        global_positions = sum(int(train_rows[i]["num_positions"]) for i in gbatch)
+        global_tokens = sum(len(train_rows[i]["input_ids"]) for i in gbatch)
+        mine = worker_slice(gbatch, rank, world)
+        opt.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        chunks = [mine[i : i + micro] for i in range(0, len(mine), micro)]
+        for ci, chunk in enumerate(chunks):
+            b = collate([train_rows[i] for i in chunk], pad_id, t.top_k_logits)
+            b = {k: v.to(device) for k, v in b.items()}
+            sync = ci == len(chunks) - 1 or not hasattr(train_model, "no_sync")
+            with contextlib.nullcontext() if sync else train_model.no_sync():
+                with autocast():
+                    logits = student_logits_at(train_model, b)
+                ls = kd_loss_sum(logits, b["topk_ids"], b["topk_logprobs"])
+                # DDP averages gradients over workers: scale so the result is the global per-token mean.
+                (ls * world / global_positions).backward()
+            loss_sum += float(ls)
+        grad_norm = (
+            torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+            if t.max_grad_norm
+            else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+        )
+        lr = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        (loss_total,) = _all_reduce([loss_sum])
+        dt = time.perf_counter() - t0
+        step_metrics = {
+            "step": step + 1,
+            "train/loss": loss_total / global_positions,
+            "train/lr": lr,
+            "train/grad_norm": float(grad_norm),
+            "train/tokens_per_s": global_tokens / dt,
+            "train/step_time_s": dt,
+        }
+        if (step + 1) % t.log_every == 0 or step + 1 == total_steps:
+            log(step_metrics)
+        done = step + 1 == total_steps
+        if (step + 1) % eval_every == 0 or done:
+            last_eval = run_eval(step + 1)
+            log(last_eval)
+        if done or (t.save_every and (step + 1) % t.save_every == 0):
+            checkpoint(step + 1, {**step_metrics, **last_eval}, final=done)
+
+    if is_writer:
+        summary = {
+            "steps": total_steps,
+            "train_rows": len(train_rows),
+            "eval_rows": len(eval_rows),
+            "dropped_too_long": dropped,
+            "epochs": epochs,
+            "final": {**step_metrics, **last_eval},
+        }
+        write_text_atomic(out_dir / "train_summary.json", json.dumps(summary, indent=2))
+        plot_losses(metrics_path, out_dir / "loss.png")
+        if run is not None:
+            run.finish()
+
+
+def _rows_hash(rows: list[dict]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(r["row_id"].encode())
+    return h.hexdigest()[:16]
