@@ -31,7 +31,9 @@ def split_rows(rows: list[dict], eval_fraction: float, seed: int) -> tuple[list[
     return train, evl
 
 
-def global_batches(lengths: list[int], global_batch_size: int, epochs: int, seed: int, bucket: int = 16) -> list[list[int]]:
+def global_batches(
+    lengths: list[int], global_batch_size: int, epochs: int, seed: int, bucket: int = 16
+) -> list[list[int]]:
     """Row indices of every global batch of every epoch, length-bucketed, in training order.
 
     Per epoch: shuffle, cut into pools of ``bucket`` global batches, sort each pool by length (so a batch

@@ -66,7 +66,9 @@ def _token_id(entry: dict, vocab: dict[str, int], where: str) -> int:
 def _logprob_entries(logprobs, where: str) -> list[dict]:
     content = logprobs.get("content") if isinstance(logprobs, dict) else logprobs
     if not isinstance(content, list):
-        raise ConversionError(f"{where}: logprobs must be a list or {{'content': [...]}}, got {type(logprobs).__name__}")
+        raise ConversionError(
+            f"{where}: logprobs must be a list or {{'content': [...]}}, got {type(logprobs).__name__}"
+        )
     return content
 
 

@@ -52,7 +52,9 @@ def validate_row(row: dict, vocab_size: int | None = None, where: str = "row") -
     ids = np.asarray(row["topk_ids"])
     lps = np.asarray(row["topk_logprobs"])
     if not (len(pos) == len(ids) == len(lps)):
-        raise FlatTopkError(f"{where}: topk_pos/topk_ids/topk_logprobs lengths differ ({len(pos)}, {len(ids)}, {len(lps)})")
+        raise FlatTopkError(
+            f"{where}: topk_pos/topk_ids/topk_logprobs lengths differ ({len(pos)}, {len(ids)}, {len(lps)})"
+        )
     if len(pos) and (pos.min() < 1 or pos.max() >= n):
         raise FlatTopkError(f"{where}: topk_pos out of range [1, {n}): min {pos.min()}, max {pos.max()}")
     if len(pos) and np.any(np.diff(pos) < 0):
@@ -62,7 +64,9 @@ def validate_row(row: dict, vocab_size: int | None = None, where: str = "row") -
     if vocab_size is not None and len(ids) and (ids.min() < 0 or ids.max() >= vocab_size):
         raise FlatTopkError(f"{where}: topk_ids outside the vocabulary [0, {vocab_size}): {ids.min()}..{ids.max()}")
     if int(row["num_positions"]) != len(np.unique(pos)):
-        raise FlatTopkError(f"{where}: num_positions={row['num_positions']} but {len(np.unique(pos))} distinct positions")
+        raise FlatTopkError(
+            f"{where}: num_positions={row['num_positions']} but {len(np.unique(pos))} distinct positions"
+        )
 
 
 class FlatTopkWriter:
@@ -118,7 +122,9 @@ def parquet_files(path: str | Path) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*.parquet") if not any(part.startswith(".") for part in p.relative_to(path).parts))
+        files = sorted(
+            p for p in path.rglob("*.parquet") if not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
         if files:
             return files
         raise FlatTopkError(f"{path}: directory holds no .parquet files")
@@ -131,7 +137,9 @@ def check_schema(schema: pa.Schema, source: str) -> None:
         raise FlatTopkError(f"{source}: not flat top-k data, missing columns {missing} (has {schema.names})")
     for c in COLUMNS:
         if not schema.field(c).type.equals(SCHEMA.field(c).type):
-            raise FlatTopkError(f"{source}: column {c!r} has type {schema.field(c).type}, expected {SCHEMA.field(c).type}")
+            raise FlatTopkError(
+                f"{source}: column {c!r} has type {schema.field(c).type}, expected {SCHEMA.field(c).type}"
+            )
 
 
 def read_flat_topk(path: str | Path) -> pa.Table:

@@ -46,8 +46,13 @@ class AgentMemory:
     warnings: list[str] = field(default_factory=list)
     is_corpus: bool = False
 
-    def render(self, entries: list[MemoryEntry] | None = None, *, template: str = DEFAULT_TEMPLATE,
-               instructions: str = DEFAULT_HISTORY_INSTRUCTIONS) -> str:
+    def render(
+        self,
+        entries: list[MemoryEntry] | None = None,
+        *,
+        template: str = DEFAULT_TEMPLATE,
+        instructions: str = DEFAULT_HISTORY_INSTRUCTIONS,
+    ) -> str:
         """The teacher's system prompt: the agent's system prompt, instructions and the experiences."""
         entries = self.entries if entries is None else entries
         if self.is_corpus:
@@ -93,7 +98,7 @@ def resolve_episode_dir(path: Path) -> Path:
         try:
             target = json.loads(pointer.read_text())["latest"]
         except (ValueError, KeyError, TypeError) as err:
-            raise CheckpointError(f"{pointer}: expected {{\"latest\": \"ep_NNNNNN\"}} ({err})") from None
+            raise CheckpointError(f'{pointer}: expected {{"latest": "ep_NNNNNN"}} ({err})') from None
         ep = root / target
         if not ep.is_dir():
             raise CheckpointError(f"{pointer}: points at {target!r}, which is not a directory under {root}")

@@ -81,9 +81,7 @@ def format_validation_error(err: ValidationError, cls: type[BaseModel], source: 
         elif kind == "missing":
             lines.append(f"  {key}: missing required key (expected {_describe(cls, loc)})")
         else:
-            lines.append(
-                f"  {key}: {e['msg']} (got {e.get('input')!r}, expected {_describe(cls, loc)})"
-            )
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r}, expected {_describe(cls, loc)})")
     return "\n".join(lines)
 
 

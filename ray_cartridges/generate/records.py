@@ -10,7 +10,8 @@ def logprob_entry(tokenizer, token_id: int, logprob: float, top: list[tuple[int,
         "token_id": int(token_id),
         "logprob": float(logprob),
         "top_logprobs": [
-            {"token": tokenizer.convert_ids_to_tokens(int(t)), "token_id": int(t), "logprob": float(lp)} for t, lp in top
+            {"token": tokenizer.convert_ids_to_tokens(int(t)), "token_id": int(t), "logprob": float(lp)}
+            for t, lp in top
         ],
     }
 
@@ -29,7 +30,12 @@ def make_record(
         "messages": [
             {"role": "system", "content": system_prompt, "token_ids": None, "logprobs": None},
             {"role": "user", "content": user, "token_ids": None, "logprobs": None},
-            {"role": "assistant", "content": text, "token_ids": list(map(int, answer_ids)), "logprobs": {"content": entries}},
+            {
+                "role": "assistant",
+                "content": text,
+                "token_ids": list(map(int, answer_ids)),
+                "logprobs": {"content": entries},
+            },
         ],
         "system_prompt": system_prompt,
         "metadata": metadata,

@@ -83,7 +83,7 @@ def run_training(cfg: TrainConfig, max_failures: int = 0) -> dict:
     if backend == "auto":
         backend = "nccl" if cfg.scaling.use_gpu else "gloo"
     # Reads take no CPU slot: workers may hold every CPU, and a starved read task hangs silently.
-    ds = ray.data.read_parquet([str(f) for f in files], ray_remote_args={"num_cpus": 0})
+    ds = ray.data.read_parquet([str(f) for f in files], num_cpus=0)
     storage = cfg.scaling.storage_path or str(out_dir / "ray_results")
     trainer = TorchTrainer(
         train_loop_per_worker,

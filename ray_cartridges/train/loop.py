@@ -115,6 +115,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model = load_model(cfg.model_name, cfg.model_dtype, device)
 
     # --- data: every worker reads the whole (unsplit) dataset and takes its slice of each global batch
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # one line per step below is enough
     shard = ray.train.get_dataset_shard("train")
     rows = [dict(r) for r in shard.iter_rows()]
     rows.sort(key=lambda r: r["row_id"])
@@ -139,9 +142,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     ).to(device)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, total_steps, t.warmup_steps, t.min_lr_ratio)
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, t.warmup_steps, t.min_lr_ratio))
     start_step = 0
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
@@ -169,8 +170,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
             import wandb
 
             run = wandb.init(
-                project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.wandb.name, mode=cfg.wandb.mode,
-                dir=str(out_dir), config=cfg.model_dump(mode="json"), resume="allow",
+                project=cfg.wandb.project,
+                entity=cfg.wandb.entity,
+                name=cfg.wandb.name,
+                mode=cfg.wandb.mode,
+                dir=str(out_dir),
+                config=cfg.model_dump(mode="json"),
+                resume="allow",
             )
 
     def run_eval(step: int) -> dict:
@@ -258,10 +264,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
         }
         if (step + 1) % t.log_every == 0 or step + 1 == total_steps:
             log(step_metrics)
+            if is_writer:
+                print(
+                    f"[train] step {step + 1}/{total_steps} loss {step_metrics['train/loss']:.4f} "
+                    f"lr {lr:.2e} grad_norm {float(grad_norm):.3f} {step_metrics['train/tokens_per_s']:.0f} tok/s",
+                    flush=True,
+                )
         done = step + 1 == total_steps
         if (step + 1) % eval_every == 0 or done:
             last_eval = run_eval(step + 1)
             log(last_eval)
+            if is_writer and last_eval:
+                print(f"[eval] step {step + 1} held-out KD loss {last_eval['eval/loss']:.4f}", flush=True)
         if done or (t.save_every and (step + 1) % t.save_every == 0):
             checkpoint(step + 1, {**step_metrics, **last_eval}, final=done)
 

