@@ -61,6 +61,15 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_generate(args) -> int:
+    from .config import GenerateConfig, load_config
+    from .generate.pipeline import format_summary, run_generation
+
+    cfg = load_config(GenerateConfig, args.config, args.overrides)
+    print(format_summary(run_generation(cfg)))
+    return 0
+
+
 def _cmd_show_config(args) -> int:
     from .config.reference import config_reference
 
@@ -86,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--strict", action="store_true", help="fail on the first bad row instead of skipping it")
     s.set_defaults(func=_cmd_convert)
 
+    s = sub.add_parser("generate", help="Teacher data: agent checkpoint -> Ray Data + vLLM actors -> top-k dataset.")
+    s.add_argument("--config", required=True, help="generation YAML (see configs/distillation/)")
+    s.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+    s.set_defaults(func=_cmd_generate)
+
     s = sub.add_parser("train", help="Distil a cartridge with Ray Train from a flat top-k (or JSONL) dataset.")
     s.add_argument("--config", required=True, help="training YAML (see configs/distillation/)")
     s.add_argument("--max-failures", type=int, default=0, help="worker failures to recover from (Ray Train)")
@@ -102,12 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .convert import ConversionError
     from .flat_topk import FlatTopkError
+    from .hub import HubError
+    from .memory import CheckpointError
 
     args = build_parser().parse_args(argv)
     setup_env()
     try:
         return args.func(args)
-    except (ConfigError, ConversionError, FlatTopkError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, ConversionError, FlatTopkError, CheckpointError, HubError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

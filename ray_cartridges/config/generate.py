@@ -1,12 +1,37 @@
-"""Config of the teacher data generation stage (``ray-cartridges generate``)."""
+"""Config of the teacher data generation stage (``ray-cartridges generate``). Seed key names stay valid."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from .base import StrictModel
+
+FAMILIES = ("structuring", "summarization", "question", "use_case", "creative")
+
+
+class ReplayConfig(StrictModel):
+    """Each Observation in memory becomes a user turn the teacher answers."""
+
+    enabled: bool = Field(True, description="Generate replay prompts.")
+    mode: Literal["exclude_current", "full_memory", "random_sampling"] = Field(
+        "full_memory",
+        description="Teacher context: the whole memory, the memory minus the current experience, or random windows.",
+    )
+    window_k: int = Field(8, gt=0, description="random_sampling: experiences per random window.")
+    samples_per_observation: int = Field(1, gt=0, description="Prompts per Observation (different windows/phrasings).")
+
+
+class SelfStudyConfig(StrictModel):
+    """The teacher, seeing a memory chunk, writes a question; then answers it with the memory in context."""
+
+    enabled: bool = Field(True, description="Generate self-study prompts.")
+    num_samples: int = Field(32, ge=0, description="Number of self-study conversations.")
+    families: list[Literal[FAMILIES]] = Field(list(FAMILIES), description="Seed-prompt families to draw from.")
+    chunk_experiences: int = Field(6, gt=0, description="Experiences shown to the question writer.")
+    question_max_tokens: int = Field(64, gt=0, description="Max tokens of a generated question.")
+    question_temperature: float = Field(0.8, ge=0, description="Sampling temperature of question writing.")
 
 
 class GenerateConfig(StrictModel):
@@ -15,15 +40,37 @@ class GenerateConfig(StrictModel):
     checkpoint_dir: str = Field(description="HistoryAgent checkpoint root, 'latest', an ep_* dir, or a text file.")
     output_dir: str = Field("outputs/distillation/data/example_run", description="Where dataset files go.")
     model_name: str = Field("smollm2-135m-instruct", description="Teacher model: hub id, local dir or bundled name.")
+    engine: Literal["vllm", "transformers"] = Field(
+        "vllm", description="Teacher engine: vLLM (production) or transformers (reference/fallback)."
+    )
     dtype: Literal["fp32", "bf16"] = Field("bf16", description="Teacher dtype.")
-    top_logprobs: int = Field(20, gt=0, description="Top-k logprobs kept per answer token.")
+    top_logprobs: int = Field(20, gt=0, description="Top-k logprobs kept per answer token (= training top_k_logits).")
+    min_prob_mass: float = Field(0.99, gt=0, le=1, description="Parquet shards keep top tokens until this mass.")
     num_threads: int = Field(1, gt=0, description="Teacher actors (engines) in parallel.")
-    temperature: float = Field(0.0, ge=0, description="Sampling temperature.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
+    actor_num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per teacher actor (CPU engine).")
+    shard_size: int = Field(16, gt=0, description="Prompts per shard (unit of batching, writing and resuming).")
+    temperature: float = Field(0.0, ge=0, description="Sampling temperature of answers.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of answers.")
     max_tokens: int = Field(128, gt=0, description="Max answer tokens.")
     max_model_len: int = Field(4096, gt=0, description="Engine context length.")
     tensor_parallel_size: int = Field(1, gt=0, description="GPUs per engine.")
+    use_gpu: bool = Field(False, description="Run teacher actors on GPUs (num_gpus = tensor_parallel_size).")
     max_samples: int | None = Field(None, gt=0, description="Cap on generated conversations.")
     seed: int = Field(0, description="Seed of prompt sampling and generation.")
+    strict: bool = Field(False, description="Fail on malformed memory lines instead of skipping and counting them.")
+    student_system_prompt: str | None = Field(None, description="System prompt of the student conversation.")
+    history_instructions: str | None = Field(None, description="Override of the memory instructions in the prompt.")
+    history_template: str | None = Field(
+        None, description="Override of the prompt template ({system_prompt}, {instructions}, {experiences})."
+    )
+    replay: ReplayConfig = ReplayConfig()
+    self_study: SelfStudyConfig = SelfStudyConfig()
+    training_top_k: int | None = Field(None, gt=0, description="top_k_logits of the training run (mismatch warns).")
     hf_repo_id: str | None = Field(None, description="Hub dataset repo to push to.")
     hf_private: bool = Field(True, description="Create the hub dataset as private.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not (self.replay.enabled or (self.self_study.enabled and self.self_study.num_samples)):
+            raise ValueError("nothing to generate: enable replay or self_study")
+        return self

@@ -29,11 +29,11 @@ def resolve_dataset(cfg: TrainConfig) -> list[Path]:
         if not path.exists():
             raise FileNotFoundError(f"input_dataset.local_path: {path} does not exist")
     else:
-        from huggingface_hub import snapshot_download
+        from ..hub import pull_snapshot
 
-        path = Path(snapshot_download(repo_id=src.repo_id, repo_type="dataset", revision=src.revision))
+        path = pull_snapshot(src.repo_id, repo_type="dataset", revision=src.revision)
     if src.is_converted:
-        return parquet_files(path)
+        return parquet_files(path / "shards" if (path / "shards").is_dir() else path)
     jsonl = path if path.is_file() else next(iter(sorted(path.rglob("*.jsonl"))), None)
     if jsonl is None:
         raise FileNotFoundError(f"input_dataset: is_converted=false but no .jsonl file under {path}")

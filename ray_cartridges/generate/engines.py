@@ -1,0 +1,132 @@
+"""Teacher engines behind one interface: prompt token ids in, answer token ids + logprob entries out.
+
+``VLLMEngine`` is the production engine (vLLM's CPU build here, CUDA on GPUs; prefix caching on).
+``HFEngine`` is the transformers reference (parity tests, fallback). Both return exact token ids
+from the engine, never strings mapped back.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from .records import logprob_entry
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 128
+    top_logprobs: int = 20
+
+
+def request_seed(base_seed: int, key: str) -> int:
+    """Per-request seed: sampled outputs do not depend on how requests are batched (resume-safe)."""
+    return int.from_bytes(hashlib.sha256(f"{base_seed}:{key}".encode()).digest()[:4], "big")
+
+
+class VLLMEngine:
+    def __init__(self, model_path: str, *, dtype: str = "bf16", max_model_len: int = 4096, tensor_parallel_size: int = 1, seed: int = 0):
+        from vllm import LLM
+
+        self.llm = LLM(
+            model=model_path,
+            tokenizer=model_path,
+            dtype={"fp32": "float32", "bf16": "bfloat16"}[dtype],
+            max_model_len=max_model_len,
+            tensor_parallel_size=tensor_parallel_size,
+            enable_prefix_caching=True,
+            seed=seed,
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def complete(self, prompts: list[list[int]], sampling: Sampling, seeds: list[int]) -> list[tuple[list[int], list[dict]]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = [
+            SamplingParams(
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                max_tokens=sampling.max_tokens,
+                logprobs=sampling.top_logprobs,
+                seed=s,
+            )
+            for s in seeds
+        ]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
+        results = []
+        for o in outs:
+            c = o.outputs[0]
+            entries = []
+            for j, tid in enumerate(c.token_ids):
+                d = c.logprobs[j]  # {token_id: Logprob}; holds the top-k plus the sampled token
+                top = sorted(((t, lp.logprob) for t, lp in d.items()), key=lambda x: -x[1])[: sampling.top_logprobs]
+                entries.append(logprob_entry(self.tokenizer, tid, d[tid].logprob, top))
+            results.append((list(c.token_ids), entries))
+        return results
+
+
+class HFEngine:
+    """transformers reference: one request at a time, KV of the longest shared prompt prefix reused."""
+
+    def __init__(self, model, tokenizer, min_shared_prefix: int = 32):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.stop_ids = {tokenizer.eos_token_id}
+        self.min_shared_prefix = min_shared_prefix
+        self._cached: tuple[list[int], object] | None = None
+
+    @classmethod
+    def load(cls, model_name: str, dtype: str = "fp32"):
+        from ..models import load_model, load_tokenizer
+
+        return cls(load_model(model_name, dtype), load_tokenizer(model_name))
+
+    def _prefill(self, ids: list[int]):
+        n = 0
+        if self._cached is not None:
+            prev = self._cached[0]
+            while n < min(len(prev), len(ids) - 1) and prev[n] == ids[n]:
+                n += 1
+        if n >= self.min_shared_prefix:
+            cache = copy.deepcopy(self._cached[1])
+            cache.crop(n)
+        else:
+            n, cache = 0, None
+        out = self.model(input_ids=torch.tensor([ids[n:]]), past_key_values=cache, use_cache=True)
+        self._cached = (list(ids), copy.deepcopy(out.past_key_values))
+        return out
+
+    @torch.no_grad()
+    def complete_one(self, ids: list[int], sampling: Sampling, seed: int) -> tuple[list[int], list[dict]]:
+        gen = torch.Generator().manual_seed(seed)
+        out = self._prefill(ids)
+        cache, logits = out.past_key_values, out.logits[0, -1]
+        answer, entries = [], []
+        for _ in range(sampling.max_tokens):
+            lp = torch.log_softmax(logits.float(), dim=-1)  # [V]
+            if sampling.temperature > 0:
+                probs = torch.softmax(lp / sampling.temperature, -1)
+                if sampling.top_p < 1:
+                    sp, si = probs.sort(descending=True)
+                    drop = sp.cumsum(-1) - sp > sampling.top_p
+                    probs[si[drop]] = 0
+                tok = int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
+            else:
+                tok = int(lp.argmax())
+            top = torch.topk(lp, sampling.top_logprobs)
+            entries.append(logprob_entry(self.tokenizer, tok, float(lp[tok]), list(zip(top.indices.tolist(), top.values.tolist()))))
+            answer.append(tok)
+            if tok in self.stop_ids:
+                break
+            out = self.model(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True)
+            cache, logits = out.past_key_values, out.logits[0, -1]
+        return answer, entries
+
+    def complete(self, prompts: list[list[int]], sampling: Sampling, seeds: list[int]) -> list[tuple[list[int], list[dict]]]:
+        return [self.complete_one(p, sampling, s) for p, s in zip(prompts, seeds)]

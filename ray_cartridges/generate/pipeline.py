@@ -1,0 +1,209 @@
+"""Driver of teacher generation: checkpoint -> prompts -> Ray Data + TeacherActor -> shards -> dataset.
+
+Outputs in ``output_dir``: ``shards/shard-NNNNN-<hash>.{jsonl,parquet}`` (written by the actors, atomically),
+``dataset.jsonl`` (all shards, seed format), ``memory.txt`` (the rendered memory, for text init),
+``generation.json`` (config, counts, timings) and ``README.md`` (dataset card). Re-running the same config
+keeps finished shards and generates only the missing ones; shards of a different config are removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from ..config import GenerateConfig, dump_config
+from ..memory import read_memory
+from .strategies import build_prompts
+
+logger = logging.getLogger(__name__)
+
+
+def cpu_engine_env() -> dict[str, str]:
+    """Env of a vLLM CPU teacher actor (see ENVIRONMENT notes); values already set by the user win."""
+    n = os.cpu_count() or 1
+    env = {
+        "VLLM_CPU_KVCACHE_SPACE": "2",
+        "VLLM_CPU_OMP_THREADS_BIND": f"0-{n - 1}",
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+        # Ray SIGKILLs an actor's children at exit by default, leaking vLLM's shared memory segment.
+        "RAY_kill_child_processes_on_worker_exit": "0",
+    }
+    iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
+    if iomp.is_file():
+        env["LD_PRELOAD"] = str(iomp)
+    for k in list(env):
+        if k in os.environ:
+            env[k] = os.environ[k]
+    return env
+
+
+def shard_names(prompts: list[list[dict]], cfg: GenerateConfig) -> list[str]:
+    """Shard file stems; the hash covers everything that changes a shard's content."""
+    settings = cfg.model_dump(
+        mode="json",
+        exclude={"output_dir", "num_threads", "actor_num_cpus", "hf_repo_id", "hf_private", "training_top_k", "max_samples", "shard_size"},
+    )
+    names = []
+    for k, shard in enumerate(prompts):
+        h = hashlib.sha256(json.dumps([settings, shard], sort_keys=True).encode()).hexdigest()[:10]
+        names.append(f"shard-{k:05d}-{h}")
+    return names
+
+
+def _is_done(shards_dir: Path, name: str) -> bool:
+    return (shards_dir / f"{name}.jsonl").is_file() and (
+        (shards_dir / f"{name}.parquet").is_file() or (shards_dir / f"{name}.empty").is_file()
+    )
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def run_generation(cfg: GenerateConfig, progress: bool = True) -> dict:
+    import ray
+    import ray.data
+    from tqdm.auto import tqdm
+
+    from ..models import BUNDLED_MODEL, ensure_bundled_model
+    from .actor import TeacherActor
+
+    memory = read_memory(cfg.checkpoint_dir, strict=cfg.strict)
+    prompts = build_prompts(memory, cfg)
+    if cfg.training_top_k is not None and cfg.training_top_k != cfg.top_logprobs:
+        logger.warning(
+            "top_logprobs=%d differs from training_top_k=%d: training will refuse this data",
+            cfg.top_logprobs,
+            cfg.training_top_k,
+        )
+    out = Path(cfg.output_dir).resolve()
+    shards_dir = out / "shards"
+    shards_dir.mkdir(parents=True, exist_ok=True)
+    shards = [prompts[i : i + cfg.shard_size] for i in range(0, len(prompts), cfg.shard_size)]
+    names = shard_names(shards, cfg)
+    todo = [k for k, n in enumerate(names) if not _is_done(shards_dir, n)]
+    logger.info("%d prompts in %d shards; %d already done", len(prompts), len(shards), len(shards) - len(todo))
+
+    base_meta = {
+        "checkpoint": memory.source,
+        "episode": memory.episode,
+        "teacher_model": cfg.model_name,
+        "teacher_engine": cfg.engine,
+        "teacher_dtype": cfg.dtype,
+    }
+    stats = {"rows": 0, "rejected": 0, "answer_tokens": 0, "problems": []}
+    t0 = time.perf_counter()
+    if todo:
+        if cfg.model_name == BUNDLED_MODEL:
+            ensure_bundled_model(dtypes=(cfg.dtype,))
+        if not ray.is_initialized():
+            ray.init(log_to_driver=True)
+        ray.data.DataContext.get_current().enable_progress_bars = False  # one bar over shards below
+        items = [{"shard": k, "name": names[k], "prompts": json.dumps(shards[k])} for k in todo]
+        resources = (
+            {"num_gpus": cfg.tensor_parallel_size, "num_cpus": 1}
+            if cfg.use_gpu
+            else {"num_cpus": cfg.actor_num_cpus, "runtime_env": {"env_vars": cpu_engine_env()}}
+        )
+        ds = ray.data.from_items(items).map_batches(
+            TeacherActor,
+            fn_constructor_kwargs={
+                "config": cfg.model_dump(mode="json"),
+                "shards_dir": str(shards_dir),
+                "base_metadata": base_meta,
+            },
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=min(cfg.num_threads, len(todo))),
+            **resources,
+        )
+        bar = tqdm(total=len(todo), desc="teacher shards", unit="shard", disable=not progress)
+        for row in ds.iter_rows():
+            stats["rows"] += int(row["rows"])
+            stats["rejected"] += int(row["rejected"])
+            stats["answer_tokens"] += int(row["answer_tokens"])
+            stats["problems"] += json.loads(row["problems"])
+            bar.update(1)
+            bar.set_postfix(rows=stats["rows"], tok_s=f"{stats['answer_tokens'] / (time.perf_counter() - t0):.0f}")
+        bar.close()
+    elapsed = time.perf_counter() - t0
+
+    # drop shards of other configs, then assemble the dataset from this config's shards, in order
+    keep = set(names)
+    for f in shards_dir.iterdir():
+        if f.name.startswith("shard-") and f.name.rsplit(".", 1)[0] not in keep:
+            f.unlink()
+    lines, total_rows, total_tokens = [], 0, 0
+    for n in names:
+        text = (shards_dir / f"{n}.jsonl").read_text(encoding="utf-8")
+        for line in text.splitlines():
+            if line.strip():
+                lines.append(line)
+                total_rows += 1
+                total_tokens += len(json.loads(line)["messages"][-1]["token_ids"])
+    _write_atomic(out / "dataset.jsonl", "".join(line + "\n" for line in lines))
+    _write_atomic(out / "memory.txt", memory.render())
+    summary = {
+        "output_dir": str(out),
+        "dataset_jsonl": str(out / "dataset.jsonl"),
+        "parquet_shards": str(shards_dir),
+        "rows": total_rows,
+        "answer_tokens": total_tokens,
+        "prompts": len(prompts),
+        "shards": len(shards),
+        "shards_generated_now": len(todo),
+        "rows_generated_now": stats["rows"],
+        "rejected_now": stats["rejected"],
+        "seconds_now": elapsed,
+        "answer_tokens_per_s_now": stats["answer_tokens"] / elapsed if todo and elapsed > 0 else None,
+        "memory_entries": len(memory.entries),
+        "memory_lines_skipped": memory.skipped_lines,
+        "problems": stats["problems"][:20],
+    }
+    _write_atomic(out / "generation.json", json.dumps({"summary": summary, "config": cfg.model_dump(mode="json")}, indent=2))
+    _write_atomic(out / "README.md", dataset_card(cfg, summary))
+    if cfg.hf_repo_id:
+        from ..hub import push_folder
+
+        summary["hub_url"] = push_folder(
+            out, cfg.hf_repo_id, repo_type="dataset", private=cfg.hf_private,
+            allow_patterns=["dataset.jsonl", "shards/*.parquet", "README.md", "generation.json", "memory.txt"],
+        )
+    return summary
+
+
+def dataset_card(cfg: GenerateConfig, summary: dict) -> str:
+    return (
+        "---\ntags: [ray-cartridges, memory-distillation]\n---\n"
+        f"# Memory distillation dataset\n\nTeacher `{cfg.model_name}` ({cfg.engine}, {cfg.dtype}) answering prompts "
+        f"built from the agent memory at `{cfg.checkpoint_dir}`.\n\n"
+        f"- conversations: {summary['rows']}\n- answer tokens: {summary['answer_tokens']}\n"
+        f"- top logprobs per token: {cfg.top_logprobs}\n\n"
+        "Files: `dataset.jsonl` (seed format with OpenAI-style logprobs and exact token ids), "
+        "`shards/*.parquet` (flat top-k, ready for `ray-cartridges train` with `is_converted: true`).\n\n"
+        "## Generation config\n\n```yaml\n" + dump_config(cfg) + "```\n"
+    )
+
+
+def format_summary(s: dict) -> str:
+    lines = [
+        "",
+        "=== teacher generation finished ===",
+        f"  conversations: {s['rows']} ({s['rows_generated_now']} generated now, {s['rejected_now']} rejected)",
+        f"  answer tokens: {s['answer_tokens']}",
+    ]
+    if s.get("answer_tokens_per_s_now"):
+        lines.append(f"  speed this run: {s['answer_tokens_per_s_now']:.1f} answer tokens/s over {s['seconds_now']:.0f} s")
+    lines += [
+        f"  JSONL (seed format): {s['dataset_jsonl']}",
+        f"  parquet shards (flat top-k): {s['parquet_shards']}",
+    ]
+    if s.get("hub_url"):
+        lines.append(f"  pushed to: {s['hub_url']}")
+    return "\n".join(lines)

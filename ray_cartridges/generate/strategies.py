@@ -1,0 +1,124 @@
+"""Prompt strategies: replay of the agent's own Observations and self-study questions.
+
+Each prompt is a plain dict (JSON-serialisable, so it travels through Ray Data unchanged):
+``prompt_id``, ``strategy``, ``context`` (the teacher's system prompt, with memory), ``user`` (or, for
+self-study, ``question_context`` + ``seed_prompt`` from which the teacher first writes the user turn),
+``split_key`` (the memory entry / chunk it came from) and ``metadata``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+from ..config import GenerateConfig
+from ..memory import DEFAULT_HISTORY_INSTRUCTIONS, DEFAULT_TEMPLATE, AgentMemory
+
+SEED_PROMPTS = {
+    "structuring": [
+        "Write one request asking to organise some of the facts above into a short list or table. Output only the request.",
+        "Write one request asking to group related facts above by topic. Output only the request.",
+    ],
+    "summarization": [
+        "Write one request asking for a brief summary of some of the experiences above. Output only the request.",
+        "Write one request asking what was learned about one topic in the experiences above. Output only the request.",
+    ],
+    "question": [
+        "Write one specific factual question that can be answered from the experiences above. Output only the question.",
+        "Write one question about a name, number, place or time mentioned above. Output only the question.",
+    ],
+    "use_case": [
+        "Imagine a colleague who needs one of the facts above to get a task done. Write the question they would ask. Output only the question.",
+        "Write one practical question a newcomer would ask that the experiences above answer. Output only the question.",
+    ],
+    "creative": [
+        "Write one creative request (a short poem, riddle or story) that must use a fact from above. Output only the request.",
+    ],
+}
+
+
+def _pid(*parts) -> str:
+    return hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()[:16]
+
+
+def render_context(memory: AgentMemory, cfg: GenerateConfig, groups=None) -> str:
+    entries = None if groups is None else [e for g in groups for e in g]
+    return memory.render(
+        entries,
+        template=cfg.history_template or DEFAULT_TEMPLATE,
+        instructions=cfg.history_instructions or DEFAULT_HISTORY_INSTRUCTIONS,
+    )
+
+
+def replay_prompts(memory: AgentMemory, cfg: GenerateConfig, rng: random.Random) -> list[dict]:
+    rc = cfg.replay
+    groups = memory.triples()
+    full = render_context(memory, cfg)
+    out = []
+    for gi, group in enumerate(groups):
+        obs = group[0]
+        if memory.is_corpus or obs.type != "Observation":
+            continue
+        for s in range(rc.samples_per_observation):
+            if rc.mode == "full_memory":
+                ctx = full
+            elif rc.mode == "exclude_current":
+                ctx = render_context(memory, cfg, groups[:gi] + groups[gi + 1 :])
+            else:  # random_sampling: a random window of window_k other experiences
+                others = [g for j, g in enumerate(groups) if j != gi]
+                k = min(rc.window_k, len(others))
+                start = rng.randrange(0, len(others) - k + 1)
+                ctx = render_context(memory, cfg, others[start : start + k])
+            out.append(
+                {
+                    "prompt_id": _pid("replay", rc.mode, gi, s, cfg.seed),
+                    "strategy": f"replay/{rc.mode}",
+                    "context": ctx,
+                    "user": obs.content,
+                    "split_key": f"entry-{gi}",
+                    "metadata": {"memory_entry": gi, "sample": s},
+                }
+            )
+    return out
+
+
+def self_study_prompts(memory: AgentMemory, cfg: GenerateConfig, rng: random.Random) -> list[dict]:
+    sc = cfg.self_study
+    groups = memory.triples()
+    full = render_context(memory, cfg)
+    out = []
+    for i in range(sc.num_samples):
+        family = sc.families[i % len(sc.families)]
+        seed_prompt = rng.choice(SEED_PROMPTS[family])
+        k = min(sc.chunk_experiences, len(groups))
+        start = rng.randrange(0, len(groups) - k + 1)
+        chunk_ctx = render_context(memory, cfg, groups[start : start + k])
+        out.append(
+            {
+                "prompt_id": _pid("self_study", i, cfg.seed),
+                "strategy": f"self_study/{family}",
+                "context": full,
+                "question_context": chunk_ctx,
+                "seed_prompt": seed_prompt,
+                "user": None,
+                "split_key": f"chunk-{start}-{start + k}",
+                "metadata": {"family": family, "seed_prompt": seed_prompt, "chunk": [start, start + k]},
+            }
+        )
+    return out
+
+
+def build_prompts(memory: AgentMemory, cfg: GenerateConfig) -> list[dict]:
+    """All prompts of a run, in a reproducible order (a function of the memory and the config)."""
+    rng = random.Random(cfg.seed)
+    prompts = []
+    if cfg.replay.enabled:
+        prompts += replay_prompts(memory, cfg, rng)
+    if cfg.self_study.enabled:
+        prompts += self_study_prompts(memory, cfg, rng)
+    random.Random(cfg.seed + 1).shuffle(prompts)
+    if cfg.max_samples:
+        prompts = prompts[: cfg.max_samples]
+    if not prompts:
+        raise ValueError(f"{memory.source}: the configured strategies produce no prompts")
+    return prompts

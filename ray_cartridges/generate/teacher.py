@@ -1,0 +1,76 @@
+"""Turn prompt specs (see :mod:`.strategies`) into seed-format records with any teacher engine."""
+
+from __future__ import annotations
+
+import re
+
+from .engines import Sampling, request_seed
+from .records import make_record
+
+
+def chat_ids(tokenizer, system: str, user: str) -> list[int]:
+    msgs = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    out = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=False)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+_PREFIX = re.compile(r"^(question|request|q)\s*[:\-]\s*", re.IGNORECASE)
+
+
+def clean_question(text: str) -> str | None:
+    """The first non-empty line of a generated question, without quotes or a 'Question:' label."""
+    for line in text.splitlines():
+        line = _PREFIX.sub("", line.strip()).strip().strip('"').strip()
+        if len(line) >= 8:
+            return line
+    return None
+
+
+def run_prompts(
+    engine,
+    prompts: list[dict],
+    *,
+    sampling: Sampling,
+    question_sampling: Sampling | None = None,
+    seed: int = 0,
+    base_metadata: dict | None = None,
+) -> tuple[list[dict], list[str]]:
+    """Answer every prompt (writing self-study questions first); returns (records, problems)."""
+    tok = engine.tokenizer
+    problems: list[str] = []
+    todo = [dict(p) for p in prompts]
+    needs_q = [p for p in todo if p.get("user") is None]
+    if needs_q:
+        qs = question_sampling or Sampling(temperature=0.8, max_tokens=64, top_logprobs=1)
+        outs = engine.complete(
+            [chat_ids(tok, p["question_context"], p["seed_prompt"]) for p in needs_q],
+            qs,
+            [request_seed(seed, "q:" + p["prompt_id"]) for p in needs_q],
+        )
+        for p, (ids, _) in zip(needs_q, outs):
+            p["user"] = clean_question(tok.decode(ids, skip_special_tokens=True))
+            if p["user"] is None:
+                problems.append(f"prompt {p['prompt_id']}: the teacher wrote no usable question")
+    todo = [p for p in todo if p.get("user")]
+    outs = engine.complete(
+        [chat_ids(tok, p["context"], p["user"]) for p in todo],
+        sampling,
+        [request_seed(seed, p["prompt_id"]) for p in todo],
+    )
+    records = []
+    for p, (ids, entries) in zip(todo, outs):
+        meta = {
+            **(base_metadata or {}),
+            **p.get("metadata", {}),
+            "prompt_id": p["prompt_id"],
+            "strategy": p["strategy"],
+            "split_key": p["split_key"],
+            "sampling": {
+                "temperature": sampling.temperature,
+                "top_p": sampling.top_p,
+                "max_tokens": sampling.max_tokens,
+                "top_logprobs": sampling.top_logprobs,
+            },
+        }
+        records.append(make_record(tok, system_prompt=p["context"], user=p["user"], answer_ids=ids, entries=entries, metadata=meta))
+    return records, problems
