@@ -115,7 +115,12 @@ def main() -> None:
     t_ours, t_online = median(ours), median(online)
     rows_out = [
         ["ours (precomputed top-k)", f"{t_ours:.3f}", f"{conv_tokens / t_ours:.0f}", "1.00x"],
-        ["online teacher (memory in context)", f"{t_online:.3f}", f"{conv_tokens / t_online:.0f}", f"{t_ours / t_online:.2f}x"],
+        [
+            "online teacher (memory in context)",
+            f"{t_online:.3f}",
+            f"{conv_tokens / t_online:.0f}",
+            f"{t_ours / t_online:.2f}x",
+        ],
     ]
     print_table(
         f"train throughput: {args.model} {args.dtype}, memory {mem_len} tokens, p={args.p}, batch {args.batch}, "

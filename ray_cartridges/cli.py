@@ -123,7 +123,15 @@ def main(argv: list[str] | None = None) -> int:
     setup_env()
     try:
         return args.func(args)
-    except (ConfigError, ConversionError, FlatTopkError, CheckpointError, HubError, FileNotFoundError, ValueError) as err:
+    except (
+        ConfigError,
+        ConversionError,
+        FlatTopkError,
+        CheckpointError,
+        HubError,
+        FileNotFoundError,
+        ValueError,
+    ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -12,14 +12,19 @@ class HubError(RuntimeError):
     """A push or pull that failed; the local files are untouched and the message says how to retry."""
 
 
-def push_folder(folder: str | Path, repo_id: str, *, repo_type: str = "model", private: bool = True, allow_patterns=None) -> str:
+def push_folder(
+    folder: str | Path, repo_id: str, *, repo_type: str = "model", private: bool = True, allow_patterns=None
+) -> str:
     from huggingface_hub import HfApi
 
     api = HfApi()
     try:
         api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
         info = api.upload_folder(
-            folder_path=str(folder), repo_id=repo_id, repo_type=repo_type, allow_patterns=allow_patterns,
+            folder_path=str(folder),
+            repo_id=repo_id,
+            repo_type=repo_type,
+            allow_patterns=allow_patterns,
             commit_message="ray_cartridges upload",
         )
     except Exception as err:  # network, auth, quota: keep the local artifact, say how to retry
@@ -37,4 +42,6 @@ def pull_snapshot(repo_id: str, *, repo_type: str = "model", revision: str | Non
     try:
         return Path(snapshot_download(repo_id=repo_id, repo_type=repo_type, revision=revision, force_download=force))
     except Exception as err:
-        raise HubError(f"could not fetch {repo_type} repo {repo_id!r} (revision {revision}): {type(err).__name__}: {err}") from None
+        raise HubError(
+            f"could not fetch {repo_type} repo {repo_id!r} (revision {revision}): {type(err).__name__}: {err}"
+        ) from None

@@ -45,9 +45,7 @@ class TeacherActor:
         self.shards_dir = Path(shards_dir)
         self.base_metadata = base_metadata
         self.sampling = Sampling(c.temperature, c.top_p, c.max_tokens, c.top_logprobs)
-        self.q_sampling = Sampling(
-            c.self_study.question_temperature, 1.0, c.self_study.question_max_tokens, 1
-        )
+        self.q_sampling = Sampling(c.self_study.question_temperature, 1.0, c.self_study.question_max_tokens, 1)
 
     def __call__(self, batch: dict) -> dict:
         out = {"shard": [], "rows": [], "rejected": [], "answer_tokens": [], "seconds": [], "problems": []}

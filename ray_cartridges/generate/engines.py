@@ -30,7 +30,15 @@ def request_seed(base_seed: int, key: str) -> int:
 
 
 class VLLMEngine:
-    def __init__(self, model_path: str, *, dtype: str = "bf16", max_model_len: int = 4096, tensor_parallel_size: int = 1, seed: int = 0):
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        dtype: str = "bf16",
+        max_model_len: int = 4096,
+        tensor_parallel_size: int = 1,
+        seed: int = 0,
+    ):
         from vllm import LLM
 
         self.llm = LLM(
@@ -44,7 +52,9 @@ class VLLMEngine:
         )
         self.tokenizer = self.llm.get_tokenizer()
 
-    def complete(self, prompts: list[list[int]], sampling: Sampling, seeds: list[int]) -> list[tuple[list[int], list[dict]]]:
+    def complete(
+        self, prompts: list[list[int]], sampling: Sampling, seeds: list[int]
+    ) -> list[tuple[list[int], list[dict]]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -120,7 +130,9 @@ class HFEngine:
             else:
                 tok = int(lp.argmax())
             top = torch.topk(lp, sampling.top_logprobs)
-            entries.append(logprob_entry(self.tokenizer, tok, float(lp[tok]), list(zip(top.indices.tolist(), top.values.tolist()))))
+            entries.append(
+                logprob_entry(self.tokenizer, tok, float(lp[tok]), list(zip(top.indices.tolist(), top.values.tolist())))
+            )
             answer.append(tok)
             if tok in self.stop_ids:
                 break
@@ -128,5 +140,7 @@ class HFEngine:
             cache, logits = out.past_key_values, out.logits[0, -1]
         return answer, entries
 
-    def complete(self, prompts: list[list[int]], sampling: Sampling, seeds: list[int]) -> list[tuple[list[int], list[dict]]]:
+    def complete(
+        self, prompts: list[list[int]], sampling: Sampling, seeds: list[int]
+    ) -> list[tuple[list[int], list[dict]]]:
         return [self.complete_one(p, sampling, s) for p, s in zip(prompts, seeds)]

@@ -46,7 +46,16 @@ def shard_names(prompts: list[list[dict]], cfg: GenerateConfig) -> list[str]:
     """Shard file stems; the hash covers everything that changes a shard's content."""
     settings = cfg.model_dump(
         mode="json",
-        exclude={"output_dir", "num_threads", "actor_num_cpus", "hf_repo_id", "hf_private", "training_top_k", "max_samples", "shard_size"},
+        exclude={
+            "output_dir",
+            "num_threads",
+            "actor_num_cpus",
+            "hf_repo_id",
+            "hf_private",
+            "training_top_k",
+            "max_samples",
+            "shard_size",
+        },
     )
     names = []
     for k, shard in enumerate(prompts):
@@ -166,13 +175,18 @@ def run_generation(cfg: GenerateConfig, progress: bool = True) -> dict:
         "memory_lines_skipped": memory.skipped_lines,
         "problems": stats["problems"][:20],
     }
-    _write_atomic(out / "generation.json", json.dumps({"summary": summary, "config": cfg.model_dump(mode="json")}, indent=2))
+    _write_atomic(
+        out / "generation.json", json.dumps({"summary": summary, "config": cfg.model_dump(mode="json")}, indent=2)
+    )
     _write_atomic(out / "README.md", dataset_card(cfg, summary))
     if cfg.hf_repo_id:
         from ..hub import push_folder
 
         summary["hub_url"] = push_folder(
-            out, cfg.hf_repo_id, repo_type="dataset", private=cfg.hf_private,
+            out,
+            cfg.hf_repo_id,
+            repo_type="dataset",
+            private=cfg.hf_private,
             allow_patterns=["dataset.jsonl", "shards/*.parquet", "README.md", "generation.json", "memory.txt"],
         )
     return summary
@@ -199,7 +213,9 @@ def format_summary(s: dict) -> str:
         f"  answer tokens: {s['answer_tokens']}",
     ]
     if s.get("answer_tokens_per_s_now"):
-        lines.append(f"  speed this run: {s['answer_tokens_per_s_now']:.1f} answer tokens/s over {s['seconds_now']:.0f} s")
+        lines.append(
+            f"  speed this run: {s['answer_tokens_per_s_now']:.1f} answer tokens/s over {s['seconds_now']:.0f} s"
+        )
     lines += [
         f"  JSONL (seed format): {s['dataset_jsonl']}",
         f"  parquet shards (flat top-k): {s['parquet_shards']}",

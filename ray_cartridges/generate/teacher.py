@@ -72,5 +72,7 @@ def run_prompts(
                 "top_logprobs": sampling.top_logprobs,
             },
         }
-        records.append(make_record(tok, system_prompt=p["context"], user=p["user"], answer_ids=ids, entries=entries, metadata=meta))
+        records.append(
+            make_record(tok, system_prompt=p["context"], user=p["user"], answer_ids=ids, entries=entries, metadata=meta)
+        )
     return records, problems
