@@ -35,10 +35,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
 
+    from ray_cartridges.generate.hf_teacher import HFTeacher
+
     from ray_cartridges.batching import collate, student_logits_at
     from ray_cartridges.cartridge import create_cartridge
     from ray_cartridges.convert import convert_record
-    from ray_cartridges.generate.hf_teacher import HFTeacher
     from ray_cartridges.loss import kd_loss_sum
     from ray_cartridges.memory import read_memory
     from ray_cartridges.models import load_model, load_tokenizer
@@ -69,7 +70,7 @@ def main() -> None:
     # the online teacher sees system(memory) + the same conversation; its assistant positions line up
     # with the student's through the shared suffix (the conversation after the system message)
     teacher_ids = []
-    for r, row in zip(records, rows):
+    for r in records:
         full = tok.apply_chat_template(
             [{"role": m["role"], "content": m["content"]} for m in r["messages"]], tokenize=True, return_dict=False
         )
