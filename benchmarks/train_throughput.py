@@ -35,11 +35,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
 
-    from ray_cartridges.generate.hf_teacher import HFTeacher
-
     from ray_cartridges.batching import collate, student_logits_at
     from ray_cartridges.cartridge import create_cartridge
     from ray_cartridges.convert import convert_record
+    from ray_cartridges.generate.engines import HFEngine, Sampling
+    from ray_cartridges.generate.teacher import run_prompts
     from ray_cartridges.loss import kd_loss_sum
     from ray_cartridges.memory import read_memory
     from ray_cartridges.models import load_model, load_tokenizer
@@ -56,8 +56,13 @@ def main() -> None:
     mem_len = len(tok(memory).input_ids)
 
     questions = [g[0].content for g in mem.triples()][: args.batch]
-    teacher = HFTeacher(model, tok, max_tokens=args.answer_tokens, top_logprobs=args.top_k)
-    records = teacher.records(memory, [(q, {}) for q in questions])
+    prompts = [
+        {"prompt_id": str(i), "strategy": "bench", "context": memory, "user": q, "split_key": str(i)}
+        for i, q in enumerate(questions)
+    ]
+    records, _ = run_prompts(
+        HFEngine(model, tok), prompts, sampling=Sampling(max_tokens=args.answer_tokens, top_logprobs=args.top_k)
+    )
     rows = [convert_record(r, tok, top_k=args.top_k) for r in records]
     batch = collate(rows, tok.pad_token_id, args.top_k)
     conv_tokens = int(batch["attention_mask"].sum())

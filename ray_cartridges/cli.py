@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_train)
 
     s = sub.add_parser("show-config", help="Print every config field with its type, default and description.")
-    s.add_argument("stage", choices=["train", "generate"], help="which stage's config")
+    s.add_argument("stage", choices=["train", "generate", "distill"], help="which stage's config")
     s.set_defaults(func=_cmd_show_config)
     return p
 

@@ -65,14 +65,27 @@ def memory():
 @pytest.fixture(scope="session")
 def teacher_jsonl(tmp_path_factory, model, tokenizer, memory) -> Path:
     """Teacher data made by the transformers reference teacher: 2 phrasings of each memory question."""
-    from ray_cartridges.generate.hf_teacher import HFTeacher
+    from ray_cartridges.generate.engines import HFEngine, Sampling
+    from ray_cartridges.generate.teacher import run_prompts
 
+    context = memory.render()
     prompts = []
     for i, group in enumerate(memory.triples()):
         q = group[0].content
-        prompts.append((q, {"split_key": f"entry-{i}"}))
-        prompts.append(("Quick question: " + q[0].lower() + q[1:], {"split_key": f"entry-{i}"}))
-    records = HFTeacher(model, tokenizer, max_tokens=24).records(memory.render(), prompts)
+        for j, user in enumerate([q, "Quick question: " + q[0].lower() + q[1:]]):
+            prompts.append(
+                {
+                    "prompt_id": f"p{i}-{j}",
+                    "strategy": "replay/test",
+                    "context": context,
+                    "user": user,
+                    "split_key": f"entry-{i}",
+                }
+            )
+    records, problems = run_prompts(
+        HFEngine(model, tokenizer), prompts, sampling=Sampling(max_tokens=24, top_logprobs=20)
+    )
+    assert not problems
     path = tmp_path_factory.mktemp("teacher") / "dataset.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from ray_cartridges.config import ConfigError, GenerateConfig, TrainConfig, load_config
+from ray_cartridges.config import ConfigError, DistillConfig, GenerateConfig, TrainConfig, load_config
 from ray_cartridges.config.reference import config_reference
 
 REPO = Path(__file__).resolve().parent.parent
@@ -13,6 +13,8 @@ def config_class(path: Path):
     import yaml
 
     data = yaml.safe_load(path.read_text())
+    if "generate" in data:
+        return DistillConfig
     if "checkpoint_dir" in data:
         return GenerateConfig
     if "input_dataset" in data:
@@ -86,7 +88,7 @@ def test_overrides_apply_and_validate(tmp_path):
 
 
 def test_every_field_has_help():
-    for stage in ("train", "generate"):
+    for stage in ("train", "generate", "distill"):
         ref = config_reference(stage)
         rows = [line for line in ref.splitlines() if line.startswith("| `")]
         assert rows

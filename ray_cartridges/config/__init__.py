@@ -1,9 +1,11 @@
 from .base import ConfigError, StrictModel, apply_overrides, dump_config, load_config, validate_config
+from .distill import DistillConfig
 from .generate import GenerateConfig
 from .train import TrainConfig
 
 __all__ = [
     "ConfigError",
+    "DistillConfig",
     "GenerateConfig",
     "StrictModel",
     "TrainConfig",

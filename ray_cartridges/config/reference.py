@@ -5,10 +5,11 @@ from __future__ import annotations
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from .distill import DistillConfig
 from .generate import GenerateConfig
 from .train import TrainConfig
 
-STAGES = {"train": TrainConfig, "generate": GenerateConfig}
+STAGES = {"train": TrainConfig, "generate": GenerateConfig, "distill": DistillConfig}
 
 
 def _type_name(ann) -> str:

@@ -1,0 +1,46 @@
+"""What both agents share: a frozen model, its tokenizer, chat formatting and batched decoding."""
+
+from __future__ import annotations
+
+from .decoding import Completion, SamplingParams, generate
+
+
+class ChatModel:
+    """A frozen model that answers chat messages, optionally after a shared KV prefix."""
+
+    def __init__(self, model, tokenizer, system_prompt: str | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.system_prompt = system_prompt
+
+    def prefix_kv(self):
+        return None
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+        if self.system_prompt and not any(m["role"] == "system" for m in msgs):
+            msgs.insert(0, {"role": "system", "content": self.system_prompt})
+        out = self.tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=False)
+        return list(out)
+
+    def complete(
+        self, conversations: list[list[dict]], sampling: SamplingParams | None = None, on_token=None
+    ) -> list[Completion]:
+        """Answer several conversations in one batched forward pass (the prefix is shared, not copied)."""
+        sampling = sampling or SamplingParams()
+        prompts = [self.prompt_ids(c) for c in conversations]
+        return generate(self.model, self.tokenizer, prompts, sampling, prefix_kv=self.prefix_kv(), on_token=on_token)
+
+    def chat(
+        self, messages: list[dict], temperature: float = 0.0, top_p: float = 1.0, max_tokens: int = 256, stop=None
+    ) -> str:
+        sp = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=list(stop or []))
+        return self.complete([messages], sp)[0].text
+
+    def kv_bytes(self, prompt_tokens: int, answer_tokens: int) -> int:
+        """KV-cache bytes one conversation holds: its own tokens (the shared prefix is counted apart)."""
+        cfg = self.model.config
+        heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        per_token = 2 * cfg.num_hidden_layers * heads * head_dim * next(self.model.parameters()).element_size()
+        return per_token * (prompt_tokens + answer_tokens)

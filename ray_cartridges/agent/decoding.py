@@ -1,0 +1,146 @@
+"""Batched decoding with an optional KV prefix (a cartridge) shared by every row of the batch.
+
+The prefix is given per layer as (K, V) of shape [H, p, D]; it is expanded (not copied) to the batch when
+the cache is built. Prompts are left-padded; explicit position ids start every prompt at position p, as
+in training, whatever its padding. Returns exact token ids and, on request, top-k logprobs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 128
+    stop: list[str] = field(default_factory=list)
+    top_logprobs: int = 0
+    seed: int | None = None
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" | "length"
+    logprobs: list[dict] | None = None  # per token: {token_id, logprob, top: [(id, logprob)]}
+    prompt_tokens: int = 0
+    ttft_s: float = 0.0
+
+
+def build_cache(model, prefix_kv, batch: int):
+    from transformers import DynamicCache
+
+    if prefix_kv is None:
+        return None
+    dtype = next(model.parameters()).dtype
+    return DynamicCache(
+        ddp_cache_data=[
+            (k.to(dtype).unsqueeze(0).expand(batch, -1, -1, -1), v.to(dtype).unsqueeze(0).expand(batch, -1, -1, -1))
+            for k, v in prefix_kv
+        ],
+        config=model.config,
+    )
+
+
+def _sample(logits: torch.Tensor, sp: SamplingParams, gen: torch.Generator | None) -> torch.Tensor:
+    """logits [B, V] -> token ids [B]."""
+    if sp.temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / sp.temperature, -1)
+    if sp.top_p < 1:
+        sorted_p, idx = probs.sort(-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > sp.top_p
+        sorted_p[drop] = 0
+        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
+    return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=gen).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model, tokenizer, prompts: list[list[int]], sp: SamplingParams, prefix_kv=None, on_token=None
+) -> list[Completion]:
+    """Decode a batch of prompts (token ids) after an optional shared prefix.
+
+    ``on_token(row, token_id)`` is called as tokens are produced (for streaming).
+    """
+    B = len(prompts)
+    p = 0 if prefix_kv is None else prefix_kv[0][0].shape[1]
+    T = max(map(len, prompts))
+    pad = tokenizer.pad_token_id
+    ids = torch.full((B, T), pad, dtype=torch.long)
+    mask = torch.zeros((B, p + T), dtype=torch.long)
+    mask[:, :p] = 1
+    pos = torch.zeros((B, T), dtype=torch.long)
+    for i, pr in enumerate(prompts):
+        n = len(pr)
+        ids[i, T - n :] = torch.tensor(pr)
+        mask[i, p + T - n :] = 1
+        pos[i, T - n :] = torch.arange(p, p + n)
+    cache = build_cache(model, prefix_kv, B)
+    gen = torch.Generator().manual_seed(sp.seed) if sp.seed is not None else None
+    stop_ids = {tokenizer.eos_token_id}
+    t0 = time.perf_counter()
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+    cache = out.past_key_values
+    logits = out.logits[:, -1]
+    next_pos = pos[:, -1] + 1
+    ttft = 0.0
+    toks: list[list[int]] = [[] for _ in range(B)]
+    lps: list[list[dict]] = [[] for _ in range(B)]
+    done = [False] * B
+    finish = ["length"] * B
+    texts = [""] * B
+    for step in range(sp.max_tokens):
+        nxt = _sample(logits, sp, gen)
+        if step == 0:
+            ttft = time.perf_counter() - t0
+        logp = torch.log_softmax(logits.float(), -1) if sp.top_logprobs else None
+        for i in range(B):
+            if done[i]:
+                continue
+            t = int(nxt[i])
+            if t in stop_ids:
+                done[i], finish[i] = True, "stop"
+                continue
+            toks[i].append(t)
+            if logp is not None:
+                top = torch.topk(logp[i], sp.top_logprobs)
+                lps[i].append(
+                    {
+                        "token_id": t,
+                        "logprob": float(logp[i, t]),
+                        "top": list(zip(top.indices.tolist(), top.values.tolist())),
+                    }
+                )
+            if on_token is not None:
+                on_token(i, t)
+            if sp.stop:
+                texts[i] = tokenizer.decode(toks[i], skip_special_tokens=True)
+                if any(s in texts[i] for s in sp.stop):
+                    done[i], finish[i] = True, "stop"
+        if all(done):
+            break
+        mask = torch.cat([mask, torch.ones((B, 1), dtype=torch.long)], 1)
+        out = model(
+            input_ids=nxt[:, None],
+            attention_mask=mask,
+            position_ids=next_pos[:, None],
+            past_key_values=cache,
+            use_cache=True,
+        )
+        cache, logits = out.past_key_values, out.logits[:, -1]
+        next_pos = next_pos + 1
+    results = []
+    for i in range(B):
+        text = tokenizer.decode(toks[i], skip_special_tokens=True)
+        for s in sp.stop:
+            if s in text:
+                text = text[: text.index(s)]
+        results.append(Completion(toks[i], text, finish[i], lps[i] if sp.top_logprobs else None, len(prompts[i]), ttft))
+    return results
