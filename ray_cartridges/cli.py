@@ -70,6 +70,76 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _serve_config(args):
+    from pathlib import Path
+
+    from .config import load_config
+    from .serve.config import ServeConfig
+
+    overrides = list(args.overrides)
+    if args.cartridge:
+        name = args.name or Path(args.cartridge.rstrip("/")).name
+        ref = args.cartridge if Path(args.cartridge).exists() else f"hf://{args.cartridge}"
+        overrides.append(f"cartridges={{{name}: {ref}}}")
+    if args.port:
+        overrides.append(f"port={args.port}")
+    if args.config is None and not args.cartridge:
+        raise ValueError("give --config or --cartridge")
+    return load_config(ServeConfig, args.config, overrides)
+
+
+def _cmd_serve(args) -> int:
+    import time
+
+    import ray
+    from ray import serve
+
+    from .serve.app import deployment
+
+    cfg = _serve_config(args)
+    if not ray.is_initialized():
+        ray.init()
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(deployment(cfg), name="ray_cartridges", route_prefix="/")
+    print(f"serving {list(cfg.cartridges)} on http://{cfg.host}:{cfg.port}/v1 (Ctrl-C to stop)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return 0
+
+
+def _cmd_chat(args) -> int:
+    from pathlib import Path
+
+    from .agent import KVArtifact, KVCacheMemoryConfig, KVMemoryAgent, KVMemoryAgentConfig
+
+    src = "local" if Path(args.cartridge).exists() else "huggingface"
+    agent = KVMemoryAgent(
+        KVMemoryAgentConfig(
+            memory_config=KVCacheMemoryConfig(artifact=KVArtifact(args.cartridge, source=src)),
+            system_prompt=args.system_prompt,
+        )
+    )
+    print(
+        f"cartridge {args.cartridge} ({agent.memory.num_tokens} tokens) on {agent.memory.meta.model_name}; empty line quits"
+    )
+    history: list[dict] = []
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        history.append({"role": "user", "content": line})
+        reply = agent.chat(history, temperature=args.temperature, max_tokens=args.max_tokens)
+        history.append({"role": "assistant", "content": reply})
+        print(f"agent> {reply}")
+    return 0
+
+
 def _cmd_show_config(args) -> int:
     from .config.reference import config_reference
 
@@ -106,8 +176,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     s.set_defaults(func=_cmd_train)
 
+    s = sub.add_parser("serve", help="Serve cartridges behind an OpenAI-compatible HTTP API (Ray Serve).")
+    s.add_argument("--config", default=None, help="serve YAML (see configs/serve.yaml)")
+    s.add_argument("--cartridge", default=None, help="serve this one cartridge (local dir or hub id)")
+    s.add_argument("--name", default=None, help="model name of --cartridge (default: its directory name)")
+    s.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
+    s.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+    s.set_defaults(func=_cmd_serve)
+
+    s = sub.add_parser("chat", help="Chat with a cartridge in the terminal.")
+    s.add_argument("--cartridge", required=True, help="cartridge directory or hub model id")
+    s.add_argument("--system-prompt", default=None, help="system prompt (default: the one it was trained with)")
+    s.add_argument("--temperature", type=float, default=0.0, help="sampling temperature")
+    s.add_argument("--max-tokens", type=int, default=256, help="max answer tokens")
+    s.set_defaults(func=_cmd_chat)
+
     s = sub.add_parser("show-config", help="Print every config field with its type, default and description.")
-    s.add_argument("stage", choices=["train", "generate", "distill"], help="which stage's config")
+    s.add_argument("stage", choices=["train", "generate", "distill", "serve"], help="which stage's config")
     s.set_defaults(func=_cmd_show_config)
     return p
 

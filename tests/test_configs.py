@@ -13,6 +13,10 @@ def config_class(path: Path):
     import yaml
 
     data = yaml.safe_load(path.read_text())
+    if "cartridges" in data:
+        from ray_cartridges.serve.config import ServeConfig
+
+        return ServeConfig
     if "generate" in data:
         return DistillConfig
     if "checkpoint_dir" in data:
@@ -88,7 +92,7 @@ def test_overrides_apply_and_validate(tmp_path):
 
 
 def test_every_field_has_help():
-    for stage in ("train", "generate", "distill"):
+    for stage in ("train", "generate", "distill", "serve"):
         ref = config_reference(stage)
         rows = [line for line in ref.splitlines() if line.startswith("| `")]
         assert rows

@@ -1,4 +1,4 @@
-from .base import ConfigError, StrictModel, apply_overrides, dump_config, load_config, validate_config
+from .base import ConfigError, StrictModel, apply_overrides, dump_config, load_config, load_yaml, validate_config
 from .distill import DistillConfig
 from .generate import GenerateConfig
 from .train import TrainConfig
@@ -12,5 +12,6 @@ __all__ = [
     "apply_overrides",
     "dump_config",
     "load_config",
+    "load_yaml",
     "validate_config",
 ]

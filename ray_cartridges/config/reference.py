@@ -9,7 +9,11 @@ from .distill import DistillConfig
 from .generate import GenerateConfig
 from .train import TrainConfig
 
-STAGES = {"train": TrainConfig, "generate": GenerateConfig, "distill": DistillConfig}
+
+def _stages():
+    from ..serve.config import ServeConfig
+
+    return {"train": TrainConfig, "generate": GenerateConfig, "distill": DistillConfig, "serve": ServeConfig}
 
 
 def _type_name(ann) -> str:
@@ -30,7 +34,7 @@ def _rows(model: type[BaseModel], prefix: str = ""):
 
 
 def config_reference(stage: str) -> str:
-    model = STAGES[stage]
+    model = _stages()[stage]
     lines = [f"# {stage} config ({model.__name__})", "", "| key | type | default | description |", "|---|---|---|---|"]
     for key, typ, default, desc in _rows(model):
         lines.append(f"| `{key}` | {typ} | {default} | {desc} |")

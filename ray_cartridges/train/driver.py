@@ -74,6 +74,14 @@ def run_training(cfg: TrainConfig, max_failures: int = 0) -> dict:
     out_dir = Path(cfg.output.local_dir).resolve()
     cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"local_dir": str(out_dir)})})
     out_dir.mkdir(parents=True, exist_ok=True)
+    kv = cfg.kv_cache
+    if kv.method == "text" and not kv.init_text:
+        # workers may run elsewhere (another node, another cwd): ship the text itself, not its path
+        path = Path(kv.init_text_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"kv_cache.init_text_file: {path} does not exist")
+        kv = kv.model_copy(update={"init_text": path.read_text(encoding="utf-8")})
+        cfg = cfg.model_copy(update={"kv_cache": kv})
     files = resolve_dataset(cfg)
     if cfg.model_name == BUNDLED_MODEL:
         ensure_bundled_model(dtypes=(cfg.model_dtype,))  # once, here, not racing in every worker

@@ -1,0 +1,174 @@
+"""From an agent checkpoint to a chatting agent: generate -> train -> publish -> evaluate.
+
+    python jobs/distill.py --config configs/demo.yaml [generate.max_samples=40 train.training.epochs=2 ...]
+    python jobs/distill.py --gen-config configs/distillation/example_gen.yaml \
+                           --train-config configs/distillation/cartridge_train_example.yaml
+    ray job submit --working-dir . -- python jobs/distill.py --config configs/demo.yaml
+
+Every stage resumes: finished teacher shards are kept, training continues from its last checkpoint.
+Without a reachable Ray cluster (RAY_ADDRESS or `ray start`), a local one is started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `ray job submit --working-dir .` without install
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description="Distil an agent checkpoint's memory into a cartridge, end to end.")
+    ap.add_argument("--config", help="one YAML with `generate:` and `train:` sections (see configs/demo.yaml)")
+    ap.add_argument("--gen-config", help="the seed's generation YAML (with --train-config)")
+    ap.add_argument("--train-config", help="the seed's training YAML (with --gen-config)")
+    ap.add_argument("--skip", action="append", default=[], choices=["generate", "train", "publish", "evaluate"], help="skip a stage (repeatable)")
+    ap.add_argument("overrides", nargs="*", help="config overrides key.sub=value (e.g. train.training.epochs=2)")
+    args = ap.parse_args(argv)
+    if not args.config and not (args.gen_config and args.train_config):
+        ap.error("give --config, or both --gen-config and --train-config")
+    return args
+
+
+def load(args):
+    from ray_cartridges.config import DistillConfig, apply_overrides, load_yaml, validate_config
+
+    if args.config:
+        data, source = load_yaml(args.config), args.config
+    else:
+        data = {"generate": load_yaml(args.gen_config), "train": load_yaml(args.train_config)}
+        source = f"{args.gen_config} + {args.train_config}"
+    apply_overrides(data, args.overrides, source)
+    cfg = validate_config(DistillConfig, data, source)
+    for s in args.skip:
+        setattr(cfg.stages, s, False)
+    return cfg
+
+
+def main(argv=None) -> int:
+    from ray_cartridges.cli import setup_env
+
+    args = parse_args(argv)
+    setup_env()
+    from ray_cartridges.config import ConfigError, dump_config
+
+    try:
+        cfg = load(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()  # connects to RAY_ADDRESS / a `ray start` cluster when there is one, else starts a local one
+    t_start = time.perf_counter()
+    report: dict = {"stages": {}}
+    out_dir = Path(cfg.train.output.local_dir).resolve()
+
+    if cfg.stages.generate:
+        from ray_cartridges.generate.pipeline import format_summary, run_generation
+
+        print("\n[1/4] teacher generation", flush=True)
+        t = time.perf_counter()
+        gen = run_generation(cfg.generate)
+        print(format_summary(gen))
+        report["stages"]["generate"] = {**gen, "seconds": time.perf_counter() - t}
+
+    if cfg.stages.train:
+        from ray_cartridges.train import run_training
+        from ray_cartridges.train.driver import format_summary as train_summary
+
+        print("\n[2/4] cartridge training", flush=True)
+        t = time.perf_counter()
+        tr = run_training(cfg.train)
+        print(train_summary(tr))
+        report["stages"]["train"] = {**tr, "seconds": time.perf_counter() - t}
+
+    evaluation = None
+    if cfg.stages.evaluate:
+        from ray_cartridges.eval.evaluate import evaluate_cartridge
+        from ray_cartridges.memory import read_memory
+
+        print("\n[3/4] evaluation (held-out fidelity, recall vs no memory and in-context memory)", flush=True)
+        t = time.perf_counter()
+        evaluation = evaluate_cartridge(
+            out_dir,
+            Path(cfg.generate.output_dir) / "dataset.jsonl",
+            read_memory(cfg.generate.checkpoint_dir),
+            eval_fraction=cfg.train.input_dataset.eval_fraction,
+            split_seed=cfg.train.input_dataset.split_seed,
+            max_questions=cfg.eval.max_questions,
+            max_tokens=cfg.eval.max_tokens,
+        )
+        (out_dir / "eval.json").write_text(json.dumps(evaluation, indent=2))
+        report["stages"]["evaluate"] = {"seconds": time.perf_counter() - t, "file": str(out_dir / "eval.json")}
+
+    from ray_cartridges.model_card import cartridge_card
+
+    if (out_dir / "cartridge.json").is_file():
+        repo = cfg.train.output.hf_repo_id if cfg.train.output.upload_to_hf else None
+        (out_dir / "README.md").write_text(
+            cartridge_card(out_dir, repo_id=repo, memory_source=cfg.generate.checkpoint_dir, evaluation=evaluation)
+        )
+        (out_dir / "distill_job.yaml").write_text(dump_config(cfg))
+
+    if cfg.stages.publish and cfg.train.output.upload_to_hf:
+        from ray_cartridges.hub import HubError, push_folder
+
+        print("\n[4/4] publish", flush=True)
+        try:
+            url = push_folder(
+                out_dir, cfg.train.output.hf_repo_id, repo_type="model", private=cfg.train.output.hf_private,
+                allow_patterns=["adapter_config.json", "adapter_model.safetensors", "cartridge.json", "cache-final.pt",
+                                "distillation_config.yaml", "README.md", "eval.json", "loss.png", "metrics.jsonl"],
+            )
+            report["stages"]["publish"] = {"url": url}
+        except HubError as err:
+            print(f"warning: {err}", file=sys.stderr)
+            report["stages"]["publish"] = {"error": str(err)}
+
+    report["seconds"] = time.perf_counter() - t_start
+    (out_dir / "distill_report.json").write_text(json.dumps(report, indent=2, default=str))
+    print(final_summary(out_dir, evaluation, report))
+    return 0
+
+
+def final_summary(out_dir: Path, evaluation: dict | None, report: dict) -> str:
+    name = out_dir.name
+    lines = ["", "=" * 72, f"Done in {report['seconds'] / 60:.1f} min. Cartridge: {out_dir}"]
+    if evaluation:
+        fid = evaluation.get("fidelity") or {}
+        if fid.get("icl_gap_closed") is not None:
+            lines.append(
+                f"  fidelity (held-out, per-token KL to the in-context teacher): no memory {fid['kl_no_memory']:.3f}, "
+                f"cartridge {fid['kl_cartridge']:.3f} -> share of the ICL gap closed {fid['icl_gap_closed']:.2f}"
+            )
+        rec = evaluation.get("recall") or {}
+        if rec:
+            lines.append(
+                f"  recall on {evaluation['questions']} memory facts (accuracy): "
+                + ", ".join(f"{k} {v['accuracy']:.2f}" for k, v in rec.items())
+            )
+    if "publish" in report["stages"]:
+        lines.append(f"  hub: {report['stages']['publish']}")
+    lines += [
+        "",
+        "Chat with it:",
+        f"  ray-cartridges chat --cartridge {out_dir}",
+        f"  ray-cartridges serve --cartridge {out_dir}      # OpenAI-compatible endpoint on :8000",
+        "  curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\",
+        f"    -d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Who is the station doctor?\"}}]}}'",
+        "  python -c \"from openai import OpenAI; c = OpenAI(base_url='http://localhost:8000/v1', api_key='none'); "
+        f"print(c.chat.completions.create(model='{name}', messages=[{{'role': 'user', 'content': 'Who is the station doctor?'}}]).choices[0].message.content)\"",
+        "=" * 72,
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Evaluate a cartridge on held-out material: fidelity (KL to the in-context teacher) and recall.
+
+- fidelity: on held-out conversations, per-token KL(teacher with the memory in context || student) over
+  the full vocabulary at the answer positions, for the student with no memory and with the cartridge;
+  share of the ICL gap closed = 1 - KL_cartridge / KL_no_memory.
+- recall: for memory facts with known answers (an Observation's Feedback), answer accuracy of no memory,
+  ICL (HistoryAgent) and the cartridge (KVMemoryAgent), greedy.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..agent.base import ChatModel
+from ..agent.decoding import SamplingParams
+from ..agent.kv_memory import KVCacheMemory
+from ..batching import split_of
+from ..memory import AgentMemory
+from .metrics import kl_per_token, score_answer
+
+
+def _ids(tok, msgs, gen=False):
+    return list(tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen, return_dict=False))
+
+
+@torch.no_grad()
+def fidelity(model, tok, kv, records: list[dict], student_system_prompt: str | None = None) -> dict:
+    """Mean per-token KL over the answers of ``records`` for no memory and for the cartridge."""
+    from ..agent.decoding import build_cache
+
+    sums = {"no_memory": 0.0, "cartridge": 0.0}
+    n = 0
+    p = kv[0][0].shape[1]
+    for rec in records:
+        sys_msg, user, answer = rec["messages"][0], rec["messages"][1], rec["messages"][-1]
+        a_ids = answer["token_ids"]
+        t_prompt = _ids(
+            tok, [{"role": "system", "content": sys_msg["content"]}, {"role": "user", "content": user["content"]}], True
+        )
+        s_msgs = ([{"role": "system", "content": student_system_prompt}] if student_system_prompt else []) + [
+            {"role": "user", "content": user["content"]}
+        ]
+        s_prompt = _ids(tok, s_msgs, True)
+        t_logits = model(torch.tensor([t_prompt + a_ids])).logits[0, len(t_prompt) - 1 : len(t_prompt) + len(a_ids) - 1]
+        s_ids = torch.tensor([s_prompt + a_ids])
+        s_slice = slice(len(s_prompt) - 1, len(s_prompt) + len(a_ids) - 1)
+        plain = model(s_ids).logits[0, s_slice]
+        pos = torch.arange(p, p + s_ids.shape[1])[None]
+        mask = torch.ones((1, p + s_ids.shape[1]), dtype=torch.long)
+        cart = model(s_ids, attention_mask=mask, position_ids=pos, past_key_values=build_cache(model, kv, 1)).logits[
+            0, s_slice
+        ]
+        sums["no_memory"] += float(kl_per_token(t_logits, plain).sum())
+        sums["cartridge"] += float(kl_per_token(t_logits, cart).sum())
+        n += len(a_ids)
+    out = {f"kl_{k}": v / max(n, 1) for k, v in sums.items()}
+    out["icl_gap_closed"] = 1 - out["kl_cartridge"] / out["kl_no_memory"] if out["kl_no_memory"] > 0 else None
+    out["tokens"] = n
+    out["conversations"] = len(records)
+    return out
+
+
+def memory_questions(memory: AgentMemory) -> list[tuple[int, str, str]]:
+    """(entry index, question, reference answer) for experiences whose Feedback carries the answer."""
+    out = []
+    for i, group in enumerate(memory.triples()):
+        fb = [e.content for e in group if e.type == "Feedback"]
+        if group[0].type == "Observation" and fb:
+            out.append((i, group[0].content, fb[-1]))
+    return out
+
+
+def recall(agents: dict[str, ChatModel], questions, max_tokens: int = 40, batch: int = 8) -> dict:
+    out = {}
+    for name, agent in agents.items():
+        scores, answers = [], []
+        for s in range(0, len(questions), batch):
+            chunk = questions[s : s + batch]
+            comps = agent.complete(
+                [[{"role": "user", "content": q}] for _, q, _ in chunk], SamplingParams(max_tokens=max_tokens)
+            )
+            for (i, q, ref), c in zip(chunk, comps):
+                sc = score_answer(c.text, ref, q)
+                scores.append(sc)
+                answers.append({"entry": i, "question": q, "reference": ref, "answer": c.text, **sc})
+        out[name] = {
+            "accuracy": sum(s["correct"] for s in scores) / max(len(scores), 1),
+            "key_recall": sum(s["key_recall"] for s in scores) / max(len(scores), 1),
+            "exact": sum(s["exact"] for s in scores) / max(len(scores), 1),
+            "answers": answers,
+        }
+    return out
+
+
+def evaluate_cartridge(
+    cartridge_dir: str | Path,
+    dataset_jsonl: str | Path,
+    memory: AgentMemory,
+    *,
+    eval_fraction: float,
+    split_seed: int,
+    max_questions: int = 30,
+    max_tokens: int = 40,
+    dtype: str = "fp32",
+) -> dict:
+    """Fidelity on the held-out split of ``dataset_jsonl`` and recall on the memory's facts."""
+    from ..agent.history import HistoryAgent, HistoryAgentConfig
+
+    mem = KVCacheMemory.from_dir(cartridge_dir, dtype=dtype)
+    model, tok = mem.model, mem.tokenizer
+    records = [json.loads(line) for line in Path(dataset_jsonl).read_text().splitlines() if line.strip()]
+    held = [r for r in records if split_of(r["metadata"].get("split_key", ""), eval_fraction, split_seed) == "eval"]
+    fid = fidelity(model, tok, mem.kv, held[:64], mem.meta.student_system_prompt) if held else {}
+    qs = memory_questions(memory)[:max_questions]
+    held_entries = {
+        int(k.split("-")[1]) for k in (r["metadata"].get("split_key", "") for r in held) if k.startswith("entry-")
+    }
+
+    class _Cartridge(ChatModel):
+        def prefix_kv(self):
+            return mem.kv
+
+    agents = {
+        "no_memory": ChatModel(model, tok, mem.meta.student_system_prompt),
+        "icl": HistoryAgent(HistoryAgentConfig(checkpoint_dir=memory.source), model=model, tokenizer=tok),
+        "cartridge": _Cartridge(model, tok, mem.meta.student_system_prompt),
+    }
+    rec = recall(agents, qs, max_tokens=max_tokens)
+    for name in rec:
+        held_scores = [a["correct"] for a in rec[name]["answers"] if a["entry"] in held_entries]
+        rec[name]["heldout_accuracy"] = sum(held_scores) / len(held_scores) if held_scores else None
+    return {"fidelity": fid, "recall": rec, "heldout_entries": sorted(held_entries), "questions": len(qs)}
