@@ -26,7 +26,13 @@ def parse_args(argv=None):
     ap.add_argument("--config", help="one YAML with `generate:` and `train:` sections (see configs/demo.yaml)")
     ap.add_argument("--gen-config", help="the seed's generation YAML (with --train-config)")
     ap.add_argument("--train-config", help="the seed's training YAML (with --gen-config)")
-    ap.add_argument("--skip", action="append", default=[], choices=["generate", "train", "publish", "evaluate"], help="skip a stage (repeatable)")
+    ap.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        choices=["generate", "train", "publish", "evaluate"],
+        help="skip a stage (repeatable)",
+    )
     ap.add_argument("overrides", nargs="*", help="config overrides key.sub=value (e.g. train.training.epochs=2)")
     args = ap.parse_args(argv)
     if not args.config and not (args.gen_config and args.train_config):
@@ -122,9 +128,21 @@ def main(argv=None) -> int:
         print("\n[4/4] publish", flush=True)
         try:
             url = push_folder(
-                out_dir, cfg.train.output.hf_repo_id, repo_type="model", private=cfg.train.output.hf_private,
-                allow_patterns=["adapter_config.json", "adapter_model.safetensors", "cartridge.json", "cache-final.pt",
-                                "distillation_config.yaml", "README.md", "eval.json", "loss.png", "metrics.jsonl"],
+                out_dir,
+                cfg.train.output.hf_repo_id,
+                repo_type="model",
+                private=cfg.train.output.hf_private,
+                allow_patterns=[
+                    "adapter_config.json",
+                    "adapter_model.safetensors",
+                    "cartridge.json",
+                    "cache-final.pt",
+                    "distillation_config.yaml",
+                    "README.md",
+                    "eval.json",
+                    "loss.png",
+                    "metrics.jsonl",
+                ],
             )
             report["stages"]["publish"] = {"url": url}
         except HubError as err:
@@ -161,7 +179,7 @@ def final_summary(out_dir: Path, evaluation: dict | None, report: dict) -> str:
         f"  ray-cartridges chat --cartridge {out_dir}",
         f"  ray-cartridges serve --cartridge {out_dir}      # OpenAI-compatible endpoint on :8000",
         "  curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\",
-        f"    -d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Who is the station doctor?\"}}]}}'",
+        f'    -d \'{{"model": "{name}", "messages": [{{"role": "user", "content": "Who is the station doctor?"}}]}}\'',
         "  python -c \"from openai import OpenAI; c = OpenAI(base_url='http://localhost:8000/v1', api_key='none'); "
         f"print(c.chat.completions.create(model='{name}', messages=[{{'role': 'user', 'content': 'Who is the station doctor?'}}]).choices[0].message.content)\"",
         "=" * 72,

@@ -126,7 +126,12 @@ def test_errors_are_openai_json_with_the_right_status(server):
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     r = httpx.post(f"{base}/v1/chat/completions", json={"model": "alpha", "messages": "hi"}, headers=h, timeout=30)
     assert r.status_code == 422 and "messages" in r.json()["error"]["message"]
-    r = httpx.post(f"{base}/v1/chat/completions", json={"model": "alpha", "messages": MSG, "max_tokens": 10_000}, headers=h, timeout=30)
+    r = httpx.post(
+        f"{base}/v1/chat/completions",
+        json={"model": "alpha", "messages": MSG, "max_tokens": 10_000},
+        headers=h,
+        timeout=30,
+    )
     assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"]
     r = httpx.post(f"{base}/v1/chat/completions", json={"model": "alpha", "messages": MSG * 9}, headers=h, timeout=30)
     assert r.status_code == 400 and "messages" in r.json()["error"]["message"]

@@ -59,3 +59,42 @@ def test_text_init_cartridge_learns_from_teacher_data(tmp_path, ray_cluster, tea
     step18 = load_cache_pt(out / "cache-step18.pt")
     assert not torch.equal(cache["trainable_keys"][0], step18["trainable_keys"][0])
     assert torch.equal(cache["frozen_keys"][0], step18["frozen_keys"][0])  # frozen tokens never move
+
+
+def _train_cfg(tmp_path, teacher_jsonl, memory, workers, name, **training):
+    return validate_config(
+        TrainConfig,
+        {
+            "input_dataset": {"local_path": str(teacher_jsonl), "is_converted": False, "eval_fraction": 0.2},
+            "output": {"local_dir": str(tmp_path / name)},
+            "kv_cache": {"method": "text", "num_tokens": 32, "init_text": memory.render()},
+            "training": {"global_batch_size": 4, "lr": 1e-2, "max_steps": 4, "eval_every": 4, **training},
+            "scaling": {"num_workers": workers},
+        },
+    )
+
+
+def test_two_workers_match_one_worker_with_the_same_global_batch(tmp_path, ray_cluster, teacher_jsonl, memory):
+    """DDP over gloo: 2 workers x 2 rows per step == 1 worker x 4 rows per step (same data, same seed)."""
+    from ray_cartridges.cartridge import load_cache_pt
+    from ray_cartridges.train import run_training
+
+    run_training(_train_cfg(tmp_path, teacher_jsonl, memory, 1, "one"))
+    run_training(_train_cfg(tmp_path, teacher_jsonl, memory, 2, "two"))
+    a = load_cache_pt(tmp_path / "one" / "cache-final.pt")
+    b = load_cache_pt(tmp_path / "two" / "cache-final.pt")
+    for ka, kb in zip(a["trainable_keys"] + a["trainable_values"], b["trainable_keys"] + b["trainable_values"]):
+        assert torch.allclose(ka, kb, atol=1e-4, rtol=0), float((ka - kb).abs().max())
+    ma = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    mb = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    la = [m["train/loss"] for m in ma if "train/loss" in m]
+    lb = [m["train/loss"] for m in mb if "train/loss" in m]
+    assert len(la) == len(lb) == 4 and la == pytest.approx(lb, abs=1e-4)
+    assert la[0] != pytest.approx(la[-1], abs=1e-3)  # it did train
+
+
+def test_global_batch_that_does_not_divide_is_a_clear_error(tmp_path, ray_cluster, teacher_jsonl, memory):
+    from ray_cartridges.train import run_training
+
+    with pytest.raises(Exception, match="global_batch_size=3 does not divide over scaling.num_workers=2"):
+        run_training(_train_cfg(tmp_path, teacher_jsonl, memory, 2, "bad", global_batch_size=3))

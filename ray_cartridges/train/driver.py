@@ -71,6 +71,12 @@ def run_training(cfg: TrainConfig, max_failures: int = 0) -> dict:
     from ..models import BUNDLED_MODEL, ensure_bundled_model
     from .loop import train_loop_per_worker
 
+    t = cfg.training
+    if t.global_batch_size % cfg.scaling.num_workers:
+        raise ValueError(
+            f"training.global_batch_size={t.global_batch_size} does not divide over scaling.num_workers="
+            f"{cfg.scaling.num_workers}: each worker must get the same number of rows per step"
+        )
     out_dir = Path(cfg.output.local_dir).resolve()
     cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"local_dir": str(out_dir)})})
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -91,6 +97,7 @@ def run_training(cfg: TrainConfig, max_failures: int = 0) -> dict:
     if backend == "auto":
         backend = "nccl" if cfg.scaling.use_gpu else "gloo"
     # Reads take no CPU slot: workers may hold every CPU, and a starved read task hangs silently.
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the loop prints one line per step
     ds = ray.data.read_parquet([str(f) for f in files], num_cpus=0)
     storage = cfg.scaling.storage_path or str(out_dir / "ray_results")
     trainer = TorchTrainer(
