@@ -107,7 +107,7 @@ def run_generation(cfg: GenerateConfig, progress: bool = True) -> dict:
         "teacher_engine": cfg.engine,
         "teacher_dtype": cfg.dtype,
     }
-    stats = {"rows": 0, "rejected": 0, "answer_tokens": 0, "problems": []}
+    stats = {"rows": 0, "rejected": 0, "answer_tokens": 0, "actor_seconds": 0.0, "problems": []}
     t0 = time.perf_counter()
     if todo:
         if cfg.model_name == BUNDLED_MODEL:
@@ -137,6 +137,7 @@ def run_generation(cfg: GenerateConfig, progress: bool = True) -> dict:
             stats["rows"] += int(row["rows"])
             stats["rejected"] += int(row["rejected"])
             stats["answer_tokens"] += int(row["answer_tokens"])
+            stats["actor_seconds"] += float(row["seconds"])
             stats["problems"] += json.loads(row["problems"])
             bar.update(1)
             bar.set_postfix(rows=stats["rows"], tok_s=f"{stats['answer_tokens'] / (time.perf_counter() - t0):.0f}")
@@ -171,6 +172,8 @@ def run_generation(cfg: GenerateConfig, progress: bool = True) -> dict:
         "rejected_now": stats["rejected"],
         "seconds_now": elapsed,
         "answer_tokens_per_s_now": stats["answer_tokens"] / elapsed if todo and elapsed > 0 else None,
+        "answer_tokens_now": stats["answer_tokens"],
+        "engine_seconds_now": stats["actor_seconds"],  # time inside engine calls (no Ray or engine start-up)
         "memory_entries": len(memory.entries),
         "memory_lines_skipped": memory.skipped_lines,
         "problems": stats["problems"][:20],

@@ -98,7 +98,9 @@ def run_training(cfg: TrainConfig, max_failures: int = 0) -> dict:
         backend = "nccl" if cfg.scaling.use_gpu else "gloo"
     # Reads take no CPU slot: workers may hold every CPU, and a starved read task hangs silently.
     ray.data.DataContext.get_current().enable_progress_bars = False  # the loop prints one line per step
-    ds = ray.data.read_parquet([str(f) for f in files], num_cpus=0)
+    # Materialised before the workers start: every worker reads all of it, and on a small machine the workers
+    # may hold every CPU, which would starve the dataset's list/read tasks (a silent hang).
+    ds = ray.data.read_parquet([str(f) for f in files], num_cpus=0).materialize()
     storage = cfg.scaling.storage_path or str(out_dir / "ray_results")
     trainer = TorchTrainer(
         train_loop_per_worker,

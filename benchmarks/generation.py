@@ -1,0 +1,229 @@
+"""Teacher generation speed: our Ray Data + vLLM pipeline vs a naive transformers loop and vs plain vLLM.
+
+    python benchmarks/generation.py [--memory-tokens 2000] [--prompts 32] [--max-tokens 64] [--dtype bf16]
+
+One run, same prompts (replay questions over a ~2,000-token memory), same model and machine:
+  (a) ours: `run_generation` (Ray Data, TeacherActor owning a vllm.LLM, prefix caching, batched shards)
+      vs a naive per-request transformers `generate` loop that re-reads the memory for every prompt
+      (measured on --naive-prompts prompts; its rate does not depend on how many). Target >= 10x.
+  (b) ours vs calling `vllm.LLM.generate` directly on the same prompts in this process. Target >= 0.8x.
+Rates are answer tokens per second of generation; start-up (Ray, engine load) is reported apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import print_table, write_json  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_checkpoint(root: Path, memory_tokens: int, tokenizer) -> Path:
+    """A HistoryAgent checkpoint whose rendered memory has about ``memory_tokens`` tokens."""
+    src = REPO / "examples" / "agent_checkpoint" / "checkpoints" / "ep_000030"
+    lines = (src / "memory_30.jsonl").read_text().splitlines()
+    ep = root / "checkpoints" / "ep_000001"
+    ep.mkdir(parents=True)
+    shutil.copy(src / "agent.json", ep / "agent.json")
+    shutil.copy(src / "runtime.json", ep / "runtime.json")
+    out, rnd = [], 0
+    while True:
+        for line in lines:
+            rec = json.loads(line)
+            if rnd:
+                rec["content"] = f"(round {rnd}) {rec['content']}"
+            out.append(json.dumps(rec))
+        rnd += 1
+        from ray_cartridges.memory import read_memory
+
+        (ep / "memory_1.jsonl").write_text("\n".join(out) + "\n")
+        n = len(tokenizer(read_memory(root).render()).input_ids)
+        if n >= memory_tokens:
+            break
+    # trim whole experiences until just above the target
+    while True:
+        trial = out[:-3]
+        (ep / "memory_1.jsonl").write_text("\n".join(trial) + "\n")
+        if len(tokenizer(read_memory(root).render()).input_ids) < memory_tokens:
+            (ep / "memory_1.jsonl").write_text("\n".join(out) + "\n")
+            break
+        out = trial
+    return root
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
+    ap.add_argument("--memory-tokens", type=int, default=2000)
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--naive-prompts", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--shard-size", type=int, default=16)
+    args = ap.parse_args()
+
+    from ray_cartridges.cli import setup_env
+
+    setup_env()
+    import torch
+
+    from ray_cartridges.config import GenerateConfig, validate_config
+    from ray_cartridges.generate.pipeline import cpu_engine_env, run_generation
+    from ray_cartridges.generate.strategies import build_prompts
+    from ray_cartridges.generate.teacher import chat_ids
+    from ray_cartridges.memory import read_memory
+    from ray_cartridges.models import load_model, load_tokenizer, resolve_model
+
+    tok = load_tokenizer(args.model)
+    work = Path(tempfile.mkdtemp(prefix="bench-gen-"))
+    ckpt = make_checkpoint(work / "agent", args.memory_tokens, tok)
+    memory = read_memory(ckpt)
+    mem_tokens = len(tok(memory.render()).input_ids)
+    cfg = validate_config(
+        GenerateConfig,
+        {
+            "checkpoint_dir": str(ckpt),
+            "output_dir": str(work / "out"),
+            "model_name": args.model,
+            "dtype": args.dtype,
+            "engine": "vllm",
+            "temperature": 0.0,
+            "max_tokens": args.max_tokens,
+            "top_logprobs": 20,
+            "max_samples": args.prompts,
+            "shard_size": args.shard_size,
+            "self_study": {"enabled": False},
+            "max_model_len": 4096,
+        },
+    )
+    prompts = build_prompts(memory, cfg)
+    ids = [chat_ids(tok, p["context"], p["user"]) for p in prompts]
+
+    # (a) ours, end to end through Ray Data
+    t0 = time.perf_counter()
+    summary = run_generation(cfg, progress=False)
+    ours_wall = time.perf_counter() - t0
+    ours_tokens = summary["answer_tokens_now"]
+    ours_engine_s = summary["engine_seconds_now"]
+    import ray
+
+    ray.shutdown()
+
+    # (b) plain vLLM in this process, same prompts, same sampling
+    for k, v in cpu_engine_env().items():
+        if k != "RAY_kill_child_processes_on_worker_exit":
+            os.environ.setdefault(k, v)
+    from ray_cartridges.generate.engines import Sampling, VLLMEngine
+
+    t0 = time.perf_counter()
+    engine = VLLMEngine(resolve_model(args.model, args.dtype), dtype=args.dtype, max_model_len=4096)
+    vllm_start = time.perf_counter() - t0
+    sampling = Sampling(0.0, 1.0, args.max_tokens, 20)
+    t0 = time.perf_counter()
+    outs = engine.complete(ids, sampling, [0] * len(ids))
+    vllm_s = time.perf_counter() - t0
+    vllm_tokens = sum(len(o[0]) for o in outs)
+    del engine
+
+    # (c) naive transformers loop: generate() per prompt, memory re-read every time
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = load_model(args.model, args.dtype)
+    naive_tokens, t0 = 0, time.perf_counter()
+    for p in ids[: args.naive_prompts]:
+        out = model.generate(
+            torch.tensor([p]),
+            attention_mask=torch.ones(1, len(p), dtype=torch.long),
+            max_new_tokens=args.max_tokens,
+            do_sample=False,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+        naive_tokens += out.sequences.shape[1] - len(p)
+    naive_s = time.perf_counter() - t0
+
+    r_ours = ours_tokens / ours_engine_s
+    r_ours_e2e = ours_tokens / ours_wall
+    r_vllm = vllm_tokens / vllm_s
+    r_naive = naive_tokens / naive_s
+    rows = [
+        [
+            "ours: Ray Data + vLLM actor (generation)",
+            f"{ours_tokens}",
+            f"{ours_engine_s:.1f}",
+            f"{r_ours:.1f}",
+            "1.00x",
+        ],
+        [
+            "ours: end to end incl. Ray + engine start",
+            f"{ours_tokens}",
+            f"{ours_wall:.1f}",
+            f"{r_ours_e2e:.1f}",
+            f"{r_ours_e2e / r_ours:.2f}x",
+        ],
+        [
+            "plain vllm.LLM.generate (same prompts)",
+            f"{vllm_tokens}",
+            f"{vllm_s:.1f}",
+            f"{r_vllm:.1f}",
+            f"{r_vllm / r_ours:.2f}x",
+        ],
+        [
+            f"naive transformers loop ({args.naive_prompts} prompts)",
+            f"{naive_tokens}",
+            f"{naive_s:.1f}",
+            f"{r_naive:.1f}",
+            f"{r_naive / r_ours:.2f}x",
+        ],
+    ]
+    print_table(
+        f"generation: {args.model} {args.dtype}, memory {mem_tokens} tokens, {len(ids)} prompts, {args.max_tokens} max answer tokens",
+        ["approach", "answer tokens", "seconds", "tokens/s", "vs ours"],
+        rows,
+    )
+    a = r_ours / r_naive
+    b = r_ours / r_vllm
+    print(f"(a) ours / naive transformers: {a:.1f}x (target >= 10x) -> {'MET' if a >= 10 else 'NOT MET'}")
+    print(f"(b) ours / plain vLLM: {b:.2f}x (target >= 0.8x) -> {'MET' if b >= 0.8 else 'NOT MET'}")
+    print(
+        f"    vLLM engine start {vllm_start:.0f} s; ours end to end {ours_wall:.0f} s (Ray start, actor and engine start included)"
+    )
+    write_json(
+        "generation",
+        {
+            "config": vars(args),
+            "memory_tokens": mem_tokens,
+            "ours": {
+                "tokens": ours_tokens,
+                "engine_s": ours_engine_s,
+                "wall_s": ours_wall,
+                "tokens_per_s": r_ours,
+                "e2e_tokens_per_s": r_ours_e2e,
+            },
+            "plain_vllm": {"tokens": vllm_tokens, "s": vllm_s, "tokens_per_s": r_vllm, "engine_start_s": vllm_start},
+            "naive_transformers": {
+                "tokens": naive_tokens,
+                "s": naive_s,
+                "tokens_per_s": r_naive,
+                "prompts": args.naive_prompts,
+            },
+            "ratio_vs_naive": a,
+            "ratio_vs_vllm": b,
+            "targets": {"vs_naive": 10, "vs_vllm": 0.8},
+        },
+    )
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
