@@ -172,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train", help="Distil a cartridge with Ray Train from a flat top-k (or JSONL) dataset.")
     s.add_argument("--config", required=True, help="training YAML (see configs/distillation/)")
-    s.add_argument("--max-failures", type=int, default=0, help="worker failures to recover from (Ray Train)")
+    s.add_argument(
+        "--max-failures", type=int, default=None, help="worker failures to recover from (default: scaling.max_failures)"
+    )
     s.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     s.set_defaults(func=_cmd_train)
 

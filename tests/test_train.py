@@ -98,3 +98,32 @@ def test_global_batch_that_does_not_divide_is_a_clear_error(tmp_path, ray_cluste
 
     with pytest.raises(Exception, match="global_batch_size=3 does not divide over scaling.num_workers=2"):
         run_training(_train_cfg(tmp_path, teacher_jsonl, memory, 2, "bad", global_batch_size=3))
+
+
+def test_killed_worker_resumes_from_checkpoint_to_the_same_cartridge(tmp_path, ray_cluster, teacher_jsonl, memory):
+    """A fault at step 3 (checkpoints every 2 steps): the run restarts from step 2 and ends where an
+    uninterrupted run ends, with every step logged exactly once; a re-run of a finished run is a no-op."""
+    from ray_cartridges.cartridge import load_cache_pt
+    from ray_cartridges.train import run_training
+
+    run_training(_train_cfg(tmp_path, teacher_jsonl, memory, 1, "clean", max_steps=6, save_every=2))
+    faulty = _train_cfg(tmp_path, teacher_jsonl, memory, 1, "faulty", max_steps=6, save_every=2)
+    faulty = faulty.model_copy(update={"scaling": faulty.scaling.model_copy(update={"max_failures": 1})})
+    run_training(faulty, fault_at_step=3)
+    assert (tmp_path / "faulty" / ".fault_injected").read_text() == "3"
+    a = load_cache_pt(tmp_path / "clean" / "cache-final.pt")
+    b = load_cache_pt(tmp_path / "faulty" / "cache-final.pt")
+    for ka, kb in zip(a["trainable_keys"] + a["trainable_values"], b["trainable_keys"] + b["trainable_values"]):
+        assert torch.allclose(ka, kb, atol=1e-5, rtol=0)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "faulty" / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [
+        s
+        for s, line in zip(steps, (tmp_path / "faulty" / "metrics.jsonl").read_text().splitlines())
+        if "train/loss" in line
+    ]
+    assert train_steps == [1, 2, 3, 4, 5, 6]  # continuous, nothing repeated or skipped
+
+    # a finished run, re-run with the same config, resumes at its end and changes nothing
+    before = (tmp_path / "clean" / "cache-final.pt").read_bytes()
+    summary = run_training(_train_cfg(tmp_path, teacher_jsonl, memory, 1, "clean", max_steps=6, save_every=2))
+    assert (tmp_path / "clean" / "cache-final.pt").read_bytes() == before and summary["steps"] == 6

@@ -76,6 +76,9 @@ class TrainingConfig(StrictModel):
     eval_every: int = Field(0, ge=0, description="Evaluate on the held-out split every N steps (0: start and end).")
     log_every: int = Field(1, gt=0, description="Log metrics every N steps.")
     backend: Literal["ddp", "deepspeed"] = Field("ddp", description="Data-parallel backend.")
+    resume: bool = Field(
+        True, description="Continue from the last checkpoint of an identical earlier run in output.local_dir."
+    )
 
 
 class ScalingConfig(StrictModel):
@@ -83,7 +86,10 @@ class ScalingConfig(StrictModel):
     use_gpu: bool = Field(False, description="One GPU per worker.")
     resources_per_worker: dict[str, float] | None = Field(None, description="Ray resources per worker.")
     storage_path: str | None = Field(
-        None, description="Ray Train storage (shared FS or cloud URI on clusters); default: <local_dir>/ray."
+        None, description="Ray Train storage (shared FS or cloud URI on clusters); default: <local_dir>/ray_results."
+    )
+    max_failures: int = Field(
+        0, ge=0, description="Worker-group failures to recover from (restart from last checkpoint)."
     )
 
 

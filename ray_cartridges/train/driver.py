@@ -61,7 +61,34 @@ def ensure_ray(address: str | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
 
 
-def run_training(cfg: TrainConfig, max_failures: int = 0) -> dict:
+def run_hash(cfg: TrainConfig) -> str:
+    """What makes two runs the same run (resuming across a change of these would mix two runs)."""
+    d = cfg.model_dump(
+        mode="json",
+        exclude={
+            "output": {"hf_repo_id", "upload_to_hf", "hf_private"},
+            "wandb": True,
+            "scaling": {"max_failures", "storage_path"},
+        },
+    )
+    d["training"].pop("resume", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def latest_checkpoint(storage: Path, name: str, want_hash: str):
+    """The newest checkpoint of an earlier identical run under ``storage/name`` (or None)."""
+    best = None
+    for prog in Path(storage, name).glob("checkpoint_*/progress.json"):
+        try:
+            p = json.loads(prog.read_text())
+        except ValueError:
+            continue
+        if p.get("run_hash") == want_hash and (best is None or p["step"] > best[0]):
+            best = (p["step"], prog.parent)
+    return best
+
+
+def run_training(cfg: TrainConfig, max_failures: int | None = None, fault_at_step: int | None = None) -> dict:
     """Train a cartridge as configured; returns the run summary (also in ``train_summary.json``)."""
     import ray
     import ray.data
@@ -102,9 +129,17 @@ def run_training(cfg: TrainConfig, max_failures: int = 0) -> dict:
     # may hold every CPU, which would starve the dataset's list/read tasks (a silent hang).
     ds = ray.data.read_parquet([str(f) for f in files], num_cpus=0).materialize()
     storage = cfg.scaling.storage_path or str(out_dir / "ray_results")
+    rhash = run_hash(cfg)
+    resume_from = None
+    if cfg.training.resume and "://" not in storage:
+        found = latest_checkpoint(Path(storage), "cartridge-train", rhash)
+        if found:
+            logger.info("resuming from %s (step %d)", found[1], found[0])
+            resume_from = ray.train.Checkpoint.from_directory(str(found[1]))
+    max_failures = cfg.scaling.max_failures if max_failures is None else max_failures
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json")},
+        train_loop_config={"config": cfg.model_dump(mode="json"), "run_hash": rhash, "fault_at_step": fault_at_step},
         torch_config=TorchConfig(backend=backend),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
@@ -118,6 +153,7 @@ def run_training(cfg: TrainConfig, max_failures: int = 0) -> dict:
         ),
         datasets={"train": ds},
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+        resume_from_checkpoint=resume_from,
     )
     trainer.fit()
     summary_path = out_dir / "train_summary.json"

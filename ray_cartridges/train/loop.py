@@ -148,6 +148,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             start_step = _load_train_state(Path(d), peft_model, opt, sched)
+    fault_at = loop_config.get("fault_at_step")  # test hook: fail once at this step (FailureConfig restarts)
 
     train_model = ray.train.torch.prepare_model(peft_model) if world > 1 else peft_model
     use_autocast = t.bf16_autocast or cfg.model_dtype == "bf16"
@@ -164,8 +165,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if is_writer:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out_dir / "distillation_config.yaml", dump_config(cfg))
-        if start_step == 0 and metrics_path.exists():
-            metrics_path.unlink()
+        if metrics_path.exists():
+            if start_step == 0:
+                metrics_path.unlink()
+            else:  # resumed: drop what was logged after the checkpoint, it is about to be redone
+                kept = [
+                    line
+                    for line in metrics_path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= start_step
+                ]
+                write_text_atomic(metrics_path, "".join(line + "\n" for line in kept))
         if cfg.wandb.mode != "disabled":
             import wandb
 
@@ -214,7 +223,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         with tempfile.TemporaryDirectory() as d:
             ck = None
             if is_writer:
-                _save_train_state(Path(d), peft_model, opt, sched, step, {"metrics": metrics})
+                _save_train_state(
+                    Path(d), peft_model, opt, sched, step, {"metrics": metrics, "run_hash": loop_config.get("run_hash")}
+                )
                 ck = ray.train.Checkpoint.from_directory(d)
             ray.train.report({**metrics, "step": step}, checkpoint=ck)
 
@@ -225,6 +236,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     last_eval: dict = {}
     step_metrics: dict = {}
     for step in range(start_step, total_steps):
+        if fault_at is not None and step == fault_at and not (out_dir / ".fault_injected").exists():
+            if is_writer:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                (out_dir / ".fault_injected").write_text(str(step))
+            raise RuntimeError(f"injected fault at step {step}")
         t0 = time.perf_counter()
         gbatch = plan[step]
         global_positions = sum(int(train_rows[i]["num_positions"]) for i in gbatch)
@@ -279,7 +295,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if done or (t.save_every and (step + 1) % t.save_every == 0):
             checkpoint(step + 1, {**step_metrics, **last_eval}, final=done)
 
-    if is_writer:
+    if is_writer and start_step < total_steps:  # a finished run that is re-run keeps its summary
         summary = {
             "steps": total_steps,
             "train_rows": len(train_rows),
