@@ -135,11 +135,16 @@ def run_training(cfg: TrainConfig, max_failures: int | None = None, fault_at_ste
         found = latest_checkpoint(Path(storage), "cartridge-train", rhash)
         if found:
             logger.info("resuming from %s (step %d)", found[1], found[0])
-            resume_from = ray.train.Checkpoint.from_directory(str(found[1]))
+            resume_from = str(found[1])
     max_failures = cfg.scaling.max_failures if max_failures is None else max_failures
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "run_hash": rhash, "fault_at_step": fault_at_step},
+        train_loop_config={
+            "config": cfg.model_dump(mode="json"),
+            "run_hash": rhash,
+            "fault_at_step": fault_at_step,
+            "resume_from": resume_from,
+        },
         torch_config=TorchConfig(backend=backend),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
@@ -153,7 +158,6 @@ def run_training(cfg: TrainConfig, max_failures: int | None = None, fault_at_ste
         ),
         datasets={"train": ds},
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
-        resume_from_checkpoint=resume_from,
     )
     trainer.fit()
     summary_path = out_dir / "train_summary.json"

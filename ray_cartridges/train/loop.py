@@ -144,10 +144,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, t.warmup_steps, t.min_lr_ratio))
     start_step = 0
-    ckpt = ray.train.get_checkpoint()
+    ckpt = ray.train.get_checkpoint()  # set when Ray Train restarts this run after a failure
     if ckpt is not None:
         with ckpt.as_directory() as d:
             start_step = _load_train_state(Path(d), peft_model, opt, sched)
+    elif loop_config.get("resume_from"):  # an earlier identical run stopped (or finished) here
+        start_step = _load_train_state(Path(loop_config["resume_from"]), peft_model, opt, sched)
     fault_at = loop_config.get("fault_at_step")  # test hook: fail once at this step (FailureConfig restarts)
 
     train_model = ray.train.torch.prepare_model(peft_model) if world > 1 else peft_model
