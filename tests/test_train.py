@@ -23,6 +23,7 @@ def test_text_init_cartridge_learns_from_teacher_data(tmp_path, ray_cluster, tea
             "output": {"local_dir": str(out)},
             "kv_cache": {"method": "text", "num_tokens": 128, "init_text": memory.render()},
             "training": {"global_batch_size": 4, "lr": 2e-2, "max_steps": 36, "eval_every": 12, "save_every": 18},
+            "wandb": {"mode": "offline", "project": "test"},
         },
     )
     summary = run_training(cfg)
@@ -47,6 +48,8 @@ def test_text_init_cartridge_learns_from_teacher_data(tmp_path, ray_cluster, tea
     ]:
         assert (out / name).is_file(), name
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    runs = list((out / "wandb").glob("offline-run-*"))  # wandb offline: run files, no login asked
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     meta = read_meta(out)
     assert meta.num_tokens == 128 and meta.extra["step"] == 36
     assert validate_config(TrainConfig, __import__("yaml").safe_load((out / "distillation_config.yaml").read_text()))

@@ -1,7 +1,8 @@
 """Batched decoding with an optional KV prefix (a cartridge) shared by every row of the batch.
 
-The prefix is given per layer as (K, V) of shape [H, p, D]; it is expanded (not copied) to the batch when
-the cache is built. Prompts are left-padded; explicit position ids start every prompt at position p, as
+The prefix is given per layer as (K, V) of shape [H, p, D] and stored once per agent; the decoding cache of
+a batch holds B copies of it (transformers' DynamicCache materialises the rows), which for p = 128 is small
+next to the conversations themselves. Prompts are left-padded; explicit position ids start every prompt at position p, as
 in training, whatever its padding. Returns exact token ids and, on request, top-k logprobs.
 """
 
