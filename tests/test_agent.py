@@ -22,7 +22,8 @@ def _agent(path, model, tokenizer, **kw):
     from ray_cartridges.agent import KVArtifact, KVCacheMemoryConfig, KVMemoryAgent, KVMemoryAgentConfig
 
     cfg = KVMemoryAgentConfig(
-        memory_config=KVCacheMemoryConfig(artifact=KVArtifact(id=str(path), source="local", force_redownload=False)), **kw
+        memory_config=KVCacheMemoryConfig(artifact=KVArtifact(id=str(path), source="local", force_redownload=False)),
+        **kw,
     )
     return KVMemoryAgent(cfg, model=model, tokenizer=tokenizer)
 
@@ -41,9 +42,15 @@ def test_peft_loaded_cartridge_and_agent_give_the_same_greedy_reply(cartridge_di
         msgs = [{"role": "user", "content": q}]
         ids = torch.tensor([agent.prompt_ids(msgs)])
         with torch.no_grad():
-            out = peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False,
-                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        want = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            out = peft.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=20,
+                do_sample=False,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        want = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
         assert agent.chat(msgs, max_tokens=20) == want
 
 

@@ -42,16 +42,23 @@ def test_agent_pulls_a_hub_cartridge_from_the_cache(tmp_path, offline_hub, model
     msg = [{"role": "user", "content": "Hello"}]
     hub = KVMemoryAgent(
         KVMemoryAgentConfig(KVCacheMemoryConfig(KVArtifact("acme/station-cartridge", source="huggingface"))),
-        model=model, tokenizer=tokenizer,
+        model=model,
+        tokenizer=tokenizer,
     )
-    local = KVMemoryAgent(KVMemoryAgentConfig(KVCacheMemoryConfig(KVArtifact(str(tmp_path / "local")))), model=model, tokenizer=tokenizer)
+    local = KVMemoryAgent(
+        KVMemoryAgentConfig(KVCacheMemoryConfig(KVArtifact(str(tmp_path / "local")))), model=model, tokenizer=tokenizer
+    )
     assert str(hub.memory.dir).startswith(str(offline_hub))
     assert hub.chat(msg, max_tokens=8) == local.chat(msg, max_tokens=8)
 
     from ray_cartridges.hub import HubError
 
     with pytest.raises(HubError, match="acme/missing"):
-        KVMemoryAgent(KVMemoryAgentConfig(KVCacheMemoryConfig(KVArtifact("acme/missing", source="huggingface"))), model=model, tokenizer=tokenizer)
+        KVMemoryAgent(
+            KVMemoryAgentConfig(KVCacheMemoryConfig(KVArtifact("acme/missing", source="huggingface"))),
+            model=model,
+            tokenizer=tokenizer,
+        )
 
 
 def test_training_input_dataset_repo_id_resolves_from_the_cache(tmp_path, offline_hub):
@@ -60,12 +67,22 @@ def test_training_input_dataset_repo_id_resolves_from_the_cache(tmp_path, offlin
     from ray_cartridges.train.driver import resolve_dataset
 
     src = tmp_path / "ds"
-    row = {"row_id": "a", "input_ids": [1, 2, 3], "topk_pos": [1, 2], "topk_ids": [4, 5], "topk_logprobs": [-0.1, -0.2],
-           "num_positions": 2, "split_key": "k", "metadata": "{}"}
+    row = {
+        "row_id": "a",
+        "input_ids": [1, 2, 3],
+        "topk_pos": [1, 2],
+        "topk_ids": [4, 5],
+        "topk_logprobs": [-0.1, -0.2],
+        "num_positions": 2,
+        "split_key": "k",
+        "metadata": "{}",
+    }
     write_flat_topk([row], src / "shards" / "shard-00000-x.parquet")
     (src / "README.md").write_text("dataset card")
     lay_out_hub_cache(offline_hub, "acme/station-data", "dataset", src)
-    cfg = validate_config(TrainConfig, {"input_dataset": {"repo_id": "acme/station-data"}, "output": {"local_dir": str(tmp_path / "o")}})
+    cfg = validate_config(
+        TrainConfig, {"input_dataset": {"repo_id": "acme/station-data"}, "output": {"local_dir": str(tmp_path / "o")}}
+    )
     files = resolve_dataset(cfg)
     assert [f.name for f in files] == ["shard-00000-x.parquet"] and str(files[0]).startswith(str(offline_hub))
 

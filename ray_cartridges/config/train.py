@@ -76,6 +76,12 @@ class TrainingConfig(StrictModel):
     eval_every: int = Field(0, ge=0, description="Evaluate on the held-out split every N steps (0: start and end).")
     log_every: int = Field(1, gt=0, description="Log metrics every N steps.")
     backend: Literal["ddp", "deepspeed"] = Field("ddp", description="Data-parallel backend.")
+    zero_stage: int = Field(
+        2,
+        ge=1,
+        le=3,
+        description="DeepSpeed ZeRO stage: 1 optimizer state, 2 + gradients, 3 + parameters (frozen model too).",
+    )
     resume: bool = Field(
         True, description="Continue from the last checkpoint of an identical earlier run in output.local_dir."
     )

@@ -23,9 +23,9 @@ from ..config import TrainConfig, dump_config
 from ..loss import kd_loss_sum
 from ..models import load_model, load_tokenizer, tokenizer_fingerprint
 from .artifacts import append_jsonl, plot_losses, write_text_atomic
+from .backends import DDPBackend, DeepSpeedBackend
 from .schedule import lr_factor
 
-STATE_FILE = "train_state.pt"
 CARTRIDGE_FILE = "cartridge.safetensors"
 
 
@@ -70,22 +70,19 @@ def evaluate(model, rows: list[dict], pad_id: int, top_k: int, micro: int, autoc
     return total, count
 
 
-def _save_train_state(d: Path, peft_model, opt, sched, step: int, extra: dict) -> None:
+def _save_cartridge_state(d: Path, peft_model, step: int, extra: dict) -> None:
     from safetensors.torch import save_file
 
     save_file({"weight": encoder(peft_model).weight.detach().cpu().contiguous()}, str(d / CARTRIDGE_FILE))
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step}, d / STATE_FILE)
     (d / "progress.json").write_text(json.dumps({"step": step, **extra}))
 
 
-def _load_train_state(d: Path, peft_model, opt, sched) -> int:
+def _load_train_state(d: Path, peft_model, backend, sched) -> int:
     from safetensors.torch import load_file
 
-    encoder(peft_model).load_prompt_embeddings(load_file(str(d / CARTRIDGE_FILE))["weight"])
-    state = torch.load(d / STATE_FILE, map_location="cpu", weights_only=True)
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    return int(state["step"])
+    if backend.name == "ddp":  # DeepSpeed restores the (possibly partitioned) weights itself
+        encoder(peft_model).load_prompt_embeddings(load_file(str(d / CARTRIDGE_FILE))["weight"])
+    return backend.load_state(d, sched)
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -143,16 +140,23 @@ def train_loop_per_worker(loop_config: dict) -> None:
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, t.warmup_steps, t.min_lr_ratio))
+    n_micro = math.ceil(per_worker / micro)
+    if t.backend == "deepspeed":
+        backend = DeepSpeedBackend(peft_model, params, opt, world, t.max_grad_norm, n_micro, t.zero_stage, micro, False)
+    else:
+        backend = DDPBackend(peft_model, params, opt, world, t.max_grad_norm, n_micro)
+    train_model = backend.model
+    # under ZeRO-3 every forward is collective: each rank evaluates the whole held-out split
+    eval_sharded = not (t.backend == "deepspeed" and t.zero_stage == 3)
+
     start_step = 0
     ckpt = ray.train.get_checkpoint()  # set when Ray Train restarts this run after a failure
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            start_step = _load_train_state(Path(d), peft_model, opt, sched)
+            start_step = _load_train_state(Path(d), peft_model, backend, sched)
     elif loop_config.get("resume_from"):  # an earlier identical run stopped (or finished) here
-        start_step = _load_train_state(Path(loop_config["resume_from"]), peft_model, opt, sched)
+        start_step = _load_train_state(Path(loop_config["resume_from"]), peft_model, backend, sched)
     fault_at = loop_config.get("fault_at_step")  # test hook: fail once at this step (FailureConfig restarts)
-
-    train_model = ray.train.torch.prepare_model(peft_model) if world > 1 else peft_model
     use_autocast = t.bf16_autocast or cfg.model_dtype == "bf16"
 
     def autocast():
@@ -161,7 +165,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
     pad_id = tok.pad_token_id
-    my_eval = eval_rows[rank::world]
+    my_eval = eval_rows[rank::world] if eval_sharded else eval_rows
     metrics_path = out_dir / "metrics.jsonl"
     run = None
     if is_writer:
@@ -194,7 +198,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if not eval_rows:
             return {}
         s, c = evaluate(peft_model, my_eval, pad_id, t.top_k_logits, micro, autocast)
-        s, c = _all_reduce([s, c])
+        if eval_sharded:
+            s, c = _all_reduce([s, c])
         return {"step": step, "eval/loss": s / max(c, 1.0), "eval/tokens": c}
 
     def log(rec: dict) -> None:
@@ -215,20 +220,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
     data_hash = _rows_hash(rows)
 
     def checkpoint(step: int, metrics: dict, final: bool) -> None:
-        if is_writer:
-            extra = {"step": step, "data_hash": data_hash, "metrics": metrics}
-            name = "cache-final.pt" if final else f"cache-step{step}.pt"
-            target = out_dir if final else out_dir / "checkpoints" / f"step-{step}"
-            save_cartridge(peft_model, target, CartridgeMeta(**meta_base, extra=extra), export_pt=name)
-            if not final:
-                os.replace(target / name, out_dir / name)
-        with tempfile.TemporaryDirectory() as d:
-            ck = None
+        with tempfile.TemporaryDirectory() as d, backend.full_weights():  # collective under ZeRO-3
             if is_writer:
-                _save_train_state(
-                    Path(d), peft_model, opt, sched, step, {"metrics": metrics, "run_hash": loop_config.get("run_hash")}
-                )
-                ck = ray.train.Checkpoint.from_directory(d)
+                extra = {"step": step, "data_hash": data_hash, "metrics": metrics}
+                name = "cache-final.pt" if final else f"cache-step{step}.pt"
+                target = out_dir if final else out_dir / "checkpoints" / f"step-{step}"
+                save_cartridge(peft_model, target, CartridgeMeta(**meta_base, extra=extra), export_pt=name)
+                if not final:
+                    os.replace(target / name, out_dir / name)
+                progress = {"metrics": metrics, "run_hash": loop_config.get("run_hash")}
+                _save_cartridge_state(Path(d), peft_model, step, progress)
+            wrote = backend.save_state(Path(d), sched, step, is_writer)
+            ck = ray.train.Checkpoint.from_directory(d) if (is_writer or wrote) else None
             ray.train.report({**metrics, "step": step}, checkpoint=ck)
 
     if start_step == 0:
@@ -248,27 +251,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
         global_positions = sum(int(train_rows[i]["num_positions"]) for i in gbatch)
         global_tokens = sum(len(train_rows[i]["input_ids"]) for i in gbatch)
         mine = worker_slice(gbatch, rank, world)
-        opt.zero_grad(set_to_none=True)
         loss_sum = 0.0
         chunks = [mine[i : i + micro] for i in range(0, len(mine), micro)]
         for ci, chunk in enumerate(chunks):
             b = collate([train_rows[i] for i in chunk], pad_id, t.top_k_logits)
             b = {k: v.to(device) for k, v in b.items()}
-            sync = ci == len(chunks) - 1 or not hasattr(train_model, "no_sync")
-            with contextlib.nullcontext() if sync else train_model.no_sync():
+            with backend.accumulate(last=ci == len(chunks) - 1):
                 with autocast():
                     logits = student_logits_at(train_model, b)
                 ls = kd_loss_sum(logits, b["topk_ids"], b["topk_logprobs"])
-                # DDP averages gradients over workers: scale so the result is the global per-token mean.
-                (ls * world / global_positions).backward()
+                # data parallelism averages gradients over workers: scale so the result is the global per-token mean
+                backend.backward(ls * world / global_positions)
             loss_sum += float(ls)
-        grad_norm = (
-            torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
-            if t.max_grad_norm
-            else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
-        )
         lr = sched.get_last_lr()[0]
-        opt.step()
+        grad_norm = backend.step()
         sched.step()
         (loss_total,) = _all_reduce([loss_sum])
         dt = time.perf_counter() - t0
