@@ -163,18 +163,23 @@ def create_cartridge(
     return peft_model
 
 
-def layer_kv(peft_model) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer (K, V), each [num_kv_heads, p, head_dim] (views of the adapter weights)."""
-    enc = encoder(peft_model)
+def layer_kv(peft_model, weight: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (K, V), each [num_kv_heads, p, head_dim] (views of the adapter weights, or of ``weight``)."""
     cfg = peft_model.peft_config[peft_model.active_adapter]
-    w = enc.weight  # [p, L*2*H*D]
+    w = encoder(peft_model).weight if weight is None else weight  # [p, L*2*H*D]
     p = w.shape[0]
     heads = cfg.num_attention_heads
     w = w.view(p, cfg.num_layers * 2, heads, cfg.token_dim // heads).permute(1, 2, 0, 3)  # [2L, H, p, D]
     return [(w[2 * i], w[2 * i + 1]) for i in range(cfg.num_layers)]
 
 
-def save_cartridge(peft_model, out_dir: str | Path, meta: CartridgeMeta, export_pt: str | None = None) -> Path:
+def save_cartridge(
+    peft_model,
+    out_dir: str | Path,
+    meta: CartridgeMeta,
+    export_pt: str | None = None,
+    weight: torch.Tensor | None = None,
+) -> Path:
     """Write the adapter, ``cartridge.json`` and optionally a ``.pt`` export into ``out_dir``.
 
     Files are written into a temporary directory first and each is renamed into place, so a reader never
@@ -187,7 +192,7 @@ def save_cartridge(peft_model, out_dir: str | Path, meta: CartridgeMeta, export_
         peft_model.save_pretrained(str(tmp), safe_serialization=True)
         (tmp / META_FILE).write_text(meta.to_json())
         if export_pt:
-            export_cache_pt(peft_model, tmp / export_pt)
+            export_cache_pt(peft_model, tmp / export_pt, weight)
         # metadata last: a directory with cartridge.json has complete weights
         names = sorted((f.name for f in tmp.iterdir()), key=lambda n: n == META_FILE)
         for name in names:
@@ -197,10 +202,12 @@ def save_cartridge(peft_model, out_dir: str | Path, meta: CartridgeMeta, export_
     return out_dir
 
 
-def export_cache_pt(peft_model, path: str | Path) -> None:
-    """Cartridges-layout export: per layer trainable/frozen keys and values, each [1, H, n, D]."""
+def export_cache_pt(peft_model, path: str | Path, weight: torch.Tensor | None = None) -> None:
+    """Cartridges-layout export: per layer trainable/frozen keys and values, each [1, H, n, D].
+
+    ``weight``: the full flattened cartridge, where the module's own parameters are partitioned (ZeRO-3)."""
     n_frozen = encoder(peft_model).num_frozen_tokens
-    kv = layer_kv(peft_model)
+    kv = layer_kv(peft_model, weight)
     state = {
         "trainable_keys": [k[:, n_frozen:].unsqueeze(0).detach().clone().contiguous() for k, _ in kv],
         "trainable_values": [v[:, n_frozen:].unsqueeze(0).detach().clone().contiguous() for _, v in kv],

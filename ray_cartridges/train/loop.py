@@ -70,10 +70,10 @@ def evaluate(model, rows: list[dict], pad_id: int, top_k: int, micro: int, autoc
     return total, count
 
 
-def _save_cartridge_state(d: Path, peft_model, step: int, extra: dict) -> None:
+def _save_cartridge_state(d: Path, weight: torch.Tensor, step: int, extra: dict) -> None:
     from safetensors.torch import save_file
 
-    save_file({"weight": encoder(peft_model).weight.detach().cpu().contiguous()}, str(d / CARTRIDGE_FILE))
+    save_file({"weight": weight.cpu().contiguous()}, str(d / CARTRIDGE_FILE))
     (d / "progress.json").write_text(json.dumps({"step": step, **extra}))
 
 
@@ -221,15 +221,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     def checkpoint(step: int, metrics: dict, final: bool) -> None:
         with tempfile.TemporaryDirectory() as d, backend.full_weights():  # collective under ZeRO-3
+            # one full copy, taken while gathered: PEFT's save gathers (and re-partitions) on its own under ZeRO-3
+            full = encoder(peft_model).weight.detach().clone()
             if is_writer:
                 extra = {"step": step, "data_hash": data_hash, "metrics": metrics}
                 name = "cache-final.pt" if final else f"cache-step{step}.pt"
                 target = out_dir if final else out_dir / "checkpoints" / f"step-{step}"
-                save_cartridge(peft_model, target, CartridgeMeta(**meta_base, extra=extra), export_pt=name)
+                save_cartridge(peft_model, target, CartridgeMeta(**meta_base, extra=extra), export_pt=name, weight=full)
                 if not final:
                     os.replace(target / name, out_dir / name)
                 progress = {"metrics": metrics, "run_hash": loop_config.get("run_hash")}
-                _save_cartridge_state(Path(d), peft_model, step, progress)
+                _save_cartridge_state(Path(d), full, step, progress)
             wrote = backend.save_state(Path(d), sched, step, is_writer)
             ck = ray.train.Checkpoint.from_directory(d) if (is_writer or wrote) else None
             ray.train.report({**metrics, "step": step}, checkpoint=ck)
