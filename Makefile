@@ -42,8 +42,10 @@ format: setup
 demo: setup  ## end to end on the bundled model and the example checkpoint
 	$(PY) jobs/distill.py --config configs/demo.yaml
 
-bench: setup
+bench: setup  ## every benchmark; tables on stdout, JSON in benchmarks/results/
 	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/generation.py
+	$(PY) benchmarks/serving.py
 
 clean:
 	rm -rf outputs .pytest_cache
