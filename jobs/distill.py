@@ -158,19 +158,9 @@ def main(argv=None) -> int:
 def final_summary(out_dir: Path, evaluation: dict | None, report: dict) -> str:
     name = out_dir.name
     lines = ["", "=" * 72, f"Done in {report['seconds'] / 60:.1f} min. Cartridge: {out_dir}"]
-    if evaluation:
-        fid = evaluation.get("fidelity") or {}
-        if fid.get("icl_gap_closed") is not None:
-            lines.append(
-                f"  fidelity (held-out, per-token KL to the in-context teacher): no memory {fid['kl_no_memory']:.3f}, "
-                f"cartridge {fid['kl_cartridge']:.3f} -> share of the ICL gap closed {fid['icl_gap_closed']:.2f}"
-            )
-        rec = evaluation.get("recall") or {}
-        if rec:
-            lines.append(
-                f"  recall on {evaluation['questions']} memory facts (accuracy): "
-                + ", ".join(f"{k} {v['accuracy']:.2f}" for k, v in rec.items())
-            )
+    from ray_cartridges.eval.evaluate import evaluation_lines
+
+    lines += [f"  {line}" for line in evaluation_lines(evaluation)]
     if "publish" in report["stages"]:
         lines.append(f"  hub: {report['stages']['publish']}")
     lines += [

@@ -35,16 +35,9 @@ def cartridge_card(
     final = meta["extra"].get("metrics", {})
     if "eval/loss" in final:
         lines.append(f"- final held-out KD loss: {final['eval/loss']:.4f}")
-    if evaluation:
-        fid = evaluation.get("fidelity") or {}
-        if fid.get("icl_gap_closed") is not None:
-            lines.append(
-                f"- fidelity: KL no memory {fid['kl_no_memory']:.3f}, cartridge {fid['kl_cartridge']:.3f} "
-                f"(share of the ICL gap closed {fid['icl_gap_closed']:.2f})"
-            )
-        rec = evaluation.get("recall") or {}
-        if rec:
-            lines.append("- recall accuracy: " + ", ".join(f"{k} {v['accuracy']:.2f}" for k, v in rec.items()))
+    from .eval.evaluate import evaluation_lines
+
+    lines += [f"- {line}" for line in evaluation_lines(evaluation)]
     lines += [
         "",
         "## Use",

@@ -133,3 +133,23 @@ def evaluate_cartridge(
         held_scores = [a["correct"] for a in rec[name]["answers"] if a["entry"] in held_entries]
         rec[name]["heldout_accuracy"] = sum(held_scores) / len(held_scores) if held_scores else None
     return {"fidelity": fid, "recall": rec, "heldout_entries": sorted(held_entries), "questions": len(qs)}
+
+
+def evaluation_lines(evaluation: dict | None) -> list[str]:
+    """The headline figures of an evaluation, one per line (job summary and model card)."""
+    if not evaluation:
+        return []
+    lines = []
+    fid = evaluation.get("fidelity") or {}
+    if fid.get("icl_gap_closed") is not None:
+        lines.append(
+            f"fidelity (held-out, per-token KL to the in-context teacher): no memory {fid['kl_no_memory']:.3f}, "
+            f"cartridge {fid['kl_cartridge']:.3f} -> share of the ICL gap closed {fid['icl_gap_closed']:.2f}"
+        )
+    rec = evaluation.get("recall") or {}
+    if rec:
+        lines.append(
+            f"recall on {evaluation.get('questions', '?')} memory facts (accuracy): "
+            + ", ".join(f"{k} {v['accuracy']:.2f}" for k, v in rec.items())
+        )
+    return lines
