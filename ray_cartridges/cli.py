@@ -140,6 +140,29 @@ def _cmd_chat(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    import json
+    from pathlib import Path
+
+    from .eval.evaluate import evaluate_cartridge, evaluation_lines
+    from .memory import read_memory
+
+    ev = evaluate_cartridge(
+        args.cartridge,
+        args.dataset,
+        read_memory(args.checkpoint),
+        eval_fraction=args.eval_fraction,
+        split_seed=args.split_seed,
+        max_questions=args.max_questions,
+        max_tokens=args.max_tokens,
+    )
+    out = Path(args.output or Path(args.cartridge) / "eval.json")
+    out.write_text(json.dumps(ev, indent=2))
+    print("\n".join(evaluation_lines(ev)))
+    print(f"wrote {out}")
+    return 0
+
+
 def _cmd_show_config(args) -> int:
     from .config.reference import config_reference
 
@@ -192,6 +215,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, default=0.0, help="sampling temperature")
     s.add_argument("--max-tokens", type=int, default=256, help="max answer tokens")
     s.set_defaults(func=_cmd_chat)
+
+    s = sub.add_parser("eval", help="Evaluate a cartridge: fidelity (KL to ICL), recall of memory facts, no harm.")
+    s.add_argument("--cartridge", required=True, help="cartridge directory")
+    s.add_argument("--dataset", required=True, help="teacher dataset.jsonl (its held-out split is used)")
+    s.add_argument("--checkpoint", required=True, help="agent checkpoint (for the ICL baseline and the facts)")
+    s.add_argument("--eval-fraction", type=float, default=0.15, help="held-out share, as in training")
+    s.add_argument("--split-seed", type=int, default=0, help="split seed, as in training")
+    s.add_argument("--max-questions", type=int, default=30, help="memory facts asked")
+    s.add_argument("--max-tokens", type=int, default=40, help="max answer tokens")
+    s.add_argument("--output", default=None, help="JSON file to write (default: <cartridge>/eval.json)")
+    s.set_defaults(func=_cmd_eval)
 
     s = sub.add_parser("show-config", help="Print every config field with its type, default and description.")
     s.add_argument("stage", choices=["train", "generate", "distill", "serve"], help="which stage's config")

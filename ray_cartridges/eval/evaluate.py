@@ -63,6 +63,27 @@ def fidelity(model, tok, kv, records: list[dict], student_system_prompt: str | N
     return out
 
 
+@torch.no_grad()
+def perplexity(model, tok, text: str, kv=None) -> float:
+    """Perplexity of ``text`` (plain tokens) read after an optional cartridge prefix."""
+    from ..agent.decoding import build_cache
+
+    ids = torch.tensor([tok(text).input_ids])
+    p = 0 if kv is None else kv[0][0].shape[1]
+    pos = torch.arange(p, p + ids.shape[1])[None]
+    mask = torch.ones((1, p + ids.shape[1]), dtype=torch.long)
+    logits = model(ids, attention_mask=mask, position_ids=pos, past_key_values=build_cache(model, kv, 1)).logits[0, :-1]
+    nll = torch.nn.functional.cross_entropy(logits.float(), ids[0, 1:])
+    return float(torch.exp(nll))
+
+
+def no_harm(model, tok, kv, text: str) -> dict:
+    """Perplexity on text unrelated to the memory, without and with the cartridge."""
+    base = perplexity(model, tok, text)
+    cart = perplexity(model, tok, text, kv)
+    return {"ppl_base": base, "ppl_cartridge": cart, "ratio": cart / base}
+
+
 def memory_questions(memory: AgentMemory) -> list[tuple[int, str, str]]:
     """(entry index, question, reference answer) for experiences whose Feedback carries the answer."""
     out = []
@@ -105,6 +126,7 @@ def evaluate_cartridge(
     max_questions: int = 30,
     max_tokens: int = 40,
     dtype: str = "fp32",
+    unrelated_text: str | None = None,
 ) -> dict:
     """Fidelity on the held-out split of ``dataset_jsonl`` and recall on the memory's facts."""
     from ..agent.history import HistoryAgent, HistoryAgentConfig
@@ -132,7 +154,16 @@ def evaluate_cartridge(
     for name in rec:
         held_scores = [a["correct"] for a in rec[name]["answers"] if a["entry"] in held_entries]
         rec[name]["heldout_accuracy"] = sum(held_scores) / len(held_scores) if held_scores else None
-    return {"fidelity": fid, "recall": rec, "heldout_entries": sorted(held_entries), "questions": len(qs)}
+    if unrelated_text is None:
+        unrelated_text = (Path(__file__).resolve().parent.parent / "data" / "unrelated.txt").read_text()
+    harm = no_harm(model, tok, mem.kv, unrelated_text)
+    return {
+        "fidelity": fid,
+        "recall": rec,
+        "no_harm": harm,
+        "heldout_entries": sorted(held_entries),
+        "questions": len(qs),
+    }
 
 
 def evaluation_lines(evaluation: dict | None) -> list[str]:
@@ -151,5 +182,11 @@ def evaluation_lines(evaluation: dict | None) -> list[str]:
         lines.append(
             f"recall on {evaluation.get('questions', '?')} memory facts (accuracy): "
             + ", ".join(f"{k} {v['accuracy']:.2f}" for k, v in rec.items())
+        )
+    harm = evaluation.get("no_harm")
+    if harm:
+        lines.append(
+            f"no harm: perplexity on unrelated text {harm['ppl_base']:.2f} without, {harm['ppl_cartridge']:.2f} with "
+            f"the cartridge ({(harm['ratio'] - 1) * 100:+.1f}%)"
         )
     return lines

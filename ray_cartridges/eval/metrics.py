@@ -40,5 +40,5 @@ def score_answer(prediction: str, reference: str, question: str = "", threshold:
     terms = key_terms(reference, question)
     words = set(p.split())
     hits = sum(1 for t in terms if t in words or (re.fullmatch(r"[\d.:-]+", t) and t in p))
-    recall = hits / len(terms) if terms else float(r in p)
+    recall = hits / len(terms) if terms else float(bool(r) and r in p)
     return {"exact": p == r, "contains": bool(r) and r in p, "key_recall": recall, "correct": recall >= threshold}
