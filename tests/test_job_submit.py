@@ -1,0 +1,111 @@
+"""`ray job submit` of the end-to-end job to a `ray start --head` cluster, and its artifacts."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from conftest import EXAMPLE_CHECKPOINT, REPO
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(600)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def head(tmp_path):
+    """A separate Ray head (its own ports and temp dir); killed as a process group, never with `ray stop`."""
+    port, dash = _free_port(), _free_port()
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+    }
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    proc = subprocess.Popen(
+        [
+            ray_bin,
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            f"--dashboard-port={dash}",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            f"--temp-dir={tmp_path / 'ray'}",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", dash), timeout=1):
+                break
+        except OSError:
+            time.sleep(1)
+    yield address, env
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_ray_job_submit_runs_the_distill_job(tmp_path, head, teacher_jsonl):
+    address, env = head
+    out = tmp_path / "cartridge"
+    cfg = {
+        "generate": {"checkpoint_dir": str(EXAMPLE_CHECKPOINT), "output_dir": str(tmp_path / "gen")},
+        "train": {
+            "input_dataset": {"local_path": str(teacher_jsonl), "is_converted": False, "eval_fraction": 0.2},
+            "output": {"local_dir": str(out)},
+            "kv_cache": {"method": "random", "num_tokens": 8},
+            "training": {"global_batch_size": 4, "max_steps": 3, "lr": 1e-2},
+        },
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg))
+    cmd = [
+        os.path.join(os.path.dirname(sys.executable), "ray"),
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--working-dir",
+        str(REPO),
+        "--",
+        sys.executable,
+        "jobs/distill.py",
+        "--config",
+        str(tmp_path / "job.yaml"),
+        "--skip",
+        "generate",
+        "--skip",
+        "evaluate",
+    ]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=500)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "succeeded" in (r.stdout + r.stderr)
+    for name in [
+        "adapter_model.safetensors",
+        "cartridge.json",
+        "cache-final.pt",
+        "distillation_config.yaml",
+        "README.md",
+    ]:
+        assert (out / name).is_file(), name
+    report = json.loads((out / "distill_report.json").read_text())
+    assert report["stages"]["train"]["steps"] == 3 and "generate" not in report["stages"]
