@@ -24,7 +24,10 @@ def _free_port() -> int:
 @pytest.fixture
 def head(tmp_path):
     """A separate Ray head (its own ports and temp dir); killed as a process group, never with `ray stop`."""
+    import tempfile
+
     port, dash = _free_port(), _free_port()
+    temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's unix socket paths must stay < 108 chars
     env = {
         **os.environ,
         "RAY_AUTH_MODE": "disabled",
@@ -42,27 +45,31 @@ def head(tmp_path):
             f"--dashboard-port={dash}",
             "--num-cpus=2",
             "--include-dashboard=true",
-            f"--temp-dir={tmp_path / 'ray'}",
+            f"--temp-dir={temp}",
         ],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        start_new_session=True,
+        start_new_session=True,  # its own process group: the teardown kills exactly this cluster
     )
     address = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 90
-    while time.time() < deadline:
+    while time.time() < deadline and proc.poll() is None:
         try:
             with socket.create_connection(("127.0.0.1", dash), timeout=1):
                 break
         except OSError:
             time.sleep(1)
+    assert proc.poll() is None, "ray start --head exited"
     yield address, env
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+    import shutil
+
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_ray_job_submit_runs_the_distill_job(tmp_path, head, teacher_jsonl):
