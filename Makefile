@@ -26,7 +26,9 @@ endif
 	touch $@
 
 test: setup  ## the whole suite (CI runs this)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --ignore=tests/test_job_submit.py
+	# in its own process: a second Ray cluster beside the suite's session cluster made `ray job submit` flaky
+	$(PY) -m pytest -q tests/test_job_submit.py
 
 test-fast: setup  ## unit tests only
 	$(PY) -m pytest -q -m "not slow" tests
