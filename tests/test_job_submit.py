@@ -46,6 +46,10 @@ def head(tmp_path):
             "--num-cpus=2",
             "--include-dashboard=true",
             f"--temp-dir={temp}",
+            # its own agent ports: the defaults may be taken by another local cluster
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}",
         ],
         env=env,
         stdout=subprocess.DEVNULL,
