@@ -52,3 +52,53 @@ def write_json(name: str, payload: dict) -> Path:
     tmp.replace(path)
     print(f"wrote {path}")
     return path
+
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE_CHECKPOINT = REPO / "examples" / "agent_checkpoint"
+
+
+def long_memory_text(tok, memory, n_tokens: int) -> str:
+    """The example memory, repeated (each round marked) until it is exactly ``n_tokens`` tokens long."""
+    text, k = memory.render(), 1
+    while len(tok(text).input_ids) < n_tokens:
+        k += 1
+        text += "\n" + "\n".join(f"(round {k}) {e.render()}" for e in memory.entries)
+    return tok.decode(tok(text).input_ids[:n_tokens])
+
+
+def bench_dataset(path: str | None, model: str = "smollm2-135m-instruct", answer_tokens: int = 48) -> Path:
+    """Flat top-k training data for the training benchmarks.
+
+    ``path`` if given; else the demo's generated data (``outputs/demo/data/shards``) when present; else one
+    teacher answer per memory question of the example checkpoint, made once by the transformers reference
+    teacher and cached under ``~/.cache/ray_cartridges/bench``.
+    """
+    if path:
+        return Path(path)
+    demo = REPO / "outputs" / "demo" / "data" / "shards"
+    if demo.is_dir() and any(demo.glob("*.parquet")):
+        print(f"[bench] training data: {demo} (the demo's)", flush=True)
+        return demo
+    cache = Path.home() / ".cache" / "ray_cartridges" / "bench" / f"teacher-{model}-{answer_tokens}.parquet"
+    if cache.exists():
+        return cache
+    print(f"[bench] making training data with the reference teacher -> {cache}", flush=True)
+    from ray_cartridges.convert import convert_record
+    from ray_cartridges.flat_topk import write_flat_topk
+    from ray_cartridges.generate.engines import HFEngine, Sampling
+    from ray_cartridges.generate.teacher import run_prompts
+    from ray_cartridges.memory import read_memory
+    from ray_cartridges.models import load_model, load_tokenizer
+
+    tok, mem = load_tokenizer(model), read_memory(EXAMPLE_CHECKPOINT)
+    prompts = [
+        {"prompt_id": str(i), "strategy": "bench", "context": mem.render(), "user": g[0].content, "split_key": str(i)}
+        for i, g in enumerate(mem.triples())
+    ]
+    records, _ = run_prompts(
+        HFEngine(load_model(model), tok), prompts, sampling=Sampling(max_tokens=answer_tokens, top_logprobs=20)
+    )
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    write_flat_topk([convert_record(r, tok, top_k=20) for r in records], cache)
+    return cache

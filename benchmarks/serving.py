@@ -24,17 +24,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import print_table, write_json  # noqa: E402
+from common import long_memory_text, print_table, write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def long_memory_text(tok, memory, n_tokens: int) -> str:
-    text, k = memory.render(), 1
-    while len(tok(text).input_ids) < n_tokens:
-        k += 1
-        text += "\n" + "\n".join(f"(round {k}) {e.render()}" for e in memory.entries)
-    return tok.decode(tok(text).input_ids[:n_tokens])
 
 
 def measure(agent, prompts, max_tokens: int):

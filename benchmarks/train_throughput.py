@@ -19,7 +19,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import median, print_table, timed, write_json  # noqa: E402
+from common import EXAMPLE_CHECKPOINT, long_memory_text, median, print_table, timed, write_json  # noqa: E402
 
 
 def main() -> None:
@@ -46,13 +46,8 @@ def main() -> None:
 
     tok = load_tokenizer(args.model)
     model = load_model(args.model, args.dtype)
-    mem = read_memory(os.path.join(os.path.dirname(__file__), "..", "examples", "agent_checkpoint"))
-    text = mem.render()
-    ids = tok(text).input_ids
-    while len(ids) < args.memory_tokens:  # the example memory is ~1,300 tokens: repeat to the requested size
-        text = text + "\n" + mem.render(mem.entries)
-        ids = tok(text).input_ids
-    memory = tok.decode(ids[: args.memory_tokens])
+    mem = read_memory(EXAMPLE_CHECKPOINT)
+    memory = long_memory_text(tok, mem, args.memory_tokens)  # the example memory is ~1,300 tokens: repeated
     mem_len = len(tok(memory).input_ids)
 
     questions = [g[0].content for g in mem.triples()][: args.batch]

@@ -189,7 +189,10 @@ def save_cartridge(
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".cartridge.tmp-", dir=out_dir))
     try:
-        peft_model.save_pretrained(str(tmp), safe_serialization=True)
+        if weight is None:
+            peft_model.save_pretrained(str(tmp), safe_serialization=True)
+        else:
+            _write_adapter(peft_model, tmp, weight)
         (tmp / META_FILE).write_text(meta.to_json())
         if export_pt:
             export_cache_pt(peft_model, tmp / export_pt, weight)
@@ -200,6 +203,29 @@ def save_cartridge(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _write_adapter(peft_model, out: Path, weight: torch.Tensor) -> None:
+    """The PEFT adapter files (config + ``prompt_embeddings``) from a given full cartridge weight.
+
+    What ``save_pretrained`` writes for a prompt-learning adapter, without touching the module: under
+    ZeRO-3 PEFT's own save gathers the partitioned parameter, a collective that only the writing rank would
+    enter (the other ranks then hang in their next forward).
+    """
+    import copy
+
+    from safetensors.torch import save_file
+
+    cfg = copy.deepcopy(peft_model.peft_config[peft_model.active_adapter])
+    if cfg.base_model_name_or_path is None:
+        cfg.base_model_name_or_path = getattr(peft_model.base_model, "name_or_path", None)
+    cfg.inference_mode = True
+    cfg.save_pretrained(str(out))
+    save_file(
+        {"prompt_embeddings": weight.detach().cpu().contiguous()},
+        str(out / "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )
 
 
 def export_cache_pt(peft_model, path: str | Path, weight: torch.Tensor | None = None) -> None:

@@ -164,9 +164,9 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_show_config(args) -> int:
-    from .config.reference import config_reference
+    from .config.reference import config_reference, full_reference
 
-    print(config_reference(args.stage))
+    print(full_reference() if args.stage == "all" else config_reference(args.stage), end="\n")
     return 0
 
 
@@ -228,7 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_eval)
 
     s = sub.add_parser("show-config", help="Print every config field with its type, default and description.")
-    s.add_argument("stage", choices=["train", "generate", "distill", "serve"], help="which stage's config")
+    s.add_argument(
+        "stage", choices=["train", "generate", "distill", "serve", "all"], help="which stage's config (all: every one)"
+    )
     s.set_defaults(func=_cmd_show_config)
     return p
 

@@ -99,3 +99,14 @@ def test_every_field_has_help():
         for row in rows:
             cells = [c.strip() for c in row.strip("|").split(" | ")]
             assert cells[1] == "section" or cells[-1], f"no description for {cells[0]}"
+
+
+def test_config_reference_document_is_up_to_date():
+    """docs/CONFIG.md is generated from the models: a field added or changed without `make docs` fails here."""
+    from pathlib import Path
+
+    from ray_cartridges.config.reference import full_reference
+
+    doc = Path(__file__).resolve().parent.parent / "docs" / "CONFIG.md"
+    assert doc.read_text() == full_reference(), "docs/CONFIG.md is stale: run `make docs`"
+    assert "`training.keep_best`" in doc.read_text() and "`stages.generate`" in doc.read_text()

@@ -36,6 +36,14 @@ def test_text_init_cartridge_learns_from_teacher_data(tmp_path, ray_cluster, tea
     train_steps = [m["step"] for m in metrics if "train/loss" in m]
     assert train_steps == list(range(1, 37))
 
+    # the best held-out cartridge so far is kept apart, with the step and loss it was chosen for
+    best_eval = min(evals, key=lambda m: m["eval/loss"])
+    best = json.loads((out / "best" / "best.json").read_text())
+    assert best["step"] == best_eval["step"] == summary["best"]["step"]
+    assert best["eval/loss"] == pytest.approx(best_eval["eval/loss"], rel=1e-9)
+    assert read_meta(out / "best").extra["step"] == best["step"]
+    assert summary["workers"][0]["rank"] == 0
+
     # artifacts: PEFT adapter, exports at the save step and the end, resolved config, plot
     for name in [
         "adapter_config.json",
@@ -75,25 +83,6 @@ def _train_cfg(tmp_path, teacher_jsonl, memory, workers, name, **training):
             "scaling": {"num_workers": workers},
         },
     )
-
-
-def test_two_workers_match_one_worker_with_the_same_global_batch(tmp_path, ray_cluster, teacher_jsonl, memory):
-    """DDP over gloo: 2 workers x 2 rows per step == 1 worker x 4 rows per step (same data, same seed)."""
-    from ray_cartridges.cartridge import load_cache_pt
-    from ray_cartridges.train import run_training
-
-    run_training(_train_cfg(tmp_path, teacher_jsonl, memory, 1, "one"))
-    run_training(_train_cfg(tmp_path, teacher_jsonl, memory, 2, "two"))
-    a = load_cache_pt(tmp_path / "one" / "cache-final.pt")
-    b = load_cache_pt(tmp_path / "two" / "cache-final.pt")
-    for ka, kb in zip(a["trainable_keys"] + a["trainable_values"], b["trainable_keys"] + b["trainable_values"]):
-        assert torch.allclose(ka, kb, atol=1e-4, rtol=0), float((ka - kb).abs().max())
-    ma = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
-    mb = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
-    la = [m["train/loss"] for m in ma if "train/loss" in m]
-    lb = [m["train/loss"] for m in mb if "train/loss" in m]
-    assert len(la) == len(lb) == 4 and la == pytest.approx(lb, abs=1e-4)
-    assert la[0] != pytest.approx(la[-1], abs=1e-3)  # it did train
 
 
 def test_global_batch_that_does_not_divide_is_a_clear_error(tmp_path, ray_cluster, teacher_jsonl, memory):
@@ -147,8 +136,15 @@ def test_deepspeed_zero2_and_zero3_match_ddp(tmp_path, ray_cluster, teacher_json
     ref = load_cache_pt(tmp_path / "ddp" / "cache-final.pt")
     for stage in (2, 3):
         name = f"zero{stage}"
-        run_training(_train_cfg(tmp_path, teacher_jsonl, memory, 2, name, backend="deepspeed", zero_stage=stage))
+        # ZeRO-2 also profiled: DeepSpeed's own timers give its gradient reduce; results must not change
+        extra = {"profile": True} if stage == 2 else {}
+        cfg = _train_cfg(tmp_path, teacher_jsonl, memory, 2, name, backend="deepspeed", zero_stage=stage, **extra)
+        run_training(cfg)
         assert losses(name) == pytest.approx(losses("ddp"), abs=1e-4), name
+        if stage == 2:
+            lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+            comm = [json.loads(x)["time/comm_s"] for x in lines if "train/loss" in x]
+            assert len(comm) == 4 and all(c > 0 for c in comm)
         got = load_cache_pt(tmp_path / name / "cache-final.pt")
         for a, b in zip(ref["trainable_keys"], got["trainable_keys"]):
             assert torch.allclose(a, b, atol=1e-4, rtol=0), name

@@ -12,6 +12,8 @@ from .train import TrainConfig
 
 
 class StagesConfig(StrictModel):
+    """Which stages of the job run (each one resumes from its own outputs)."""
+
     generate: bool = Field(True, description="Run teacher generation (resumes from finished shards).")
     train: bool = Field(True, description="Run cartridge training (resumes from the last checkpoint).")
     publish: bool = Field(True, description="Push the cartridge to the hub when train.output.upload_to_hf is true.")
@@ -19,6 +21,8 @@ class StagesConfig(StrictModel):
 
 
 class EvalConfig(StrictModel):
+    """The evaluation stage (recall questions)."""
+
     max_questions: int = Field(30, gt=0, description="Memory questions asked in the recall check.")
     max_tokens: int = Field(40, gt=0, description="Max answer tokens in the recall check.")
 

@@ -10,6 +10,8 @@ from .base import StrictModel
 
 
 class InputDatasetConfig(StrictModel):
+    """Where the teacher data comes from and how it is split."""
+
     repo_id: str | None = Field(None, description="Hub dataset id to pull with snapshot_download.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of repo_id.")
     local_path: str | None = Field(
@@ -30,6 +32,8 @@ class InputDatasetConfig(StrictModel):
 
 
 class OutputConfig(StrictModel):
+    """Where the cartridge goes (local directory, optional hub repo)."""
+
     local_dir: str = Field(description="Directory that receives the cartridge, checkpoints and metrics.")
     hf_repo_id: str | None = Field(None, description="Hub model repo to push the cartridge to.")
     upload_to_hf: bool = Field(False, description="Push output.local_dir to hf_repo_id at the end.")
@@ -37,6 +41,8 @@ class OutputConfig(StrictModel):
 
 
 class KVCacheConfig(StrictModel):
+    """The cartridge: its length p and how it is initialised."""
+
     method: Literal["random", "text"] = Field(
         "random", description="Cartridge init: 'random' or 'text' (prefill the first num_tokens tokens of a text)."
     )
@@ -57,6 +63,8 @@ class KVCacheConfig(StrictModel):
 
 
 class TrainingConfig(StrictModel):
+    """Optimisation, batching, evaluation, checkpoints and the data-parallel backend."""
+
     epochs: int = Field(1, gt=0, description="Passes over the training split.")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
     global_batch_size: int = Field(8, gt=0, description="Conversations per optimizer step, summed over workers.")
@@ -85,9 +93,19 @@ class TrainingConfig(StrictModel):
     resume: bool = Field(
         True, description="Continue from the last checkpoint of an identical earlier run in output.local_dir."
     )
+    keep_best: bool = Field(
+        True, description="Keep the cartridge with the lowest held-out KD loss so far in <local_dir>/best."
+    )
+    profile: bool = Field(
+        False,
+        description="Log a per-step time breakdown (data, forward, backward, optimizer, communication) in "
+        "metrics.jsonl; synchronises the device between phases, so leave it off for production runs.",
+    )
 
 
 class ScalingConfig(StrictModel):
+    """Ray Train workers and resources (the seed's torchrun flags map here)."""
+
     num_workers: int = Field(1, gt=0, description="Ray Train workers (total over all nodes).")
     use_gpu: bool = Field(False, description="One GPU per worker.")
     resources_per_worker: dict[str, float] | None = Field(None, description="Ray resources per worker.")
@@ -100,6 +118,8 @@ class ScalingConfig(StrictModel):
 
 
 class WandbConfig(StrictModel):
+    """Experiment tracking (never asks for a login unless mode is online)."""
+
     mode: Literal["disabled", "offline", "online"] = Field("disabled", description="wandb mode.")
     project: str = Field("ray-cartridges", description="wandb project.")
     entity: str | None = Field(None, description="wandb entity.")

@@ -127,8 +127,13 @@ def evaluate_cartridge(
     max_tokens: int = 40,
     dtype: str = "fp32",
     unrelated_text: str | None = None,
+    baselines: tuple[str, ...] = ("no_memory", "icl"),
 ) -> dict:
-    """Fidelity on the held-out split of ``dataset_jsonl`` and recall on the memory's facts."""
+    """Fidelity on the held-out split of ``dataset_jsonl`` and recall on the memory's facts.
+
+    ``baselines``: which of the no-memory and in-context (ICL) agents answer the recall questions beside the
+    cartridge (a sweep over cartridges measures them once, not per cartridge).
+    """
     from ..agent.history import HistoryAgent, HistoryAgentConfig
 
     mem = KVCacheMemory.from_dir(cartridge_dir, dtype=dtype)
@@ -146,10 +151,11 @@ def evaluate_cartridge(
             return mem.kv
 
     agents = {
-        "no_memory": ChatModel(model, tok, mem.meta.student_system_prompt),
-        "icl": HistoryAgent(HistoryAgentConfig(checkpoint_dir=memory.source), model=model, tokenizer=tok),
-        "cartridge": _Cartridge(model, tok, mem.meta.student_system_prompt),
+        "no_memory": lambda: ChatModel(model, tok, mem.meta.student_system_prompt),
+        "icl": lambda: HistoryAgent(HistoryAgentConfig(checkpoint_dir=memory.source), model=model, tokenizer=tok),
+        "cartridge": lambda: _Cartridge(model, tok, mem.meta.student_system_prompt),
     }
+    agents = {k: make() for k, make in agents.items() if k in baselines or k == "cartridge"}
     rec = recall(agents, qs, max_tokens=max_tokens)
     for name in rec:
         held_scores = [a["correct"] for a in rec[name]["answers"] if a["entry"] in held_entries]

@@ -8,6 +8,8 @@ from ..config.base import StrictModel
 
 
 class LimitsConfig(StrictModel):
+    """Request bounds: what is refused, and with which status."""
+
     max_body_bytes: int = Field(1_000_000, gt=0, description="Largest accepted request body (413 above).")
     max_messages: int = Field(64, gt=0, description="Most messages in one request (400 above).")
     max_tokens: int = Field(512, gt=0, description="Largest max_tokens a request may ask for (400 above).")
@@ -16,6 +18,8 @@ class LimitsConfig(StrictModel):
 
 
 class BatchingConfig(StrictModel):
+    """Batching of concurrent requests on one replica (serve.batch)."""
+
     max_batch_size: int = Field(8, gt=0, description="Concurrent non-streaming requests decoded in one batch.")
     batch_wait_timeout_s: float = Field(0.02, ge=0, description="How long a batch waits to fill.")
 

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from pathlib import Path
 
 import torch
@@ -21,7 +22,16 @@ from ..cartridge import encoder
 class DDPBackend:
     name = "ddp"
 
-    def __init__(self, peft_model, params, opt, world: int, max_grad_norm: float | None, accumulation: int):
+    def __init__(
+        self,
+        peft_model,
+        params,
+        opt,
+        world: int,
+        max_grad_norm: float | None,
+        accumulation: int,
+        profile: bool = False,
+    ):
         import ray.train.torch
 
         self.peft_model = peft_model
@@ -29,6 +39,33 @@ class DDPBackend:
         self.opt = opt
         self.max_grad_norm = max_grad_norm
         self.model = ray.train.torch.prepare_model(peft_model) if world > 1 else peft_model
+        self._comm_s = 0.0
+        if profile and world > 1:
+            self.model.register_comm_hook(None, self._timed_allreduce)
+
+    def _timed_allreduce(self, state, bucket):
+        """DDP comm hook for profiling: the same mean all-reduce, synchronous, with its time recorded.
+
+        The cartridge is one parameter whose gradient is complete only at the end of backward, so DDP has
+        nothing to overlap it with and a synchronous reduce costs the same as the default hook.
+        """
+        import torch.distributed as dist
+
+        buf = bucket.buffer()
+        t0 = time.perf_counter()
+        dist.all_reduce(buf)
+        if buf.is_cuda:
+            torch.cuda.synchronize(buf.device)
+        self._comm_s += time.perf_counter() - t0
+        buf.div_(dist.get_world_size())
+        fut = torch.futures.Future()
+        fut.set_result(buf)
+        return fut
+
+    def comm_seconds(self) -> float:
+        """Seconds spent reducing gradients since the last call (measured only when profiling)."""
+        s, self._comm_s = self._comm_s, 0.0
+        return s
 
     def accumulate(self, last: bool):
         """Context of one micro-batch: gradients sync only on the last one of a step."""
@@ -82,6 +119,7 @@ class DeepSpeedBackend(DDPBackend):
         zero_stage: int,
         micro_batch: int,
         bf16: bool,
+        profile: bool = False,
     ):
         import deepspeed
 
@@ -93,6 +131,8 @@ class DeepSpeedBackend(DDPBackend):
             "bf16": {"enabled": bf16},
             "steps_per_print": 10**9,
             "zero_allow_untested_optimizer": True,
+            # DeepSpeed's own timers: when profiling, the gradient reduce inside backward is read from them
+            "wall_clock_breakdown": profile,
         }
         self.peft_model = peft_model
         self.params = params
@@ -101,6 +141,18 @@ class DeepSpeedBackend(DDPBackend):
         )
         self.model = self.engine
         self.zero_stage = zero_stage
+        self.profile = profile
+
+    def comm_seconds(self) -> float:
+        """Seconds of gradient reduce in backward since the last call (DeepSpeed's ``bwd_allreduce`` timer).
+
+        The parameter all-gather of ZeRO's optimizer step is not timed apart: it stays in the optimizer phase.
+        """
+        if not self.profile:
+            return 0.0
+        from deepspeed.utils.timer import BACKWARD_REDUCE_MICRO_TIMER
+
+        return self.engine.timers(BACKWARD_REDUCE_MICRO_TIMER).elapsed(reset=True) / 1000.0
 
     def accumulate(self, last: bool):
         return contextlib.nullcontext()  # the engine knows the accumulation boundary

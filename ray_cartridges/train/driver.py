@@ -71,7 +71,8 @@ def run_hash(cfg: TrainConfig) -> str:
             "scaling": {"max_failures", "storage_path"},
         },
     )
-    d["training"].pop("resume", None)
+    for key in ("resume", "keep_best", "profile"):  # none of these changes what the run computes
+        d["training"].pop(key, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -181,6 +182,9 @@ def format_summary(summary: dict) -> str:
         lines.append(f"  final train KD loss: {final['train/loss']:.4f}")
     if "eval/loss" in final:
         lines.append(f"  final held-out KD loss: {final['eval/loss']:.4f}")
+    if summary.get("best"):
+        b = summary["best"]
+        lines.append(f"  best held-out KD loss:  {b['eval/loss']:.4f} at step {b['step']}  ->  {out / 'best'}")
     if "train/tokens_per_s" in final:
         lines.append(f"  throughput (last step): {final['train/tokens_per_s']:.0f} tokens/s")
     return "\n".join(lines)

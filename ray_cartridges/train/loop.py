@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -142,9 +143,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, t.warmup_steps, t.min_lr_ratio))
     n_micro = math.ceil(per_worker / micro)
     if t.backend == "deepspeed":
-        backend = DeepSpeedBackend(peft_model, params, opt, world, t.max_grad_norm, n_micro, t.zero_stage, micro, False)
+        backend = DeepSpeedBackend(
+            peft_model, params, opt, world, t.max_grad_norm, n_micro, t.zero_stage, micro, False, t.profile
+        )
     else:
-        backend = DDPBackend(peft_model, params, opt, world, t.max_grad_norm, n_micro)
+        backend = DDPBackend(peft_model, params, opt, world, t.max_grad_norm, n_micro, t.profile)
     train_model = backend.model
     # under ZeRO-3 every forward is collective: each rank evaluates the whole held-out split
     eval_sharded = not (t.backend == "deepspeed" and t.zero_stage == 3)
@@ -236,12 +239,43 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ck = ray.train.Checkpoint.from_directory(d) if (is_writer or wrote) else None
             ray.train.report({**metrics, "step": step}, checkpoint=ck)
 
+    best_dir = out_dir / "best"
+    best = {"eval/loss": math.inf, "step": None}
+    if is_writer and t.keep_best:
+        if start_step == 0:
+            shutil.rmtree(best_dir, ignore_errors=True)  # an earlier, different run's best
+        elif (best_dir / "best.json").exists():
+            best = json.loads((best_dir / "best.json").read_text())
+
+    def track_best(step: int, ev: dict) -> None:
+        """Keep the cartridge with the lowest held-out loss (a decision every rank makes alike)."""
+        if not (t.keep_best and ev):
+            return
+        # rank 0 (which holds the best so far, also after a resume) decides for every rank
+        improved = is_writer and ev["eval/loss"] < best["eval/loss"]
+        if not _all_reduce([1.0 if improved else 0.0])[0]:
+            return
+        best.update({"eval/loss": ev["eval/loss"], "step": step})
+        # saved while gathered (ZeRO-3): PEFT's save would otherwise gather on rank 0 alone and hang the others
+        with backend.full_weights():
+            full = encoder(peft_model).weight.detach().clone()
+            if is_writer:
+                extra = {"step": step, "data_hash": data_hash, "metrics": ev}
+                tmp = out_dir / ".best.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                save_cartridge(peft_model, tmp, CartridgeMeta(**meta_base, extra=extra), weight=full)
+                write_text_atomic(tmp / "best.json", json.dumps(best))
+                shutil.rmtree(best_dir, ignore_errors=True)
+                os.replace(tmp, best_dir)
+
     if start_step == 0:
         first = run_eval(0)
         if first:
             log(first)
+            track_best(0, first)
     last_eval: dict = {}
     step_metrics: dict = {}
+    timer = _PhaseTimer(t.profile, device)
     for step in range(start_step, total_steps):
         if fault_at is not None and step == fault_at and not (out_dir / ".fault_injected").exists():
             if is_writer:
@@ -255,20 +289,26 @@ def train_loop_per_worker(loop_config: dict) -> None:
         mine = worker_slice(gbatch, rank, world)
         loss_sum = 0.0
         chunks = [mine[i : i + micro] for i in range(0, len(mine), micro)]
+        timer.start()
         for ci, chunk in enumerate(chunks):
             b = collate([train_rows[i] for i in chunk], pad_id, t.top_k_logits)
             b = {k: v.to(device) for k, v in b.items()}
+            timer.lap("data")
             with backend.accumulate(last=ci == len(chunks) - 1):
                 with autocast():
                     logits = student_logits_at(train_model, b)
                 ls = kd_loss_sum(logits, b["topk_ids"], b["topk_logprobs"])
+                timer.lap("forward")
                 # data parallelism averages gradients over workers: scale so the result is the global per-token mean
                 backend.backward(ls * world / global_positions)
+                timer.lap("backward")
             loss_sum += float(ls)
         lr = sched.get_last_lr()[0]
         grad_norm = backend.step()
         sched.step()
+        timer.lap("optimizer")
         (loss_total,) = _all_reduce([loss_sum])
+        timer.lap("comm")
         dt = time.perf_counter() - t0
         step_metrics = {
             "step": step + 1,
@@ -277,6 +317,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "train/grad_norm": float(grad_norm),
             "train/tokens_per_s": global_tokens / dt,
             "train/step_time_s": dt,
+            **timer.result(backend.comm_seconds()),
         }
         if (step + 1) % t.log_every == 0 or step + 1 == total_steps:
             log(step_metrics)
@@ -290,13 +331,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if (step + 1) % eval_every == 0 or done:
             last_eval = run_eval(step + 1)
             log(last_eval)
+            track_best(step + 1, last_eval)
             if is_writer and last_eval:
                 print(f"[eval] step {step + 1} held-out KD loss {last_eval['eval/loss']:.4f}", flush=True)
         if done or (t.save_every and (step + 1) % t.save_every == 0):
             checkpoint(step + 1, {**step_metrics, **last_eval}, final=done)
 
+    workers = _gather_workers(rank, device)
     if is_writer and start_step < total_steps:  # a finished run that is re-run keeps its summary
         summary = {
+            "workers": workers,
+            "best": best if best["step"] is not None else None,
             "steps": total_steps,
             "train_rows": len(train_rows),
             "eval_rows": len(eval_rows),
@@ -317,3 +362,57 @@ def _rows_hash(rows: list[dict]) -> str:
     for r in rows:
         h.update(r["row_id"].encode())
     return h.hexdigest()[:16]
+
+
+class _PhaseTimer:
+    """Per-step wall time of each phase (only when ``training.profile``: it synchronises the device)."""
+
+    def __init__(self, enabled: bool, device: torch.device):
+        self.enabled = enabled
+        self.cuda = device.type == "cuda"
+        self.times: dict[str, float] = {}
+        self.t = 0.0
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def start(self) -> None:
+        if self.enabled:
+            self.times = dict.fromkeys(("data", "forward", "backward", "optimizer", "comm"), 0.0)
+            self.t = self._now()
+
+    def lap(self, phase: str) -> None:
+        if self.enabled:
+            now = self._now()
+            self.times[phase] += now - self.t
+            self.t = now
+
+    def result(self, grad_comm_s: float) -> dict:
+        """Metrics of the step; the gradient reduce measured inside backward moves to communication."""
+        if not self.enabled:
+            return {}
+        times = dict(self.times)
+        times["backward"] = max(0.0, times["backward"] - grad_comm_s)
+        times["comm"] += grad_comm_s
+        return {f"time/{k}_s": v for k, v in times.items()}
+
+
+def _gather_workers(rank: int, device: torch.device) -> list[dict]:
+    """Where each rank ran (node id, host, device): every rank takes part, rank 0 gets the list."""
+    import socket
+
+    import ray
+
+    me = {
+        "rank": rank,
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "hostname": socket.gethostname(),
+        "device": str(device),
+    }
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [me]
+    out: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, me)
+    return out

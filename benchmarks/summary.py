@@ -1,0 +1,151 @@
+"""One table of every benchmark's headline figures against the baseline measured in the same run.
+
+    python benchmarks/summary.py        # reads benchmarks/results/*.json, writes results/summary.{json,md}
+
+Each row: what was measured, our figure, the baseline's figure (same script, same machine, same run), the
+ratio, the target and whether it is met. A benchmark that has not been run shows as missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import RESULTS, print_table, write_json  # noqa: E402
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def rows() -> list[list]:
+    out: list[list] = []
+
+    def row(bench, figure, ours, base, ratio, target, met):
+        out.append([bench, figure, ours, base, ratio, target, "-" if met is None else "MET" if met else "NOT MET"])
+
+    if g := _load("generation"):
+        row(
+            "generation",
+            "teacher tok/s vs naive transformers loop",
+            f"{g['ours']['tokens_per_s']:.1f}",
+            f"{g['naive_transformers']['tokens_per_s']:.1f}",
+            f"{g['ratio_vs_naive']:.1f}x",
+            ">= 10x",
+            g["ratio_vs_naive"] >= 10,
+        )
+        row(
+            "generation",
+            "teacher tok/s vs plain vllm.LLM.generate",
+            f"{g['ours']['tokens_per_s']:.1f}",
+            f"{g['plain_vllm']['tokens_per_s']:.1f}",
+            f"{g['ratio_vs_vllm']:.2f}x",
+            ">= 0.8x",
+            g["ratio_vs_vllm"] >= 0.8,
+        )
+    if t := _load("train_throughput"):
+        row(
+            "training",
+            "trained tok/s vs online teacher",
+            f"{t['ours']['tokens_per_s']:.0f}",
+            f"{t['online']['tokens_per_s']:.1f}",
+            f"{t['speedup']:.1f}x",
+            ">= 5x",
+            t["speedup"] >= 5,
+        )
+    if s := _load("train_scaling"):
+        r = s["results"]
+        for b in sorted({v["backend"] for v in r.values()}):
+            ws = sorted(v["workers"] for v in r.values() if v["backend"] == b)
+            lo, hi = r[f"{b}x{ws[0]}"], r[f"{b}x{ws[-1]}"]
+            row(
+                "training",
+                f"{b}: tok/s {ws[-1]} workers vs {ws[0]}",
+                f"{hi['median']['tokens_per_s']:.0f}",
+                f"{lo['median']['tokens_per_s']:.0f}",
+                f"{hi['speedup_vs_fewest_workers']:.2f}x",
+                "report (CPU: shared cores)",
+                True,
+            )
+    if v := _load("serving"):
+        r = v["ratios"]
+        ttft = [statistics.median(v[k]["ttft_s"]) for k in ("cartridge", "icl")]
+        dec = [statistics.median(v[k]["decode_tok_s"]) for k in ("cartridge", "icl")]
+        row(
+            "serving",
+            "time to first token s, cartridge vs memory in context",
+            f"{ttft[0]:.3f}",
+            f"{ttft[1]:.2f}",
+            f"{r['ttft']:.0f}x lower",
+            ">= 20x",
+            r["ttft"] >= 20,
+        )
+        row(
+            "serving",
+            "decode tok/s, cartridge vs memory in context",
+            f"{dec[0]:.1f}",
+            f"{dec[1]:.1f}",
+            f"{r['decode']:.2f}x",
+            ">= 1x",
+            r["decode"] >= 1,
+        )
+        row("serving", "KV bytes of the memory", "", "", f"{r['memory_kv']:.0f}x smaller", "report", None)
+        lt = v["load_test"]
+        row(
+            "serving",
+            f"load test ({v['config']['load_clients']} clients)",
+            f"{lt['ok']} ok",
+            f"{lt['failed']} failed",
+            f"p99 {lt['p99_s']:.1f}s",
+            "0 failed",
+            lt["failed"] == 0,
+        )
+    if f := _load("fidelity"):
+        c = f["checks"]
+        gap = c["icl_gap_closed"]
+        row("fidelity", "share of the ICL gap closed (p=128)", f"{gap[0]:.2f}", "0 (no memory)", "", gap[1], gap[2])
+        rec = c["recall_vs_icl"]
+        row(
+            "fidelity",
+            "recall of memory facts (p=128)",
+            f"{rec[0]:.2f}",
+            f"ICL {f['baselines']['icl']['accuracy']:.2f}",
+            "",
+            rec[1],
+            rec[2],
+        )
+        ppl = c["ppl_ratio"]
+        row(
+            "fidelity",
+            "perplexity on unrelated text vs base",
+            f"{ppl[0]:.3f}",
+            "1.000",
+            f"{(ppl[0] - 1) * 100:+.1f}%",
+            ppl[1],
+            ppl[2],
+        )
+    return out
+
+
+def main() -> None:
+    names = ["generation", "train_throughput", "train_scaling", "serving", "fidelity"]
+    missing = [n for n in names if not (RESULTS / f"{n}.json").exists()]
+    table = print_table(
+        "benchmark summary (each figure against its baseline from the same run)",
+        ["benchmark", "figure", "ours", "baseline", "ratio", "target", "status"],
+        rows(),
+    )
+    if missing:
+        print(f"missing (not run yet): {', '.join(missing)}")
+    md = ["| benchmark | figure | ours | baseline | ratio | target | status |", "|---|---|---|---|---|---|---|"]
+    md += ["| " + " | ".join(str(x) for x in r) + " |" for r in rows()]
+    (RESULTS / "summary.md").write_text("\n".join(md) + "\n")
+    write_json("summary", {"table": table, "missing": missing})
+
+
+if __name__ == "__main__":
+    main()
