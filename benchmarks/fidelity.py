@@ -38,6 +38,7 @@ def _summary(ev: dict) -> dict:
         "recall": rec["cartridge"]["accuracy"],
         "recall_heldout": rec["cartridge"].get("heldout_accuracy"),
         "ppl_ratio": harm["ratio"],
+        "ppl_ratio_icl": harm.get("ratio_icl"),
     }
 
 
@@ -47,14 +48,20 @@ def markdown(baselines: dict, sizes: list[dict], steps: list[dict], p_steps: int
 
     head = "| {} | KL to teacher | ICL gap closed | recall | recall (held-out entries) | ppl vs base | train s |"
     sep = "|---|---|---|---|---|---|---|"
-    out = ["## Baselines", "", "| agent | KL to teacher | recall | recall (held-out entries) |", "|---|---|---|---|"]
+    out = [
+        "## Baselines",
+        "",
+        "| agent | KL to teacher | recall | recall (held-out entries) | ppl vs base |",
+        "|---|---|---|---|---|",
+    ]
     out.append(
         f"| no memory | {f(baselines['kl_no_memory'])} | {f(baselines['no_memory']['accuracy'], '{:.2f}')} | "
-        f"{f(baselines['no_memory'].get('heldout_accuracy'), '{:.2f}')} |"
+        f"{f(baselines['no_memory'].get('heldout_accuracy'), '{:.2f}')} | +0.0% |"
     )
     out.append(
         f"| ICL (memory in context) | 0 (it is the teacher) | {f(baselines['icl']['accuracy'], '{:.2f}')} | "
-        f"{f(baselines['icl'].get('heldout_accuracy'), '{:.2f}')} |"
+        f"{f(baselines['icl'].get('heldout_accuracy'), '{:.2f}')} | "
+        f"{f(None if baselines.get('ppl_ratio_icl') is None else (baselines['ppl_ratio_icl'] - 1) * 100, '{:+.1f}%')} |"
     )
     for title, key, rows in (("Cartridge size p", "p", sizes), (f"Training steps (p = {p_steps})", "steps", steps)):
         out += ["", f"## {title}", "", head.format(key), sep]
@@ -105,6 +112,7 @@ def main() -> None:
     ap.add_argument("--step-points", type=int, default=4, help="checkpoints evaluated along the p=128 run")
     ap.add_argument("--steps-p", type=int, default=128, help="p of the run whose checkpoints make the steps sweep")
     ap.add_argument("--out", default=str(REPO / "outputs" / "sweeps"))
+    ap.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. train.training.lr=1e-2")
     args = ap.parse_args()
 
     from ray_cartridges.cli import setup_env
@@ -118,7 +126,7 @@ def main() -> None:
     from ray_cartridges.train import run_training
 
     os.chdir(REPO)  # the demo config's paths are relative to the repository
-    cfg = load_config(DistillConfig, args.config)
+    cfg = load_config(DistillConfig, args.config, args.overrides)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if not ray.is_initialized():
@@ -164,6 +172,7 @@ def main() -> None:
                 "kl_no_memory": ev["fidelity"].get("kl_no_memory"),
                 "no_memory": {k: v for k, v in ev["recall"]["no_memory"].items() if k != "answers"},
                 "icl": {k: v for k, v in ev["recall"]["icl"].items() if k != "answers"},
+                "ppl_ratio_icl": ev["no_harm"].get("ratio_icl"),
             }
         row = {"p": p, "steps": steps, "train_s": train_s, "train_rows": summary.get("train_rows"), **_summary(ev)}
         size_rows.append(row)

@@ -48,3 +48,22 @@ def test_perplexity_with_an_empty_effect_cartridge_matches_the_base_model(model,
         logits = model(ids).logits[0, :-1]
     ref = float(torch.exp(torch.nn.functional.cross_entropy(logits, ids[0, 1:])))
     assert abs(base - ref) / ref < 1e-4
+
+
+def test_text_cartridge_no_harm_equals_its_text_in_context(model, tokenizer):
+    """The ICL reference of no harm: a cartridge made from a text (all of its tokens) must read unrelated text
+    exactly as the model does with that text in context; a different prefix must not."""
+    from ray_cartridges.cartridge import create_cartridge, layer_kv
+    from ray_cartridges.eval.evaluate import no_harm, perplexity_after_text
+
+    prefix = "The spare generator key is in the blue tin above the workbench in Hut B."
+    text = "Bread dough needs time to rise before it is baked in a hot oven."
+    p = len(tokenizer(prefix).input_ids)
+    peft = create_cartridge(model, num_tokens=p, num_frozen_tokens=1, method="text", tokenizer=tokenizer, text=prefix)
+    kv = [(k.detach().clone(), v.detach().clone()) for k, v in layer_kv(peft)]
+    base_model = peft.get_base_model()
+    harm = no_harm(base_model, tokenizer, kv, text, memory_text=prefix)
+    assert harm["ppl_cartridge"] == __import__("pytest").approx(harm["ppl_icl"], rel=1e-4)
+    assert harm["ratio"] == __import__("pytest").approx(harm["ppl_cartridge"] / harm["ppl_base"])
+    other = perplexity_after_text(base_model, tokenizer, "Completely different words come first here.", text)
+    assert abs(other - harm["ppl_cartridge"]) / harm["ppl_cartridge"] > 1e-3

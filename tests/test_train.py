@@ -152,3 +152,29 @@ def test_deepspeed_zero2_and_zero3_match_ddp(tmp_path, ray_cluster, teacher_json
             KVMemoryAgentConfig(KVCacheMemoryConfig(KVArtifact(str(tmp_path / name)))), model=model, tokenizer=tokenizer
         )
         assert agent.memory.num_tokens == 32 and agent.chat([{"role": "user", "content": "Hello"}], max_tokens=4)
+
+
+def test_no_harm_term_keeps_general_text_close_to_the_bare_model(
+    tmp_path, ray_cluster, teacher_jsonl, memory, model, tokenizer
+):
+    """training.no_harm_weight: the same run with the term ends with a cartridge that disturbs general text
+    less (perplexity relative to the bare model) than without it, and logs the term."""
+    from ray_cartridges.cartridge import layer_kv, load_cartridge
+    from ray_cartridges.eval.evaluate import no_harm
+    from ray_cartridges.models import load_model
+    from ray_cartridges.train import run_training
+    from ray_cartridges.train.loop import _no_harm_chunks
+
+    general = (
+        __import__("pathlib").Path(__import__("ray_cartridges").__file__).parent / "data" / "general.txt"
+    ).read_text()
+    text = tokenizer.decode(_no_harm_chunks(tokenizer, general, 128)[0])
+    ratios = {}
+    for name, weight in (("plain", 0.0), ("guarded", 2.0)):
+        run_training(_train_cfg(tmp_path, teacher_jsonl, memory, 1, name, max_steps=8, lr=2e-2, no_harm_weight=weight))
+        peft = load_cartridge(load_model("smollm2-135m-instruct"), tmp_path / name, tokenizer)
+        kv = [(k.detach().clone(), v.detach().clone()) for k, v in layer_kv(peft)]
+        ratios[name] = no_harm(model, tokenizer, kv, text)["ratio"]
+        lines = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        assert any("train/no_harm_loss" in m for m in lines) == (weight > 0)
+    assert ratios["guarded"] < ratios["plain"], ratios

@@ -93,6 +93,17 @@ class TrainingConfig(StrictModel):
     resume: bool = Field(
         True, description="Continue from the last checkpoint of an identical earlier run in output.local_dir."
     )
+    no_harm_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of the no-harm term: per step, KD from the bare model (no cartridge) to the model "
+        "with the cartridge on a chunk of general text, so the cartridge does not disturb text unrelated to "
+        "the memory. 0: off.",
+    )
+    no_harm_text_file: str | None = Field(
+        None, description="General text for the no-harm term (default: the bundled ray_cartridges/data/general.txt)."
+    )
+    no_harm_tokens: int = Field(128, gt=1, description="Tokens per no-harm chunk (one chunk per worker per step).")
     keep_best: bool = Field(
         True, description="Keep the cartridge with the lowest held-out KD loss so far in <local_dir>/best."
     )

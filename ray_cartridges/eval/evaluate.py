@@ -77,11 +77,27 @@ def perplexity(model, tok, text: str, kv=None) -> float:
     return float(torch.exp(nll))
 
 
-def no_harm(model, tok, kv, text: str) -> dict:
-    """Perplexity on text unrelated to the memory, without and with the cartridge."""
+@torch.no_grad()
+def perplexity_after_text(model, tok, prefix: str, text: str) -> float:
+    """Perplexity of ``text`` read right after ``prefix`` in context (the ICL reference of no harm).
+
+    Scores the same tokens as :func:`perplexity` (the text's second token onwards), so the two compare."""
+    p_ids, t_ids = tok(prefix).input_ids, tok(text).input_ids
+    ids = torch.tensor([p_ids + t_ids])
+    logits = model(ids).logits[0, len(p_ids) : -1]
+    return float(torch.exp(torch.nn.functional.cross_entropy(logits.float(), ids[0, len(p_ids) + 1 :])))
+
+
+def no_harm(model, tok, kv, text: str, memory_text: str | None = None) -> dict:
+    """Perplexity on text unrelated to the memory: bare model, with the cartridge, and (when given) with the
+    memory itself in context before it, the ICL reference."""
     base = perplexity(model, tok, text)
     cart = perplexity(model, tok, text, kv)
-    return {"ppl_base": base, "ppl_cartridge": cart, "ratio": cart / base}
+    out = {"ppl_base": base, "ppl_cartridge": cart, "ratio": cart / base}
+    if memory_text:
+        icl = perplexity_after_text(model, tok, memory_text, text)
+        out.update({"ppl_icl": icl, "ratio_icl": icl / base})
+    return out
 
 
 def memory_questions(memory: AgentMemory) -> list[tuple[int, str, str]]:
@@ -162,7 +178,7 @@ def evaluate_cartridge(
         rec[name]["heldout_accuracy"] = sum(held_scores) / len(held_scores) if held_scores else None
     if unrelated_text is None:
         unrelated_text = (Path(__file__).resolve().parent.parent / "data" / "unrelated.txt").read_text()
-    harm = no_harm(model, tok, mem.kv, unrelated_text)
+    harm = no_harm(model, tok, mem.kv, unrelated_text, memory.render())
     return {
         "fidelity": fid,
         "recall": rec,
@@ -191,8 +207,13 @@ def evaluation_lines(evaluation: dict | None) -> list[str]:
         )
     harm = evaluation.get("no_harm")
     if harm:
+        icl = (
+            f"; memory in context: {harm['ppl_icl']:.2f} ({(harm['ratio_icl'] - 1) * 100:+.1f}%)"
+            if "ppl_icl" in harm
+            else ""
+        )
         lines.append(
             f"no harm: perplexity on unrelated text {harm['ppl_base']:.2f} without, {harm['ppl_cartridge']:.2f} with "
-            f"the cartridge ({(harm['ratio'] - 1) * 100:+.1f}%)"
+            f"the cartridge ({(harm['ratio'] - 1) * 100:+.1f}%){icl}"
         )
     return lines

@@ -40,7 +40,14 @@ class VLLMEngine:
         seed: int = 0,
     ):
         from vllm import LLM
+        from vllm.platforms import current_platform
 
+        extra = {}
+        if current_platform.is_cpu():
+            # vLLM CPU cannot rewind a per-request torch.Generator ("CPU Generator does not use offset") when a
+            # prompt's prefill is split over steps and its sampled token discarded; per-request seeds keep
+            # sampling independent of batching (resume-safe), so prompts are never split here instead.
+            extra = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(4096, max_model_len)}
         self.llm = LLM(
             model=model_path,
             tokenizer=model_path,
@@ -49,6 +56,7 @@ class VLLMEngine:
             tensor_parallel_size=tensor_parallel_size,
             enable_prefix_caching=True,
             seed=seed,
+            **extra,
         )
         self.tokenizer = self.llm.get_tokenizer()
 

@@ -116,6 +116,14 @@ def run_training(cfg: TrainConfig, max_failures: int | None = None, fault_at_ste
             raise FileNotFoundError(f"kv_cache.init_text_file: {path} does not exist")
         kv = kv.model_copy(update={"init_text": path.read_text(encoding="utf-8")})
         cfg = cfg.model_copy(update={"kv_cache": kv})
+    no_harm_text = None
+    if t.no_harm_weight > 0:  # shipped as text: workers may run on other nodes
+        path = (
+            Path(t.no_harm_text_file) if t.no_harm_text_file else Path(__file__).parent.parent / "data" / "general.txt"
+        )
+        if not path.is_file():
+            raise FileNotFoundError(f"training.no_harm_text_file: {path} does not exist")
+        no_harm_text = path.read_text(encoding="utf-8")
     files = resolve_dataset(cfg)
     if cfg.model_name == BUNDLED_MODEL:
         ensure_bundled_model(dtypes=(cfg.model_dtype,))  # once, here, not racing in every worker
@@ -145,6 +153,7 @@ def run_training(cfg: TrainConfig, max_failures: int | None = None, fault_at_ste
             "run_hash": rhash,
             "fault_at_step": fault_at_step,
             "resume_from": resume_from,
+            "no_harm_text": no_harm_text,
         },
         torch_config=TorchConfig(backend=backend),
         scaling_config=ray.train.ScalingConfig(

@@ -142,6 +142,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, t.warmup_steps, t.min_lr_ratio))
     n_micro = math.ceil(per_worker / micro)
+    no_harm = _no_harm_chunks(tok, loop_config.get("no_harm_text"), t.no_harm_tokens) if t.no_harm_weight else []
+    if t.no_harm_weight and not no_harm:
+        raise ValueError(f"training.no_harm_text_file: the text is shorter than no_harm_tokens={t.no_harm_tokens}")
+    n_micro += 1 if no_harm else 0  # the no-harm chunk is one more micro-step of each step
     if t.backend == "deepspeed":
         backend = DeepSpeedBackend(
             peft_model, params, opt, world, t.max_grad_norm, n_micro, t.zero_stage, micro, False, t.profile
@@ -294,7 +298,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             b = collate([train_rows[i] for i in chunk], pad_id, t.top_k_logits)
             b = {k: v.to(device) for k, v in b.items()}
             timer.lap("data")
-            with backend.accumulate(last=ci == len(chunks) - 1):
+            with backend.accumulate(last=ci == len(chunks) - 1 and not no_harm):
                 with autocast():
                     logits = student_logits_at(train_model, b)
                 ls = kd_loss_sum(logits, b["topk_ids"], b["topk_logprobs"])
@@ -303,11 +307,28 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 backend.backward(ls * world / global_positions)
                 timer.lap("backward")
             loss_sum += float(ls)
+        nh_loss = 0.0
+        if no_harm:  # last micro-step: the bare model teaches the cartridge-reading model on general text
+            x = torch.tensor([no_harm[(step * world + rank) % len(no_harm)]], device=device)
+            timer.lap("data")
+            with backend.accumulate(last=True):
+                with torch.no_grad(), peft_model.disable_adapter(), autocast():
+                    base = torch.log_softmax(peft_model(input_ids=x, use_cache=False).logits[0, :-1].float(), -1)
+                    top_lp, top_ids = base.topk(t.top_k_logits, dim=-1)
+                with autocast():
+                    student = train_model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits[
+                        0, :-1
+                    ]
+                nh = kd_loss_sum(student, top_ids, top_lp) / top_ids.shape[0]
+                timer.lap("forward")
+                backend.backward(t.no_harm_weight * nh)  # the workers' mean of per-token means
+                timer.lap("backward")
+            nh_loss = float(nh)
         lr = sched.get_last_lr()[0]
         grad_norm = backend.step()
         sched.step()
         timer.lap("optimizer")
-        (loss_total,) = _all_reduce([loss_sum])
+        loss_total, nh_total = _all_reduce([loss_sum, nh_loss])
         timer.lap("comm")
         dt = time.perf_counter() - t0
         step_metrics = {
@@ -318,6 +339,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "train/tokens_per_s": global_tokens / dt,
             "train/step_time_s": dt,
             **timer.result(backend.comm_seconds()),
+            **({"train/no_harm_loss": nh_total / world} if no_harm else {}),
         }
         if (step + 1) % t.log_every == 0 or step + 1 == total_steps:
             log(step_metrics)
@@ -416,3 +438,11 @@ def _gather_workers(rank: int, device: torch.device) -> list[dict]:
     out: list = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(out, me)
     return out
+
+
+def _no_harm_chunks(tok, text: str | None, n: int) -> list[list[int]]:
+    """The general text cut into chunks of ``n`` tokens (the last partial chunk is dropped)."""
+    if not text:
+        return []
+    ids = tok(text).input_ids
+    return [ids[i : i + n] for i in range(0, len(ids) - n + 1, n)]
