@@ -166,7 +166,8 @@ def _cmd_eval(args) -> int:
 def _cmd_show_config(args) -> int:
     from .config.reference import config_reference, full_reference
 
-    print(full_reference() if args.stage == "all" else config_reference(args.stage), end="\n")
+    text = full_reference() if args.stage == "all" else config_reference(args.stage)
+    print(text, end="" if text.endswith("\n") else "\n")
     return 0
 
 
