@@ -62,6 +62,22 @@ def memory():
     return read_memory(EXAMPLE_CHECKPOINT)
 
 
+def small_train_config(tmp_path, teacher_jsonl, memory, workers, name, scaling=None, **training):
+    """A short training run on the teacher data: p = 32, global batch 4, 4 steps (any training key overridable)."""
+    from ray_cartridges.config import TrainConfig, validate_config
+
+    return validate_config(
+        TrainConfig,
+        {
+            "input_dataset": {"local_path": str(teacher_jsonl), "is_converted": False, "eval_fraction": 0.2},
+            "output": {"local_dir": str(tmp_path / name)},
+            "kv_cache": {"method": "text", "num_tokens": 32, "init_text": memory.render()},
+            "training": {"global_batch_size": 4, "lr": 1e-2, "max_steps": 4, "eval_every": 4, **training},
+            "scaling": {"num_workers": workers, **(scaling or {})},
+        },
+    )
+
+
 @pytest.fixture(scope="session")
 def teacher_jsonl(tmp_path_factory, model, tokenizer, memory) -> Path:
     """Teacher data made by the transformers reference teacher: 2 phrasings of each memory question."""

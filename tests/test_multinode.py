@@ -8,8 +8,7 @@ import json
 
 import pytest
 import torch
-
-from ray_cartridges.config import TrainConfig, validate_config
+from conftest import small_train_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(900)]
 
@@ -34,15 +33,8 @@ def two_nodes():
 
 
 def _cfg(tmp_path, teacher_jsonl, memory, workers: int, name: str, **training):
-    return validate_config(
-        TrainConfig,
-        {
-            "input_dataset": {"local_path": str(teacher_jsonl), "is_converted": False, "eval_fraction": 0.2},
-            "output": {"local_dir": str(tmp_path / name)},
-            "kv_cache": {"method": "text", "num_tokens": 32, "init_text": memory.render()},
-            "training": {"global_batch_size": 4, "lr": 1e-2, "max_steps": 4, "eval_every": 2, **training},
-            "scaling": {"num_workers": workers, "resources_per_worker": {"CPU": 1}},
-        },
+    return small_train_config(
+        tmp_path, teacher_jsonl, memory, workers, name, scaling={"resources_per_worker": {"CPU": 1}}, **training
     )
 
 
@@ -59,8 +51,8 @@ def test_two_workers_on_two_nodes_match_one_worker_with_the_whole_batch(two_node
     from ray_cartridges.cartridge import load_cache_pt
     from ray_cartridges.train import run_training
 
-    one = run_training(_cfg(tmp_path, teacher_jsonl, memory, 1, "one"))
-    two = run_training(_cfg(tmp_path, teacher_jsonl, memory, 2, "two", profile=True))
+    one = run_training(_cfg(tmp_path, teacher_jsonl, memory, 1, "one", eval_every=2))
+    two = run_training(_cfg(tmp_path, teacher_jsonl, memory, 2, "two", eval_every=2, profile=True))
 
     # the two workers really ran on two different nodes of the cluster
     nodes = {n["NodeID"] for n in __import__("ray").nodes() if n["Alive"]}

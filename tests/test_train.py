@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from conftest import small_train_config
 
 from ray_cartridges.config import TrainConfig, validate_config
 
@@ -73,16 +74,7 @@ def test_text_init_cartridge_learns_from_teacher_data(tmp_path, ray_cluster, tea
 
 
 def _train_cfg(tmp_path, teacher_jsonl, memory, workers, name, **training):
-    return validate_config(
-        TrainConfig,
-        {
-            "input_dataset": {"local_path": str(teacher_jsonl), "is_converted": False, "eval_fraction": 0.2},
-            "output": {"local_dir": str(tmp_path / name)},
-            "kv_cache": {"method": "text", "num_tokens": 32, "init_text": memory.render()},
-            "training": {"global_batch_size": 4, "lr": 1e-2, "max_steps": 4, "eval_every": 4, **training},
-            "scaling": {"num_workers": workers},
-        },
-    )
+    return small_train_config(tmp_path, teacher_jsonl, memory, workers, name, **training)
 
 
 def test_global_batch_that_does_not_divide_is_a_clear_error(tmp_path, ray_cluster, teacher_jsonl, memory):
