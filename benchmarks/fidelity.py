@@ -215,6 +215,13 @@ def main() -> None:
             "fidelity",
             {"config": vars(args), "p128": demo, "baselines": baselines, "checks": checks, "sweep": str(out)},
         )
+    import shutil
+
+    from common import RESULTS
+
+    for name in ("sweep.md", "size_sweep.png", "steps_sweep.png"):  # a copy beside the other benchmark results
+        if (out / name).exists():
+            shutil.copyfile(out / name, RESULTS / f"fidelity_{name}")
     print(f"wrote {out / 'sweep.json'}, {out / 'sweep.md'}, {out / 'size_sweep.png'}, {out / 'steps_sweep.png'}")
 
 

@@ -69,7 +69,7 @@ def rows() -> list[list]:
                 f"{lo['median']['tokens_per_s']:.0f}",
                 f"{hi['speedup_vs_fewest_workers']:.2f}x",
                 "report (CPU: shared cores)",
-                True,
+                None,
             )
     if v := _load("serving"):
         r = v["ratios"]
@@ -123,7 +123,7 @@ def rows() -> list[list]:
             "fidelity",
             "perplexity on unrelated text vs base",
             f"{ppl[0]:.3f}",
-            "1.000",
+            f"1.000 (ICL {f['baselines'].get('ppl_ratio_icl') or float('nan'):.3f})",
             f"{(ppl[0] - 1) * 100:+.1f}%",
             ppl[1],
             ppl[2],
