@@ -171,6 +171,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
+    # the bare model's top-k on each no-harm chunk never changes (frozen model, fixed text): computed once
+    # here, on every rank alike (collective under ZeRO-3), not again at every step
+    no_harm_targets = _no_harm_targets(peft_model, no_harm, device, t.top_k_logits, autocast)
     pad_id = tok.pad_token_id
     my_eval = eval_rows[rank::world] if eval_sharded else eval_rows
     metrics_path = out_dir / "metrics.jsonl"
@@ -309,12 +312,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             loss_sum += float(ls)
         nh_loss = 0.0
         if no_harm:  # last micro-step: the bare model teaches the cartridge-reading model on general text
-            x = torch.tensor([no_harm[(step * world + rank) % len(no_harm)]], device=device)
+            x, top_ids, top_lp = no_harm_targets[(step * world + rank) % len(no_harm_targets)]
             timer.lap("data")
             with backend.accumulate(last=True):
-                with torch.no_grad(), peft_model.disable_adapter(), autocast():
-                    base = torch.log_softmax(peft_model(input_ids=x, use_cache=False).logits[0, :-1].float(), -1)
-                    top_lp, top_ids = base.topk(t.top_k_logits, dim=-1)
                 with autocast():
                     student = train_model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits[
                         0, :-1
@@ -437,6 +437,19 @@ def _gather_workers(rank: int, device: torch.device) -> list[dict]:
         return [me]
     out: list = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(out, me)
+    return out
+
+
+@torch.no_grad()
+def _no_harm_targets(peft_model, chunks: list[list[int]], device, top_k: int, autocast) -> list[tuple]:
+    """(input ids, teacher top-k ids, teacher top-k logprobs) of each chunk, the teacher being the bare model."""
+    out = []
+    for chunk in chunks:
+        x = torch.tensor([chunk], device=device)
+        with peft_model.disable_adapter(), autocast():
+            base = torch.log_softmax(peft_model(input_ids=x, use_cache=False).logits[0, :-1].float(), -1)
+        top_lp, top_ids = base.topk(top_k, dim=-1)
+        out.append((x, top_ids, top_lp))
     return out
 
 
