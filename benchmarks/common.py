@@ -84,21 +84,30 @@ def bench_dataset(path: str | None, model: str = "smollm2-135m-instruct", answer
     if cache.exists():
         return cache
     print(f"[bench] making training data with the reference teacher -> {cache}", flush=True)
-    from ray_cartridges.convert import convert_record
     from ray_cartridges.flat_topk import write_flat_topk
-    from ray_cartridges.generate.engines import HFEngine, Sampling
-    from ray_cartridges.generate.teacher import run_prompts
     from ray_cartridges.memory import read_memory
     from ray_cartridges.models import load_model, load_tokenizer
 
     tok, mem = load_tokenizer(model), read_memory(EXAMPLE_CHECKPOINT)
+    _, rows = teacher_rows(load_model(model), tok, mem, mem.render(), answer_tokens=answer_tokens, top_k=20)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    write_flat_topk(rows, cache)
+    return cache
+
+
+def teacher_rows(model, tok, memory, context: str, *, answer_tokens: int, top_k: int, limit: int | None = None):
+    """(records, flat top-k rows): the transformers reference teacher, ``context`` in its prompt, answering the
+    memory's questions (the first ``limit`` of them)."""
+    from ray_cartridges.convert import convert_record
+    from ray_cartridges.generate.engines import HFEngine, Sampling
+    from ray_cartridges.generate.teacher import run_prompts
+
+    questions = [g[0].content for g in memory.triples()][:limit]
     prompts = [
-        {"prompt_id": str(i), "strategy": "bench", "context": mem.render(), "user": g[0].content, "split_key": str(i)}
-        for i, g in enumerate(mem.triples())
+        {"prompt_id": str(i), "strategy": "bench", "context": context, "user": q, "split_key": str(i)}
+        for i, q in enumerate(questions)
     ]
     records, _ = run_prompts(
-        HFEngine(load_model(model), tok), prompts, sampling=Sampling(max_tokens=answer_tokens, top_logprobs=20)
+        HFEngine(model, tok), prompts, sampling=Sampling(max_tokens=answer_tokens, top_logprobs=top_k)
     )
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    write_flat_topk([convert_record(r, tok, top_k=20) for r in records], cache)
-    return cache
+    return records, [convert_record(r, tok, top_k=top_k) for r in records]

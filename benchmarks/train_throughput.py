@@ -19,7 +19,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import EXAMPLE_CHECKPOINT, long_memory_text, median, print_table, timed, write_json  # noqa: E402
+from common import EXAMPLE_CHECKPOINT, long_memory_text, median, print_table, teacher_rows, timed, write_json  # noqa: E402
 
 
 def main() -> None:
@@ -37,9 +37,6 @@ def main() -> None:
 
     from ray_cartridges.batching import collate, student_logits_at
     from ray_cartridges.cartridge import create_cartridge
-    from ray_cartridges.convert import convert_record
-    from ray_cartridges.generate.engines import HFEngine, Sampling
-    from ray_cartridges.generate.teacher import run_prompts
     from ray_cartridges.loss import kd_loss_sum
     from ray_cartridges.memory import read_memory
     from ray_cartridges.models import load_model, load_tokenizer
@@ -50,15 +47,9 @@ def main() -> None:
     memory = long_memory_text(tok, mem, args.memory_tokens)  # the example memory is ~1,300 tokens: repeated
     mem_len = len(tok(memory).input_ids)
 
-    questions = [g[0].content for g in mem.triples()][: args.batch]
-    prompts = [
-        {"prompt_id": str(i), "strategy": "bench", "context": memory, "user": q, "split_key": str(i)}
-        for i, q in enumerate(questions)
-    ]
-    records, _ = run_prompts(
-        HFEngine(model, tok), prompts, sampling=Sampling(max_tokens=args.answer_tokens, top_logprobs=args.top_k)
+    records, rows = teacher_rows(
+        model, tok, mem, memory, answer_tokens=args.answer_tokens, top_k=args.top_k, limit=args.batch
     )
-    rows = [convert_record(r, tok, top_k=args.top_k) for r in records]
     batch = collate(rows, tok.pad_token_id, args.top_k)
     conv_tokens = int(batch["attention_mask"].sum())
     positions = batch["pred_t"].numel()
