@@ -19,12 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import REPO, write_json  # noqa: E402
+from common import REPO, RESULTS, write_json  # noqa: E402
 
 TARGETS = {"icl_gap_closed": 0.9, "recall_vs_icl": 1.0, "ppl_ratio_max": 1.05}
 
@@ -215,10 +216,6 @@ def main() -> None:
             "fidelity",
             {"config": vars(args), "p128": demo, "baselines": baselines, "checks": checks, "sweep": str(out)},
         )
-    import shutil
-
-    from common import RESULTS
-
     for name in ("sweep.md", "size_sweep.png", "steps_sweep.png"):  # a copy beside the other benchmark results
         if (out / name).exists():
             shutil.copyfile(out / name, RESULTS / f"fidelity_{name}")
