@@ -68,6 +68,12 @@ def run_one(data: Path, backend: str, workers: int, args, out: Path) -> dict:
     }
 
 
+def _gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none visible to the driver"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=None, help="flat top-k parquet dir (default: the demo's, else made here)")
@@ -80,6 +86,7 @@ def main() -> None:
     ap.add_argument("--p", type=int, default=128)
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--use-gpu", action="store_true")
+    ap.add_argument("--name", default="train_scaling", help="results file: benchmarks/results/<name>.json")
     args = ap.parse_args()
 
     import ray
@@ -126,14 +133,14 @@ def main() -> None:
             "vs_ddp_same_workers": vs_ddp,
             "runs": runs[(b, w)],
         }
-    device = "GPU" if args.use_gpu else f"CPU ({os.cpu_count()} cores)"
+    device = f"GPU ({_gpu_name()})" if args.use_gpu else f"CPU ({os.cpu_count()} cores)"
     table = print_table(
         f"train scaling on {device}: p={args.p}, {args.dtype}, global batch {args.global_batch}, "
         f"median over steps {args.warmup + 1}..{args.steps} x {args.repeats} runs (seconds per step)",
         ["backend", "workers", "tokens/s", f"vs {workers[0]}w", "vs ddp", "step", *PHASES],
         rows,
     )
-    write_json("train_scaling", {"config": vars(args), "results": results, "table": table})
+    write_json(args.name, {"config": vars(args), "results": results, "table": table})
 
 
 if __name__ == "__main__":

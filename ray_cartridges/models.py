@@ -116,12 +116,22 @@ def load_tokenizer(name_or_path: str):
     return tok
 
 
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto``: the first visible GPU when there is one, else the CPU; anything else as torch reads it."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r} asked for, but torch sees no CUDA GPU here")
+    return dev
+
+
 def load_model(name_or_path: str, dtype: str = "fp32", device: str | torch.device = "cpu"):
     """Load a frozen causal LM in eval mode."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model(name_or_path, dtype), dtype=torch_dtype(dtype))
-    model.to(device).eval()
+    model.to(resolve_device(device)).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model

@@ -39,10 +39,13 @@ def build_cache(model, prefix_kv, batch: int):
 
     if prefix_kv is None:
         return None
-    dtype = next(model.parameters()).dtype
+    w = next(model.parameters())
     return DynamicCache(
         ddp_cache_data=[
-            (k.to(dtype).unsqueeze(0).expand(batch, -1, -1, -1), v.to(dtype).unsqueeze(0).expand(batch, -1, -1, -1))
+            (
+                k.to(w.device, w.dtype).unsqueeze(0).expand(batch, -1, -1, -1),
+                v.to(w.device, w.dtype).unsqueeze(0).expand(batch, -1, -1, -1),
+            )
             for k, v in prefix_kv
         ],
         config=model.config,
@@ -83,8 +86,10 @@ def generate(
         ids[i, T - n :] = torch.tensor(pr)
         mask[i, p + T - n :] = 1
         pos[i, T - n :] = torch.arange(p, p + n)
+    dev = next(model.parameters()).device
+    ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
     cache = build_cache(model, prefix_kv, B)
-    gen = torch.Generator().manual_seed(sp.seed) if sp.seed is not None else None
+    gen = torch.Generator(device=dev).manual_seed(sp.seed) if sp.seed is not None else None
     stop_ids = {tokenizer.eos_token_id}
     t0 = time.perf_counter()
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
@@ -127,7 +132,7 @@ def generate(
                     done[i], finish[i] = True, "stop"
         if all(done):
             break
-        mask = torch.cat([mask, torch.ones((B, 1), dtype=torch.long)], 1)
+        mask = torch.cat([mask, torch.ones((B, 1), dtype=torch.long, device=dev)], 1)
         out = model(
             input_ids=nxt[:, None],
             attention_mask=mask,

@@ -37,6 +37,7 @@ class KVCacheMemoryConfig:
     tokenizer_name: str | None = None  # default: the cartridge's model
     model_name: str | None = None  # default: the cartridge's model
     dtype: str = "fp32"
+    device: str = "cpu"  # where the model runs when it is loaded here: cpu, cuda, cuda:N or auto
 
 
 class KVCacheMemory:
@@ -48,15 +49,18 @@ class KVCacheMemory:
         self.meta: CartridgeMeta = read_meta(self.dir)
         name = config.model_name or self.meta.model_name
         self.tokenizer = tokenizer or load_tokenizer(config.tokenizer_name or name)
-        self.model = model if model is not None else load_model(name, config.dtype)
+        self.model = model if model is not None else load_model(name, config.dtype, config.device)
         peft = load_cartridge(self.model, self.dir, self.tokenizer)  # checks layers, heads, head_dim, vocab, tokenizer
         # PEFT's prompt-learning wrapper leaves the frozen model untouched: keep the K/V, drop the wrapper
         self.kv = [(k.detach().clone(), v.detach().clone()) for k, v in layer_kv(peft)]
         self.num_tokens = self.meta.num_tokens
 
     @classmethod
-    def from_dir(cls, path: str | Path, model=None, tokenizer=None, dtype: str = "fp32") -> KVCacheMemory:
-        return cls(KVCacheMemoryConfig(KVArtifact(str(path)), dtype=dtype), model=model, tokenizer=tokenizer)
+    def from_dir(
+        cls, path: str | Path, model=None, tokenizer=None, dtype: str = "fp32", device: str = "cpu"
+    ) -> KVCacheMemory:
+        cfg = KVCacheMemoryConfig(KVArtifact(str(path)), dtype=dtype, device=device)
+        return cls(cfg, model=model, tokenizer=tokenizer)
 
     def check(self, model, tokenizer=None) -> None:
         check_compatible(self.meta, model, tokenizer, source=str(self.dir))
@@ -84,10 +88,8 @@ class KVMemoryAgent(ChatModel):
         super().__init__(self.memory.model, self.memory.tokenizer, system)
         self.config = config
         self.defaults = {k: v for k, v in config.lm_config.items() if k in ("temperature", "top_p", "max_tokens")}
-        self._kv = [
-            (k.to(next(self.model.parameters()).dtype), v.to(next(self.model.parameters()).dtype))
-            for k, v in self.memory.kv
-        ]
+        w = next(self.model.parameters())
+        self._kv = [(k.to(w.device, w.dtype), v.to(w.device, w.dtype)) for k, v in self.memory.kv]
 
     def prefix_kv(self):
         return self._kv

@@ -37,7 +37,8 @@ class CartridgeEngine:
             raise ValueError("serve config: `cartridges` is empty")
         first = artifact_of(next(iter(cfg.cartridges.values()))).local_dir()
         base = cfg.base_model or read_meta(first).model_name
-        self.model = load_model(base, cfg.dtype)
+        self.device = cfg.device if cfg.device != "auto" else ("cuda" if cfg.num_gpus_per_replica > 0 else "cpu")
+        self.model = load_model(base, cfg.dtype, self.device)
         self.tokenizer = load_tokenizer(base)
         self.base = base
         self._cache: OrderedDict[str, ChatModel] = OrderedDict()
@@ -57,8 +58,8 @@ class CartridgeEngine:
             model=self.model,
             tokenizer=self.tokenizer,
         )
-        dtype = next(self.model.parameters()).dtype
-        kv = [(k.to(dtype), v.to(dtype)) for k, v in mem.kv]
+        w = next(self.model.parameters())
+        kv = [(k.to(w.device, w.dtype), v.to(w.device, w.dtype)) for k, v in mem.kv]
 
         class _Agent(ChatModel):
             def prefix_kv(self):
