@@ -78,8 +78,7 @@ def small_train_config(tmp_path, teacher_jsonl, memory, workers, name, scaling=N
     )
 
 
-@pytest.fixture(scope="session")
-def teacher_jsonl(tmp_path_factory, model, tokenizer, memory) -> Path:
+def make_teacher_jsonl(path: Path, model, tokenizer, memory) -> Path:
     """Teacher data made by the transformers reference teacher: 2 phrasings of each memory question."""
     from ray_cartridges.generate.engines import HFEngine, Sampling
     from ray_cartridges.generate.teacher import run_prompts
@@ -102,9 +101,21 @@ def teacher_jsonl(tmp_path_factory, model, tokenizer, memory) -> Path:
         HFEngine(model, tokenizer), prompts, sampling=Sampling(max_tokens=24, top_logprobs=20)
     )
     assert not problems
-    path = tmp_path_factory.mktemp("teacher") / "dataset.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+@pytest.fixture(scope="session")
+def teacher_jsonl(tmp_path_factory, model, tokenizer, memory) -> Path:
+    """Teacher data from the bundled model (see make_teacher_jsonl).
+
+    ``RAY_CARTRIDGES_TEST_TEACHER=<file>`` reads a file made earlier by make_teacher_jsonl instead: for a machine
+    that has the bundled model's architecture and tokenizer but not its weights (the GPU check machine), where
+    the teacher's own answers would be noise that does not re-tokenize."""
+    given = os.environ.get("RAY_CARTRIDGES_TEST_TEACHER")
+    if given:
+        return Path(given)
+    return make_teacher_jsonl(tmp_path_factory.mktemp("teacher") / "dataset.jsonl", model, tokenizer, memory)
 
 
 @pytest.fixture(scope="session")
