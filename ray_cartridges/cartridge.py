@@ -229,16 +229,17 @@ def _write_adapter(peft_model, out: Path, weight: torch.Tensor) -> None:
 
 
 def export_cache_pt(peft_model, path: str | Path, weight: torch.Tensor | None = None) -> None:
-    """Cartridges-layout export: per layer trainable/frozen keys and values, each [1, H, n, D].
+    """Cartridges-layout export: per layer trainable/frozen keys and values, each [1, H, n, D], on the CPU
+    (a file written by a GPU worker loads on a machine without one).
 
     ``weight``: the full flattened cartridge, where the module's own parameters are partitioned (ZeRO-3)."""
     n_frozen = encoder(peft_model).num_frozen_tokens
     kv = layer_kv(peft_model, weight)
     state = {
-        "trainable_keys": [k[:, n_frozen:].unsqueeze(0).detach().clone().contiguous() for k, _ in kv],
-        "trainable_values": [v[:, n_frozen:].unsqueeze(0).detach().clone().contiguous() for _, v in kv],
-        "frozen_keys": [k[:, :n_frozen].unsqueeze(0).detach().clone().contiguous() for k, _ in kv],
-        "frozen_values": [v[:, :n_frozen].unsqueeze(0).detach().clone().contiguous() for _, v in kv],
+        "trainable_keys": [k[:, n_frozen:].unsqueeze(0).detach().cpu().clone().contiguous() for k, _ in kv],
+        "trainable_values": [v[:, n_frozen:].unsqueeze(0).detach().cpu().clone().contiguous() for _, v in kv],
+        "frozen_keys": [k[:, :n_frozen].unsqueeze(0).detach().cpu().clone().contiguous() for k, _ in kv],
+        "frozen_values": [v[:, :n_frozen].unsqueeze(0).detach().cpu().clone().contiguous() for _, v in kv],
     }
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

@@ -59,11 +59,13 @@ def plan_steps(cfg: TrainConfig, n_train: int) -> tuple[list[list[int]], int]:
 
 
 @torch.no_grad()
-def evaluate(model, rows: list[dict], pad_id: int, top_k: int, micro: int, autocast) -> tuple[float, float]:
+def evaluate(
+    model, rows: list[dict], pad_id: int, top_k: int, micro: int, autocast, device: torch.device
+) -> tuple[float, float]:
     """(sum of per-token KD loss, number of supervised tokens) over ``rows``."""
     total, count = 0.0, 0.0
     for i in range(0, len(rows), micro):
-        b = collate(rows[i : i + micro], pad_id, top_k)
+        b = {k: v.to(device) for k, v in collate(rows[i : i + micro], pad_id, top_k).items()}
         with autocast():
             logits = student_logits_at(model, b)
         total += float(kd_loss_sum(logits, b["topk_ids"], b["topk_logprobs"]))
@@ -207,7 +209,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     def run_eval(step: int) -> dict:
         if not eval_rows:
             return {}
-        s, c = evaluate(peft_model, my_eval, pad_id, t.top_k_logits, micro, autocast)
+        s, c = evaluate(peft_model, my_eval, pad_id, t.top_k_logits, micro, autocast, device)
         if eval_sharded:
             s, c = _all_reduce([s, c])
         return {"step": step, "eval/loss": s / max(c, 1.0), "eval/tokens": c}
