@@ -20,7 +20,12 @@ class ReplayConfig(StrictModel):
         description="Teacher context: the whole memory, the memory minus the current experience, or random windows.",
     )
     window_k: int = Field(8, gt=0, description="random_sampling: experiences per random window.")
-    samples_per_observation: int = Field(1, gt=0, description="Prompts per Observation (different windows/phrasings).")
+    samples_per_observation: int = Field(
+        1,
+        gt=0,
+        description="Prompts per Observation: the first asks it verbatim, the others in other words "
+        "(and, for random_sampling, over other windows); all share the Observation's split key.",
+    )
 
 
 class SelfStudyConfig(StrictModel):

@@ -37,6 +37,25 @@ SEED_PROMPTS = {
 }
 
 
+# Replay sample s >= 1 of an Observation asks the same question in other words (sample 0 asks it verbatim), so
+# several samples per Observation are distinct conversations even where the teacher context is the same.
+REPLAY_PHRASINGS = (
+    "Quick question: {q}",
+    "I can't remember this one. {q}",
+    "Could you tell me? {q}",
+    "{q} Please answer in one sentence.",
+    "Remind me, please: {q}",
+    "From what you know: {q}",
+)
+
+
+def replay_user_turn(question: str, sample: int) -> str:
+    """The user turn of replay sample ``sample`` of an Observation (0: the Observation itself)."""
+    if sample == 0:
+        return question
+    return REPLAY_PHRASINGS[(sample - 1) % len(REPLAY_PHRASINGS)].format(q=question)
+
+
 def _pid(*parts) -> str:
     return hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()[:16]
 
@@ -74,8 +93,8 @@ def replay_prompts(memory: AgentMemory, cfg: GenerateConfig, rng: random.Random)
                     "prompt_id": _pid("replay", rc.mode, gi, s, cfg.seed),
                     "strategy": f"replay/{rc.mode}",
                     "context": ctx,
-                    "user": obs.content,
-                    "split_key": f"entry-{gi}",
+                    "user": replay_user_turn(obs.content, s),
+                    "split_key": f"entry-{gi}",  # every phrasing of one experience lands on the same side
                     "metadata": {"memory_entry": gi, "sample": s},
                 }
             )
