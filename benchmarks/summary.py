@@ -71,6 +71,18 @@ def rows() -> list[list]:
                 "report (CPU: shared cores)",
                 None,
             )
+    if s := _load("train_scaling_gpu"):  # run on a GPU machine (README: how it was made)
+        gpu = s["machine"].get("cuda") or "GPU"
+        for v in s["results"].values():
+            row(
+                "training",
+                f"{gpu}, {s['config']['dtype']}: {v['backend']} x {v['workers']} tok/s vs ddp",
+                f"{v['median']['tokens_per_s']:.0f}",
+                f"{s['results']['ddpx' + str(v['workers'])]['median']['tokens_per_s']:.0f}",
+                f"{v['vs_ddp_same_workers']:.2f}x",
+                "report",
+                None,
+            )
     if v := _load("serving"):
         r = v["ratios"]
         ttft = [statistics.median(v[k]["ttft_s"]) for k in ("cartridge", "icl")]
