@@ -40,6 +40,8 @@ def _summary(ev: dict) -> dict:
         "recall_heldout": rec["cartridge"].get("heldout_accuracy"),
         "ppl_ratio": harm["ratio"],
         "ppl_ratio_icl": harm.get("ratio_icl"),
+        "chat_ppl_ratio": (harm.get("chat") or {}).get("ratio"),
+        "chat_ppl_ratio_icl": (harm.get("chat") or {}).get("ratio_icl"),
     }
 
 
@@ -47,22 +49,30 @@ def markdown(baselines: dict, sizes: list[dict], steps: list[dict], p_steps: int
     def f(x, fmt="{:.3f}"):
         return "-" if x is None else fmt.format(x)
 
-    head = "| {} | KL to teacher | ICL gap closed | recall | recall (held-out entries) | ppl vs base | train s |"
-    sep = "|---|---|---|---|---|---|---|"
+    head = (
+        "| {} | KL to teacher | ICL gap closed | recall | recall (held-out entries) | ppl vs base (chat) | "
+        "ppl vs base (raw text) | train s |"
+    )
+    sep = "|---|---|---|---|---|---|---|---|"
+
+    def pct(r):
+        return None if r is None else (r - 1) * 100
+
     out = [
         "## Baselines",
         "",
-        "| agent | KL to teacher | recall | recall (held-out entries) | ppl vs base |",
-        "|---|---|---|---|---|",
+        "| agent | KL to teacher | recall | recall (held-out entries) | ppl vs base (chat) | ppl vs base (raw text) |",
+        "|---|---|---|---|---|---|",
     ]
     out.append(
         f"| no memory | {f(baselines['kl_no_memory'])} | {f(baselines['no_memory']['accuracy'], '{:.2f}')} | "
-        f"{f(baselines['no_memory'].get('heldout_accuracy'), '{:.2f}')} | +0.0% |"
+        f"{f(baselines['no_memory'].get('heldout_accuracy'), '{:.2f}')} | +0.0% | +0.0% |"
     )
     out.append(
         f"| ICL (memory in context) | 0 (it is the teacher) | {f(baselines['icl']['accuracy'], '{:.2f}')} | "
         f"{f(baselines['icl'].get('heldout_accuracy'), '{:.2f}')} | "
-        f"{f(None if baselines.get('ppl_ratio_icl') is None else (baselines['ppl_ratio_icl'] - 1) * 100, '{:+.1f}%')} |"
+        f"{f(pct(baselines.get('chat_ppl_ratio_icl')), '{:+.1f}%')} | "
+        f"{f(pct(baselines.get('ppl_ratio_icl')), '{:+.1f}%')} |"
     )
     for title, key, rows in (("Cartridge size p", "p", sizes), (f"Training steps (p = {p_steps})", "steps", steps)):
         out += ["", f"## {title}", "", head.format(key), sep]
@@ -70,7 +80,8 @@ def markdown(baselines: dict, sizes: list[dict], steps: list[dict], p_steps: int
             out.append(
                 f"| {r[key]} | {f(r['kl_cartridge'])} | {f(r['icl_gap_closed'], '{:.2f}')} | "
                 f"{f(r['recall'], '{:.2f}')} | {f(r['recall_heldout'], '{:.2f}')} | "
-                f"{f((r['ppl_ratio'] - 1) * 100, '{:+.1f}%')} | {f(r.get('train_s'), '{:.0f}')} |"
+                f"{f(pct(r.get('chat_ppl_ratio')), '{:+.1f}%')} | {f(pct(r['ppl_ratio']), '{:+.1f}%')} | "
+                f"{f(r.get('train_s'), '{:.0f}')} |"
             )
     return "\n".join(out) + "\n"
 
@@ -174,6 +185,7 @@ def main() -> None:
                 "no_memory": {k: v for k, v in ev["recall"]["no_memory"].items() if k != "answers"},
                 "icl": {k: v for k, v in ev["recall"]["icl"].items() if k != "answers"},
                 "ppl_ratio_icl": ev["no_harm"].get("ratio_icl"),
+                "chat_ppl_ratio_icl": (ev["no_harm"].get("chat") or {}).get("ratio_icl"),
             }
         row = {"p": p, "steps": steps, "train_s": train_s, "train_rows": summary.get("train_rows"), **_summary(ev)}
         size_rows.append(row)
@@ -204,6 +216,13 @@ def main() -> None:
                 (demo["icl_gap_closed"] or 0) >= TARGETS["icl_gap_closed"],
             ),
             "recall_vs_icl": (demo["recall"], f">= ICL {icl:.2f}", demo["recall"] >= icl),
+            # no harm read two ways: an unrelated chat after the cartridge (how the agent reads it) and plain
+            # text straight after the prefix (no chat turn between: the harsher reading); both are reported
+            "chat_ppl_ratio": (
+                demo["chat_ppl_ratio"],
+                f"<= {TARGETS['ppl_ratio_max']}",
+                demo["chat_ppl_ratio"] <= TARGETS["ppl_ratio_max"],
+            ),
             "ppl_ratio": (
                 demo["ppl_ratio"],
                 f"<= {TARGETS['ppl_ratio_max']}",

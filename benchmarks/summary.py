@@ -130,16 +130,23 @@ def rows() -> list[list]:
             rec[1],
             rec[2],
         )
-        ppl = c["ppl_ratio"]
-        row(
-            "fidelity",
-            "perplexity on unrelated text vs base",
-            f"{ppl[0]:.3f}",
-            f"1.000 (ICL {f['baselines'].get('ppl_ratio_icl') or float('nan'):.3f})",
-            f"{(ppl[0] - 1) * 100:+.1f}%",
-            ppl[1],
-            ppl[2],
-        )
+        for key, label, icl_key in (
+            ("chat_ppl_ratio", "perplexity of an unrelated chat vs base", "chat_ppl_ratio_icl"),
+            ("ppl_ratio", "perplexity of unrelated raw text right after the prefix vs base", "ppl_ratio_icl"),
+        ):
+            if key not in c:  # results written before this reading existed
+                continue
+            ppl = c[key]
+            icl = f["baselines"].get(icl_key)
+            row(
+                "fidelity",
+                label,
+                f"{ppl[0]:.3f}",
+                f"1.000 (ICL {icl if icl is not None else float('nan'):.3f})",
+                f"{(ppl[0] - 1) * 100:+.1f}%",
+                ppl[1],
+                ppl[2],
+            )
     return out
 
 

@@ -67,3 +67,39 @@ def test_text_cartridge_no_harm_equals_its_text_in_context(model, tokenizer):
     assert harm["ratio"] == __import__("pytest").approx(harm["ppl_cartridge"] / harm["ppl_base"])
     other = perplexity_after_text(base_model, tokenizer, "Completely different words come first here.", text)
     assert abs(other - harm["ppl_cartridge"]) / harm["ppl_cartridge"] > 1e-3
+
+
+def test_chat_perplexity_scores_only_the_answer_turn(model, tokenizer):
+    """No harm as the agent reads it: the unrelated text is the assistant's turn of a chat; only its tokens
+    (and the end-of-turn marker) are scored, the same tokens with and without a prefix."""
+    from ray_cartridges.eval.evaluate import CHAT_REQUEST, perplexity_chat
+
+    text = "Bread dough needs time to rise before it is baked in a hot oven."
+    msgs = [{"role": "user", "content": CHAT_REQUEST}]
+    pre = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=False)
+    full = tokenizer.apply_chat_template(
+        msgs + [{"role": "assistant", "content": text}], tokenize=True, return_dict=False
+    )
+    ids = torch.tensor([list(full)])
+    with torch.no_grad():
+        logits = model(ids).logits[0]
+    ref = torch.nn.functional.cross_entropy(logits[len(pre) - 1 : -1], ids[0, len(pre) :])
+    assert perplexity_chat(model, tokenizer, text) == __import__("pytest").approx(float(torch.exp(ref)), rel=1e-4)
+    # a different request changes the context, not which tokens are scored
+    other = perplexity_chat(model, tokenizer, text, request="Say something.")
+    assert other != __import__("pytest").approx(float(torch.exp(ref)), rel=1e-4)
+
+
+def test_no_harm_chunks_raw_chat_and_both(tokenizer):
+    from ray_cartridges.train.loop import _no_harm_chunks
+
+    text = " ".join(f"word{i}" for i in range(400))
+    raw = _no_harm_chunks(tokenizer, text, 32, "raw")
+    chat = _no_harm_chunks(tokenizer, text, 32, "chat", system_prompt="Be brief.")
+    both = _no_harm_chunks(tokenizer, text, 32, "both")
+    assert all(len(c) == 32 for c in raw) and len(chat) == len(raw) and len(both) == 2 * len(raw)
+    assert both[0::2] == raw
+    for r, c in zip(raw, chat):
+        s = tokenizer.decode(c)
+        assert tokenizer.decode(r) in s and "Be brief." in s and s.count("<|im_start|>") == 3
+    assert "Be brief." not in tokenizer.decode(both[1])

@@ -104,6 +104,11 @@ class TrainingConfig(StrictModel):
         None, description="General text for the no-harm term (default: the bundled ray_cartridges/data/general.txt)."
     )
     no_harm_tokens: int = Field(128, gt=1, description="Tokens per no-harm chunk (one chunk per worker per step).")
+    no_harm_format: Literal["raw", "chat", "both"] = Field(
+        "both",
+        description="How the no-harm chunks are read after the cartridge: as plain text, as the assistant turn of "
+        "a chat about something else (how the agent reads the cartridge), or alternating both.",
+    )
     keep_best: bool = Field(
         True, description="Keep the cartridge with the lowest held-out KD loss so far in <local_dir>/best."
     )

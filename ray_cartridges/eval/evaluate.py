@@ -88,15 +88,50 @@ def perplexity_after_text(model, tok, prefix: str, text: str) -> float:
     return float(torch.exp(torch.nn.functional.cross_entropy(logits.float(), ids[0, len(p_ids) + 1 :])))
 
 
-def no_harm(model, tok, kv, text: str, memory_text: str | None = None) -> dict:
-    """Perplexity on text unrelated to the memory: bare model, with the cartridge, and (when given) with the
-    memory itself in context before it, the ICL reference."""
+@torch.no_grad()
+def perplexity_chat(model, tok, text: str, kv=None, system: str | None = None, request: str | None = None) -> float:
+    """Perplexity of ``text`` as the assistant's answer to an unrelated ``request``, in the chat template, after
+    an optional cartridge prefix and an optional system prompt: how the agent reads its cartridge.
+
+    Scores the answer's tokens and the end-of-turn marker after them."""
+    from ..agent.decoding import build_cache
+
+    msgs = [{"role": "system", "content": system}] if system else []
+    msgs.append({"role": "user", "content": request or CHAT_REQUEST})
+    pre = list(tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=False))
+    full = list(
+        tok.apply_chat_template(msgs + [{"role": "assistant", "content": text}], tokenize=True, return_dict=False)
+    )
+    ids = torch.tensor([full])
+    p = 0 if kv is None else kv[0][0].shape[1]
+    pos = torch.arange(p, p + ids.shape[1])[None]
+    mask = torch.ones((1, p + ids.shape[1]), dtype=torch.long)
+    logits = model(ids, attention_mask=mask, position_ids=pos, past_key_values=build_cache(model, kv, 1)).logits[0]
+    scored = slice(len(pre) - 1, len(full) - 1)
+    return float(torch.exp(torch.nn.functional.cross_entropy(logits[scored].float(), ids[0, len(pre) :])))
+
+
+CHAT_REQUEST = "Tell me about something you find interesting."
+
+
+def no_harm(model, tok, kv, text: str, memory_text: str | None = None, system_prompt: str | None = None) -> dict:
+    """Perplexity on text unrelated to the memory, bare model against the model with the cartridge, read two ways:
+    as plain text right after the prefix (top-level keys) and as the assistant's turn of an unrelated chat
+    (``chat``), the way the agent reads its cartridge. ``memory_text`` adds the ICL reference of each: the memory
+    itself in context (before the text; as the system prompt of the chat)."""
     base = perplexity(model, tok, text)
     cart = perplexity(model, tok, text, kv)
     out = {"ppl_base": base, "ppl_cartridge": cart, "ratio": cart / base}
     if memory_text:
         icl = perplexity_after_text(model, tok, memory_text, text)
         out.update({"ppl_icl": icl, "ratio_icl": icl / base})
+    chat_base = perplexity_chat(model, tok, text, system=system_prompt)
+    chat_cart = perplexity_chat(model, tok, text, kv, system=system_prompt)
+    chat = {"ppl_base": chat_base, "ppl_cartridge": chat_cart, "ratio": chat_cart / chat_base}
+    if memory_text:
+        chat_icl = perplexity_chat(model, tok, text, system=memory_text)
+        chat.update({"ppl_icl": chat_icl, "ratio_icl": chat_icl / chat_base})
+    out["chat"] = chat
     return out
 
 
@@ -178,7 +213,7 @@ def evaluate_cartridge(
         rec[name]["heldout_accuracy"] = sum(held_scores) / len(held_scores) if held_scores else None
     if unrelated_text is None:
         unrelated_text = (Path(__file__).resolve().parent.parent / "data" / "unrelated.txt").read_text()
-    harm = no_harm(model, tok, mem.kv, unrelated_text, memory.render())
+    harm = no_harm(model, tok, mem.kv, unrelated_text, memory.render(), mem.meta.student_system_prompt)
     return {
         "fidelity": fid,
         "recall": rec,
@@ -207,13 +242,16 @@ def evaluation_lines(evaluation: dict | None) -> list[str]:
         )
     harm = evaluation.get("no_harm")
     if harm:
-        icl = (
-            f"; memory in context: {harm['ppl_icl']:.2f} ({(harm['ratio_icl'] - 1) * 100:+.1f}%)"
-            if "ppl_icl" in harm
-            else ""
-        )
-        lines.append(
-            f"no harm: perplexity on unrelated text {harm['ppl_base']:.2f} without, {harm['ppl_cartridge']:.2f} with "
-            f"the cartridge ({(harm['ratio'] - 1) * 100:+.1f}%){icl}"
-        )
+        for label, h in (("unrelated chat", harm.get("chat")), ("unrelated text right after the prefix", harm)):
+            if not h:
+                continue
+            icl = (
+                f"; memory in context: {h['ppl_icl']:.2f} ({(h['ratio_icl'] - 1) * 100:+.1f}%)"
+                if "ppl_icl" in h
+                else ""
+            )
+            lines.append(
+                f"no harm ({label}): perplexity {h['ppl_base']:.2f} without, {h['ppl_cartridge']:.2f} with "
+                f"the cartridge ({(h['ratio'] - 1) * 100:+.1f}%){icl}"
+            )
     return lines

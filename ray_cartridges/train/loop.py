@@ -144,7 +144,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, t.warmup_steps, t.min_lr_ratio))
     n_micro = math.ceil(per_worker / micro)
-    no_harm = _no_harm_chunks(tok, loop_config.get("no_harm_text"), t.no_harm_tokens) if t.no_harm_weight else []
+    no_harm = (
+        _no_harm_chunks(
+            tok, loop_config.get("no_harm_text"), t.no_harm_tokens, t.no_harm_format, cfg.student_system_prompt
+        )
+        if t.no_harm_weight
+        else []
+    )
     if t.no_harm_weight and not no_harm:
         raise ValueError(f"training.no_harm_text_file: the text is shorter than no_harm_tokens={t.no_harm_tokens}")
     n_micro += 1 if no_harm else 0  # the no-harm chunk is one more micro-step of each step
@@ -455,9 +461,35 @@ def _no_harm_targets(peft_model, chunks: list[list[int]], device, top_k: int, au
     return out
 
 
-def _no_harm_chunks(tok, text: str | None, n: int) -> list[list[int]]:
-    """The general text cut into chunks of ``n`` tokens (the last partial chunk is dropped)."""
+def _no_harm_chunks(
+    tok, text: str | None, n: int, fmt: str = "raw", system_prompt: str | None = None
+) -> list[list[int]]:
+    """The general text cut into chunks of ``n`` tokens (the last partial chunk is dropped).
+
+    ``fmt``: ``raw`` the chunks as they are; ``chat`` each chunk as the assistant's answer to an unrelated
+    request, in the chat template the agent uses; ``both`` a raw and a chat version of every chunk, alternating.
+    """
     if not text:
         return []
     ids = tok(text).input_ids
-    return [ids[i : i + n] for i in range(0, len(ids) - n + 1, n)]
+    raw = [ids[i : i + n] for i in range(0, len(ids) - n + 1, n)]
+    if fmt == "raw":
+        return raw
+    chat = []
+    for i, chunk in enumerate(raw):
+        msgs = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        msgs += [
+            {"role": "user", "content": GENERAL_REQUESTS[i % len(GENERAL_REQUESTS)]},
+            {"role": "assistant", "content": tok.decode(chunk)},
+        ]
+        chat.append(list(tok.apply_chat_template(msgs, tokenize=True, return_dict=False)))
+    return chat if fmt == "chat" else [c for pair in zip(raw, chat) for c in pair]
+
+
+# user turns of the chat-formatted no-harm chunks: requests that have nothing to do with any memory
+GENERAL_REQUESTS = (
+    "Tell me about something you find interesting.",
+    "Write a short paragraph on any topic.",
+    "Explain something from science or history.",
+    "Can you describe how something works?",
+)
