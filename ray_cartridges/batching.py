@@ -14,20 +14,38 @@ import numpy as np
 import torch
 
 
-def split_of(split_key: str, eval_fraction: float, seed: int) -> str:
-    """'eval' or 'train' from a hash of the row's split key (rows of one key never straddle the split)."""
+def _key_rank(split_key: str, seed: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{split_key}".encode()).digest()[:8], "big")
+
+
+def heldout_keys(keys, eval_fraction: float, seed: int) -> set[str]:
+    """The split keys held out for evaluation: an exact share of the keys of each kind.
+
+    A key's kind is the text before its first ``-`` (``entry`` for replay of one experience, ``chunk`` for
+    self-study of a chunk, ...). Within each kind the keys are ordered by a seeded hash and the first
+    ``round(eval_fraction * n)`` (at least one where the kind has two or more keys) are held out, so every kind
+    is represented and the held-out share does not swing with hash luck. All rows of a key fall on one side.
+    """
     if eval_fraction <= 0:
-        return "train"
-    h = int.from_bytes(hashlib.sha256(f"{seed}:{split_key}".encode()).digest()[:8], "big")
-    return "eval" if (h / 2**64) < eval_fraction else "train"
+        return set()
+    kinds: dict[str, list[str]] = {}
+    for k in set(keys):
+        kinds.setdefault(k.split("-", 1)[0], []).append(k)
+    held: set[str] = set()
+    for group in kinds.values():
+        n = round(eval_fraction * len(group))
+        n = max(n, 1 if len(group) > 1 else 0)
+        held.update(sorted(group, key=lambda k: (_key_rank(k, seed), k))[:n])
+    return held
 
 
 def split_rows(rows: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    train, evl = [], []
-    for r in rows:
-        (evl if split_of(r["split_key"], eval_fraction, seed) == "eval" else train).append(r)
+    """(train, held-out) rows, split by ``split_key`` (see :func:`heldout_keys`), order kept."""
+    held = heldout_keys([r["split_key"] for r in rows], eval_fraction, seed)
+    train = [r for r in rows if r["split_key"] not in held]
+    evl = [r for r in rows if r["split_key"] in held]
     if eval_fraction > 0 and not evl and len(train) > 1:
-        evl.append(train.pop())  # tiny datasets: keep at least one held-out row
+        evl.append(train.pop())  # a single key: keep at least one held-out row
     return train, evl
 
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from ray_cartridges.batching import collate, global_batches, split_of, split_rows, worker_slice
+from ray_cartridges.batching import collate, global_batches, heldout_keys, split_rows, worker_slice
 
 
 def test_plan_is_deterministic_and_covers_each_epoch_once():
@@ -39,12 +39,18 @@ def test_global_batch_larger_than_data_is_an_error():
 
 
 def test_split_groups_by_key_and_is_stable():
-    rows = [{"split_key": f"k{i % 20}", "row_id": str(i)} for i in range(200)]
+    rows = [{"split_key": f"entry-{i % 20}", "row_id": str(i)} for i in range(200)]
+    rows += [{"split_key": f"chunk-{i % 8}-{i % 8 + 3}", "row_id": f"c{i}"} for i in range(40)]
     train, evl = split_rows(rows, 0.25, seed=0)
     tk = {r["split_key"] for r in train}
     ek = {r["split_key"] for r in evl}
-    assert tk.isdisjoint(ek) and ek and len(train) + len(evl) == 200
-    assert [split_of(f"k{i}", 0.25, 0) for i in range(20)] == [split_of(f"k{i}", 0.25, 0) for i in range(20)]
+    assert tk.isdisjoint(ek) and len(train) + len(evl) == len(rows)
+    # an exact share of each kind of key: 5 of 20 experiences, 2 of 8 chunks
+    assert sorted(k.split("-")[0] for k in ek) == ["chunk"] * 2 + ["entry"] * 5
+    # stable: the same keys in another order, or again, give the same split; another seed another one
+    assert heldout_keys(reversed([r["split_key"] for r in rows]), 0.25, 0) == ek
+    assert heldout_keys([r["split_key"] for r in rows], 0.25, 1) != ek
+    assert heldout_keys(["entry-1", "entry-2"], 0.0, 0) == set()
 
 
 def test_collate_positions_and_padding():

@@ -2,7 +2,7 @@
 
 from conftest import EXAMPLE_CHECKPOINT
 
-from ray_cartridges.batching import split_of
+from ray_cartridges.batching import heldout_keys
 from ray_cartridges.config import GenerateConfig, validate_config
 from ray_cartridges.generate.strategies import build_prompts
 from ray_cartridges.memory import read_memory
@@ -32,7 +32,8 @@ def test_replay_samples_are_distinct_phrasings_that_share_their_experience_key()
         assert len({u for _, u in users}) == 3  # the others are other words, not duplicates
         assert all(questions[key] in u for _, u in users)  # ...of the same question
         # all phrasings of one experience fall on the same side of the train / held-out split
-        assert len({split_of(p["split_key"], 0.3, 7) for p in group}) == 1
+        held = heldout_keys([p["split_key"] for p in prompts], 0.3, 7)
+        assert len({p["split_key"] in held for p in group}) == 1
 
 
 def test_one_sample_per_observation_is_the_observation_itself():

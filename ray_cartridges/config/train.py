@@ -21,7 +21,13 @@ class InputDatasetConfig(StrictModel):
         True, description="true: the data is flat top-k parquet; false: seed JSONL, converted on the fly."
     )
     min_prob_mass: float = Field(0.99, gt=0, le=1, description="Conversion: keep top tokens until this mass.")
-    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of rows held out for evaluation.")
+    eval_fraction: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="Share of split keys held out for evaluation, per kind of key (replay experiences, self-study "
+        "chunks): all rows of a held-out experience or chunk stay out of training.",
+    )
     split_seed: int = Field(0, description="Seed of the train/eval split.")
 
     @model_validator(mode="after")

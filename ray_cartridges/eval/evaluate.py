@@ -17,7 +17,7 @@ import torch
 from ..agent.base import ChatModel
 from ..agent.decoding import SamplingParams
 from ..agent.kv_memory import KVCacheMemory
-from ..batching import split_of
+from ..batching import heldout_keys
 from ..memory import AgentMemory
 from .metrics import kl_per_token, score_answer
 
@@ -190,7 +190,8 @@ def evaluate_cartridge(
     mem = KVCacheMemory.from_dir(cartridge_dir, dtype=dtype)
     model, tok = mem.model, mem.tokenizer
     records = [json.loads(line) for line in Path(dataset_jsonl).read_text().splitlines() if line.strip()]
-    held = [r for r in records if split_of(r["metadata"].get("split_key", ""), eval_fraction, split_seed) == "eval"]
+    held_keys = heldout_keys([r["metadata"].get("split_key", "") for r in records], eval_fraction, split_seed)
+    held = [r for r in records if r["metadata"].get("split_key", "") in held_keys]
     fid = fidelity(model, tok, mem.kv, held[:64], mem.meta.student_system_prompt) if held else {}
     qs = memory_questions(memory)[:max_questions]
     held_entries = {
