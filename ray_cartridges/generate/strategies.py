@@ -39,9 +39,10 @@ SEED_PROMPTS = {
 
 # Replay sample s >= 1 of an Observation asks the same question in other words (sample 0 asks it verbatim), so
 # several samples per Observation are distinct conversations even where the teacher context is the same.
+# (A phrasing that claims forgetting, "I can't remember this one. {q}", made the bundled 135M teacher answer
+# "You forgot to mention ..." instead of the fact: phrasings stay neutral.)
 REPLAY_PHRASINGS = (
     "Quick question: {q}",
-    "I can't remember this one. {q}",
     "Could you tell me? {q}",
     "{q} Please answer in one sentence.",
     "Remind me, please: {q}",
