@@ -154,6 +154,8 @@ def main() -> None:
     sizes = [int(p) for p in args.sizes.split(",")]
     every = max(1, steps // args.step_points)
 
+    shared: dict = {}  # the teacher's logits and other cartridge-independent readings, made once for the sweep
+
     def evaluate(cart: Path, baselines=()) -> dict:
         return evaluate_cartridge(
             cart,
@@ -164,6 +166,7 @@ def main() -> None:
             max_questions=cfg.eval.max_questions,
             max_tokens=cfg.eval.max_tokens,
             baselines=baselines,
+            cache=shared,
         )
 
     size_rows, step_rows, baselines = [], [], None

@@ -103,3 +103,39 @@ def test_no_harm_chunks_raw_chat_and_both(tokenizer):
         s = tokenizer.decode(c)
         assert tokenizer.decode(r) in s and "Be brief." in s and s.count("<|im_start|>") == 3
     assert "Be brief." not in tokenizer.decode(both[1])
+
+
+def test_fidelity_and_no_harm_with_a_shared_cache_match_fresh_readings(model, tokenizer):
+    """A sweep shares the cartridge-independent readings between evaluations: same figures as without, and a
+    second cartridge read through the same cache gets its own cartridge readings."""
+    from ray_cartridges.cartridge import create_cartridge, layer_kv
+    from ray_cartridges.eval.evaluate import fidelity, no_harm
+
+    memory_text = "The spare generator key is in the blue tin above the workbench in Hut B."
+    user, answer = "Where is the spare generator key?", "It is in the blue tin above the workbench."
+    a_ids = tokenizer(answer).input_ids
+    rec = {"messages": [{"content": memory_text}, {"content": user}, {"content": answer, "token_ids": a_ids}]}
+
+    def kv_of(text):
+        p = len(tokenizer(text).input_ids)
+        peft = create_cartridge(model, num_tokens=p, num_frozen_tokens=1, method="text", tokenizer=tokenizer, text=text)
+        return [(k.detach().clone(), v.detach().clone()) for k, v in layer_kv(peft)], peft.get_base_model()
+
+    kv1, base = kv_of(memory_text)
+    kv2, _ = kv_of("Dinner is served at half past six in the mess hall.")
+    text = "Bread dough needs time to rise before it is baked in a hot oven."
+    cache: dict = {}
+    for kv in (kv1, kv2):
+        fresh_f, fresh_h = fidelity(base, tokenizer, kv, [rec]), no_harm(base, tokenizer, kv, text, memory_text)
+        cached_f, cached_h = (
+            fidelity(base, tokenizer, kv, [rec], cache=cache),
+            no_harm(base, tokenizer, kv, text, memory_text, cache=cache),
+        )
+        for k in ("kl_no_memory", "kl_cartridge", "icl_gap_closed"):
+            assert cached_f[k] == __import__("pytest").approx(fresh_f[k], rel=1e-5, abs=1e-7)
+        assert cached_h["ratio"] == __import__("pytest").approx(fresh_h["ratio"], rel=1e-5)
+        assert cached_h["chat"]["ratio_icl"] == __import__("pytest").approx(fresh_h["chat"]["ratio_icl"], rel=1e-5)
+    assert any(k[0] == "fidelity" for k in cache) and any(k[0] == "no_harm" for k in cache)
+    assert fidelity(base, tokenizer, kv1, [rec], cache=cache)["kl_cartridge"] != __import__("pytest").approx(
+        fidelity(base, tokenizer, kv2, [rec], cache=cache)["kl_cartridge"], rel=1e-3
+    )

@@ -27,8 +27,13 @@ def _ids(tok, msgs, gen=False):
 
 
 @torch.no_grad()
-def fidelity(model, tok, kv, records: list[dict], student_system_prompt: str | None = None) -> dict:
-    """Mean per-token KL over the answers of ``records`` for no memory and for the cartridge."""
+def fidelity(
+    model, tok, kv, records: list[dict], student_system_prompt: str | None = None, cache: dict | None = None
+) -> dict:
+    """Mean per-token KL over the answers of ``records`` for no memory and for the cartridge.
+
+    ``cache``: a dict kept across calls on the same base model (a sweep over cartridges): what does not depend on
+    the cartridge (the teacher's logits with the memory in context, the no-memory KL) is computed once."""
     from ..agent.decoding import build_cache
 
     sums = {"no_memory": 0.0, "cartridge": 0.0}
@@ -44,16 +49,24 @@ def fidelity(model, tok, kv, records: list[dict], student_system_prompt: str | N
             {"role": "user", "content": user["content"]}
         ]
         s_prompt = _ids(tok, s_msgs, True)
-        t_logits = model(torch.tensor([t_prompt + a_ids])).logits[0, len(t_prompt) - 1 : len(t_prompt) + len(a_ids) - 1]
         s_ids = torch.tensor([s_prompt + a_ids])
         s_slice = slice(len(s_prompt) - 1, len(s_prompt) + len(a_ids) - 1)
-        plain = model(s_ids).logits[0, s_slice]
+        key = ("fidelity", tuple(t_prompt), tuple(s_prompt), tuple(a_ids))
+        if cache is None or key not in cache:
+            t_logits = model(torch.tensor([t_prompt + a_ids])).logits[
+                0, len(t_prompt) - 1 : len(t_prompt) + len(a_ids) - 1
+            ]
+            kl_plain = float(kl_per_token(t_logits, model(s_ids).logits[0, s_slice]).sum())
+            if cache is not None:
+                cache[key] = (t_logits, kl_plain)
+        else:
+            t_logits, kl_plain = cache[key]
         pos = torch.arange(p, p + s_ids.shape[1])[None]
         mask = torch.ones((1, p + s_ids.shape[1]), dtype=torch.long)
         cart = model(s_ids, attention_mask=mask, position_ids=pos, past_key_values=build_cache(model, kv, 1)).logits[
             0, s_slice
         ]
-        sums["no_memory"] += float(kl_per_token(t_logits, plain).sum())
+        sums["no_memory"] += kl_plain
         sums["cartridge"] += float(kl_per_token(t_logits, cart).sum())
         n += len(a_ids)
     out = {f"kl_{k}": v / max(n, 1) for k, v in sums.items()}
@@ -114,22 +127,39 @@ def perplexity_chat(model, tok, text: str, kv=None, system: str | None = None, r
 CHAT_REQUEST = "Tell me about something you find interesting."
 
 
-def no_harm(model, tok, kv, text: str, memory_text: str | None = None, system_prompt: str | None = None) -> dict:
+def no_harm(
+    model,
+    tok,
+    kv,
+    text: str,
+    memory_text: str | None = None,
+    system_prompt: str | None = None,
+    cache: dict | None = None,
+) -> dict:
     """Perplexity on text unrelated to the memory, bare model against the model with the cartridge, read two ways:
     as plain text right after the prefix (top-level keys) and as the assistant's turn of an unrelated chat
     (``chat``), the way the agent reads its cartridge. ``memory_text`` adds the ICL reference of each: the memory
-    itself in context (before the text; as the system prompt of the chat)."""
-    base = perplexity(model, tok, text)
+    itself in context (before the text; as the system prompt of the chat). ``cache``: as in :func:`fidelity`."""
+
+    def once(name, fn, *args, **kw):  # the readings that do not depend on the cartridge
+        key = ("no_harm", name, text, memory_text, system_prompt)
+        if cache is None:
+            return fn(*args, **kw)
+        if key not in cache:
+            cache[key] = fn(*args, **kw)
+        return cache[key]
+
+    base = once("base", perplexity, model, tok, text)
     cart = perplexity(model, tok, text, kv)
     out = {"ppl_base": base, "ppl_cartridge": cart, "ratio": cart / base}
     if memory_text:
-        icl = perplexity_after_text(model, tok, memory_text, text)
+        icl = once("icl", perplexity_after_text, model, tok, memory_text, text)
         out.update({"ppl_icl": icl, "ratio_icl": icl / base})
-    chat_base = perplexity_chat(model, tok, text, system=system_prompt)
+    chat_base = once("chat_base", perplexity_chat, model, tok, text, system=system_prompt)
     chat_cart = perplexity_chat(model, tok, text, kv, system=system_prompt)
     chat = {"ppl_base": chat_base, "ppl_cartridge": chat_cart, "ratio": chat_cart / chat_base}
     if memory_text:
-        chat_icl = perplexity_chat(model, tok, text, system=memory_text)
+        chat_icl = once("chat_icl", perplexity_chat, model, tok, text, system=memory_text)
         chat.update({"ppl_icl": chat_icl, "ratio_icl": chat_icl / chat_base})
     out["chat"] = chat
     return out
@@ -179,11 +209,13 @@ def evaluate_cartridge(
     dtype: str = "fp32",
     unrelated_text: str | None = None,
     baselines: tuple[str, ...] = ("no_memory", "icl"),
+    cache: dict | None = None,
 ) -> dict:
     """Fidelity on the held-out split of ``dataset_jsonl`` and recall on the memory's facts.
 
     ``baselines``: which of the no-memory and in-context (ICL) agents answer the recall questions beside the
-    cartridge (a sweep over cartridges measures them once, not per cartridge).
+    cartridge (a sweep over cartridges measures them once, not per cartridge). ``cache``: a dict shared by the
+    evaluations of one sweep, so the readings that do not depend on the cartridge are made once.
     """
     from ..agent.history import HistoryAgent, HistoryAgentConfig
 
@@ -192,7 +224,7 @@ def evaluate_cartridge(
     records = [json.loads(line) for line in Path(dataset_jsonl).read_text().splitlines() if line.strip()]
     held_keys = heldout_keys([r["metadata"].get("split_key", "") for r in records], eval_fraction, split_seed)
     held = [r for r in records if r["metadata"].get("split_key", "") in held_keys]
-    fid = fidelity(model, tok, mem.kv, held[:64], mem.meta.student_system_prompt) if held else {}
+    fid = fidelity(model, tok, mem.kv, held[:64], mem.meta.student_system_prompt, cache) if held else {}
     qs = memory_questions(memory)[:max_questions]
     held_entries = {
         int(k.split("-")[1]) for k in (r["metadata"].get("split_key", "") for r in held) if k.startswith("entry-")
@@ -214,7 +246,7 @@ def evaluate_cartridge(
         rec[name]["heldout_accuracy"] = sum(held_scores) / len(held_scores) if held_scores else None
     if unrelated_text is None:
         unrelated_text = (Path(__file__).resolve().parent.parent / "data" / "unrelated.txt").read_text()
-    harm = no_harm(model, tok, mem.kv, unrelated_text, memory.render(), mem.meta.student_system_prompt)
+    harm = no_harm(model, tok, mem.kv, unrelated_text, memory.render(), mem.meta.student_system_prompt, cache)
     return {
         "fidelity": fid,
         "recall": rec,
