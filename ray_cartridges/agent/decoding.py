@@ -34,19 +34,21 @@ class Completion:
     ttft_s: float = 0.0
 
 
+def place_kv(model, prefix_kv):
+    """The per-layer (K, V) on the model's device and in its dtype (a no-op where they already are)."""
+    w = next(model.parameters())
+    return [(k.to(w.device, w.dtype), v.to(w.device, w.dtype)) for k, v in prefix_kv]
+
+
 def build_cache(model, prefix_kv, batch: int):
     from transformers import DynamicCache
 
     if prefix_kv is None:
         return None
-    w = next(model.parameters())
     return DynamicCache(
         ddp_cache_data=[
-            (
-                k.to(w.device, w.dtype).unsqueeze(0).expand(batch, -1, -1, -1),
-                v.to(w.device, w.dtype).unsqueeze(0).expand(batch, -1, -1, -1),
-            )
-            for k, v in prefix_kv
+            (k.unsqueeze(0).expand(batch, -1, -1, -1), v.unsqueeze(0).expand(batch, -1, -1, -1))
+            for k, v in place_kv(model, prefix_kv)
         ],
         config=model.config,
     )

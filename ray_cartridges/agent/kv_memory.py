@@ -9,6 +9,7 @@ from typing import Literal
 from ..cartridge import CartridgeMeta, check_compatible, layer_kv, load_cartridge, read_meta
 from ..models import load_model, load_tokenizer
 from .base import ChatModel
+from .decoding import place_kv
 
 
 @dataclass
@@ -88,8 +89,7 @@ class KVMemoryAgent(ChatModel):
         super().__init__(self.memory.model, self.memory.tokenizer, system)
         self.config = config
         self.defaults = {k: v for k, v in config.lm_config.items() if k in ("temperature", "top_p", "max_tokens")}
-        w = next(self.model.parameters())
-        self._kv = [(k.to(w.device, w.dtype), v.to(w.device, w.dtype)) for k, v in self.memory.kv]
+        self._kv = place_kv(self.model, self.memory.kv)  # once, so that decoding finds it in place
 
     def prefix_kv(self):
         return self._kv

@@ -26,6 +26,16 @@ def _ids(tok, msgs, gen=False):
     return list(tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen, return_dict=False))
 
 
+def _logits_after(model, ids: torch.Tensor, kv=None) -> torch.Tensor:
+    """Logits [T, V] of the single row ``ids`` [1, T] read after an optional cartridge prefix (positions from p)."""
+    from ..agent.decoding import build_cache
+
+    p = 0 if kv is None else kv[0][0].shape[1]
+    pos = torch.arange(p, p + ids.shape[1])[None]
+    mask = torch.ones((1, p + ids.shape[1]), dtype=torch.long)
+    return model(ids, attention_mask=mask, position_ids=pos, past_key_values=build_cache(model, kv, 1)).logits[0]
+
+
 @torch.no_grad()
 def fidelity(
     model, tok, kv, records: list[dict], student_system_prompt: str | None = None, cache: dict | None = None
@@ -34,11 +44,8 @@ def fidelity(
 
     ``cache``: a dict kept across calls on the same base model (a sweep over cartridges): what does not depend on
     the cartridge (the teacher's logits with the memory in context, the no-memory KL) is computed once."""
-    from ..agent.decoding import build_cache
-
     sums = {"no_memory": 0.0, "cartridge": 0.0}
     n = 0
-    p = kv[0][0].shape[1]
     for rec in records:
         sys_msg, user, answer = rec["messages"][0], rec["messages"][1], rec["messages"][-1]
         a_ids = answer["token_ids"]
@@ -61,11 +68,7 @@ def fidelity(
                 cache[key] = (t_logits, kl_plain)
         else:
             t_logits, kl_plain = cache[key]
-        pos = torch.arange(p, p + s_ids.shape[1])[None]
-        mask = torch.ones((1, p + s_ids.shape[1]), dtype=torch.long)
-        cart = model(s_ids, attention_mask=mask, position_ids=pos, past_key_values=build_cache(model, kv, 1)).logits[
-            0, s_slice
-        ]
+        cart = _logits_after(model, s_ids, kv)[s_slice]
         sums["no_memory"] += kl_plain
         sums["cartridge"] += float(kl_per_token(t_logits, cart).sum())
         n += len(a_ids)
@@ -79,13 +82,8 @@ def fidelity(
 @torch.no_grad()
 def perplexity(model, tok, text: str, kv=None) -> float:
     """Perplexity of ``text`` (plain tokens) read after an optional cartridge prefix."""
-    from ..agent.decoding import build_cache
-
     ids = torch.tensor([tok(text).input_ids])
-    p = 0 if kv is None else kv[0][0].shape[1]
-    pos = torch.arange(p, p + ids.shape[1])[None]
-    mask = torch.ones((1, p + ids.shape[1]), dtype=torch.long)
-    logits = model(ids, attention_mask=mask, position_ids=pos, past_key_values=build_cache(model, kv, 1)).logits[0, :-1]
+    logits = _logits_after(model, ids, kv)[:-1]
     nll = torch.nn.functional.cross_entropy(logits.float(), ids[0, 1:])
     return float(torch.exp(nll))
 
@@ -107,19 +105,12 @@ def perplexity_chat(model, tok, text: str, kv=None, system: str | None = None, r
     an optional cartridge prefix and an optional system prompt: how the agent reads its cartridge.
 
     Scores the answer's tokens and the end-of-turn marker after them."""
-    from ..agent.decoding import build_cache
-
     msgs = [{"role": "system", "content": system}] if system else []
     msgs.append({"role": "user", "content": request or CHAT_REQUEST})
-    pre = list(tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=False))
-    full = list(
-        tok.apply_chat_template(msgs + [{"role": "assistant", "content": text}], tokenize=True, return_dict=False)
-    )
+    pre = _ids(tok, msgs, gen=True)
+    full = _ids(tok, msgs + [{"role": "assistant", "content": text}])
     ids = torch.tensor([full])
-    p = 0 if kv is None else kv[0][0].shape[1]
-    pos = torch.arange(p, p + ids.shape[1])[None]
-    mask = torch.ones((1, p + ids.shape[1]), dtype=torch.long)
-    logits = model(ids, attention_mask=mask, position_ids=pos, past_key_values=build_cache(model, kv, 1)).logits[0]
+    logits = _logits_after(model, ids, kv)
     scored = slice(len(pre) - 1, len(full) - 1)
     return float(torch.exp(torch.nn.functional.cross_entropy(logits[scored].float(), ids[0, len(pre) :])))
 

@@ -7,7 +7,7 @@ import threading
 from collections import OrderedDict
 
 from ..agent.base import ChatModel
-from ..agent.decoding import Completion, SamplingParams
+from ..agent.decoding import Completion, SamplingParams, place_kv
 from ..agent.kv_memory import KVArtifact, KVCacheMemory, KVCacheMemoryConfig
 from ..cartridge import read_meta
 from ..models import load_model, load_tokenizer
@@ -58,8 +58,7 @@ class CartridgeEngine:
             model=self.model,
             tokenizer=self.tokenizer,
         )
-        w = next(self.model.parameters())
-        kv = [(k.to(w.device, w.dtype), v.to(w.device, w.dtype)) for k, v in mem.kv]
+        kv = place_kv(self.model, mem.kv)  # once per cartridge, not per request
 
         class _Agent(ChatModel):
             def prefix_kv(self):
