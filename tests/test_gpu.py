@@ -72,15 +72,21 @@ def test_deepspeed_zero2_and_zero3_on_gpu_match_ddp(tmp_path, ray_cluster, teach
 
 
 def test_bf16_model_on_gpu_learns(tmp_path, ray_cluster, teacher_jsonl, memory):
-    """bf16 frozen weights on the GPU: the held-out KD loss falls, as it does in fp32."""
+    """bf16 frozen weights on the GPU (fp32 cartridge, bf16 autocast): the held-out KD loss falls, and follows
+    the fp32 run of the same data and seed within bf16 rounding, so the cast loses no learning signal."""
     from ray_cartridges.train import run_training
 
-    cfg = _cfg(tmp_path, teacher_jsonl, memory, "bf16", max_steps=24, eval_every=12)
-    cfg = cfg.model_copy(update={"model_dtype": "bf16"})
-    run_training(cfg)
-    lines = [json.loads(x) for x in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()]
-    evals = [m["eval/loss"] for m in lines if "eval/loss" in m]
-    assert len(evals) == 3 and evals[-1] < 0.95 * evals[0], evals
+    curves = {}
+    for dtype in ("bf16", "fp32"):
+        cfg = _cfg(tmp_path, teacher_jsonl, memory, dtype, max_steps=24, eval_every=12)
+        run_training(cfg.model_copy(update={"model_dtype": dtype}))
+        lines = [json.loads(x) for x in (tmp_path / dtype / "metrics.jsonl").read_text().splitlines()]
+        curves[dtype] = [m["eval/loss"] for m in lines if "eval/loss" in m]
+    bf16, fp32 = curves["bf16"], curves["fp32"]
+    assert len(bf16) == 3 and bf16[-1] < bf16[1] < bf16[0], curves
+    # what bf16 learned is most of what fp32 learned, and its losses stay close to fp32's
+    assert bf16[0] - bf16[-1] > 0.7 * (fp32[0] - fp32[-1]), curves
+    assert bf16 == pytest.approx(fp32, rel=0.03), curves
 
 
 def test_agent_on_gpu_answers_like_the_cpu_agent(tmp_path, ray_cluster, teacher_jsonl, memory, tokenizer):
