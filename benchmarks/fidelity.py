@@ -2,7 +2,7 @@
 
     python benchmarks/fidelity.py [--config configs/demo.yaml] [--sizes 32,64,128,256] [--steps N]
 
-Uses the demo's teacher data (generated first if missing) and the demo's training recipe; only p (and for
+Uses the demo's teacher data (generated where missing or out of date) and the demo's training recipe; only p (and for
 the steps sweep, the checkpoints along one run) change. For every cartridge, on held-out material:
 - fidelity: per-token KL(teacher with the memory in context || student), no memory vs cartridge, and the
   share of the ICL gap closed (1 - KL_cartridge / KL_no_memory);
@@ -144,11 +144,11 @@ def main() -> None:
     if not ray.is_initialized():
         ray.init(log_to_driver=False, include_dashboard=False)
     data_dir = Path(cfg.generate.output_dir)
-    if not (data_dir / "dataset.jsonl").exists():
-        from ray_cartridges.generate.pipeline import run_generation
+    from ray_cartridges.generate.pipeline import run_generation
 
-        print(f"[fidelity] no teacher data in {data_dir}: generating it as the demo does", flush=True)
-        run_generation(cfg.generate)
+    # the demo's teacher data, brought up to date with the config (done shards are kept: a no-op when current)
+    print(f"[fidelity] teacher data in {data_dir} (generated where missing or stale, as the demo does)", flush=True)
+    run_generation(cfg.generate, progress=False)
     memory = read_memory(cfg.generate.checkpoint_dir)
     steps = args.steps or cfg.train.training.max_steps
     sizes = [int(p) for p in args.sizes.split(",")]

@@ -42,3 +42,44 @@ def test_one_sample_per_observation_is_the_observation_itself():
     assert sorted(p["user"] for p in replay) == sorted(
         g[0].content for g in memory.triples() if g[0].type == "Observation"
     )
+
+
+def test_unrelated_requests_are_answered_bare_and_train_the_student_toward_its_own_answers(model, tokenizer):
+    """general/bare prompts: no memory in the teacher's prompt, which is then exactly the student's prompt, so
+    the converted row's targets are the bare model's own distribution there (what the cartridge must not move)."""
+    import torch
+
+    from ray_cartridges.convert import convert_record
+    from ray_cartridges.generate.engines import HFEngine, Sampling
+    from ray_cartridges.generate.strategies import general_requests
+    from ray_cartridges.generate.teacher import run_prompts
+
+    memory = read_memory(EXAMPLE_CHECKPOINT)
+    cfg = validate_config(
+        GenerateConfig,
+        {"checkpoint_dir": str(EXAMPLE_CHECKPOINT), "self_study": {"num_samples": 0}, "general": {"num_samples": 6}},
+    )
+    requests = general_requests(cfg)
+    general = [p for p in build_prompts(memory, cfg) if p["strategy"] == "general/bare"]
+    assert sorted(p["user"] for p in general) == sorted(requests[:6])
+    assert all(p["context"] is None for p in general)  # no memory, no system prompt
+    assert len({p["split_key"] for p in general}) == 6  # each request is its own split key
+    assert not any(memory.entries[0].content in p["user"] for p in general)
+
+    records, problems = run_prompts(
+        HFEngine(model, tokenizer), general[:2], sampling=Sampling(max_tokens=8, top_logprobs=20)
+    )
+    assert not problems
+    for rec, p in zip(records, general):
+        assert [m["role"] for m in rec["messages"]] == ["user", "assistant"]
+        row = convert_record(rec, tokenizer, top_k=20, min_prob_mass=1.0)
+        ids = row["input_ids"]
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": p["user"]}], tokenize=True, add_generation_prompt=True, return_dict=False
+        )
+        assert list(ids[: len(prompt)]) == list(prompt)  # the student reads what the teacher read
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([list(ids)])).logits[0].float(), -1)
+        # the targets are the bare model's own top-k at each answer position
+        for pos, tid, tlp in zip(row["topk_pos"], row["topk_ids"], row["topk_logprobs"]):
+            assert abs(float(logp[pos - 1, tid]) - float(tlp)) < 1e-3

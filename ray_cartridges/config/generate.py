@@ -39,6 +39,19 @@ class SelfStudyConfig(StrictModel):
     question_temperature: float = Field(0.8, ge=0, description="Sampling temperature of question writing.")
 
 
+class GeneralConfig(StrictModel):
+    """Unrelated requests answered by the bare teacher (no memory in its prompt).
+
+    Trained on like any other row, they teach the cartridge to leave the model's behaviour on everything
+    else unchanged: the cartridge-reading model should answer an unrelated request as the model without it.
+    """
+
+    num_samples: int = Field(0, ge=0, description="Number of unrelated requests answered without memory (0: none).")
+    requests_file: str | None = Field(
+        None, description="Text file, one request per line (default: the bundled data/general_requests.txt)."
+    )
+
+
 class GenerateConfig(StrictModel):
     """Teacher generation: a model with the memory in its prompt answers many prompts; top-k logprobs are kept."""
 
@@ -70,6 +83,7 @@ class GenerateConfig(StrictModel):
     )
     replay: ReplayConfig = ReplayConfig()
     self_study: SelfStudyConfig = SelfStudyConfig()
+    general: GeneralConfig = GeneralConfig()
     training_top_k: int | None = Field(None, gt=0, description="top_k_logits of the training run (mismatch warns).")
     hf_repo_id: str | None = Field(None, description="Hub dataset repo to push to.")
     hf_private: bool = Field(True, description="Create the hub dataset as private.")

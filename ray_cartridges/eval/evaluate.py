@@ -215,7 +215,9 @@ def evaluate_cartridge(
     records = [json.loads(line) for line in Path(dataset_jsonl).read_text().splitlines() if line.strip()]
     held_keys = heldout_keys([r["metadata"].get("split_key", "") for r in records], eval_fraction, split_seed)
     held = [r for r in records if r["metadata"].get("split_key", "") in held_keys]
-    fid = fidelity(model, tok, mem.kv, held[:64], mem.meta.student_system_prompt, cache) if held else {}
+    # the ICL gap is measured where the teacher had the memory: not on unrelated requests it answered bare
+    held_mem = [r for r in held if not str(r["metadata"].get("strategy", "")).startswith("general/")]
+    fid = fidelity(model, tok, mem.kv, held_mem[:64], mem.meta.student_system_prompt, cache) if held_mem else {}
     qs = memory_questions(memory)[:max_questions]
     held_entries = {
         int(k.split("-")[1]) for k in (r["metadata"].get("split_key", "") for r in held) if k.startswith("entry-")

@@ -19,16 +19,22 @@ def logprob_entry(tokenizer, token_id: int, logprob: float, top: list[tuple[int,
 def make_record(
     tokenizer,
     *,
-    system_prompt: str,
+    system_prompt: str | None,
     user: str,
     answer_ids: list[int],
     entries: list[dict],
     metadata: dict,
 ) -> dict:
+    """``system_prompt`` None (a request the teacher answered with no system prompt): no system message."""
     text = tokenizer.decode(answer_ids, skip_special_tokens=True)
+    system = (
+        []
+        if system_prompt is None
+        else [{"role": "system", "content": system_prompt, "token_ids": None, "logprobs": None}]
+    )
     return {
         "messages": [
-            {"role": "system", "content": system_prompt, "token_ids": None, "logprobs": None},
+            *system,
             {"role": "user", "content": user, "token_ids": None, "logprobs": None},
             {
                 "role": "assistant",

@@ -1,9 +1,10 @@
-"""Prompt strategies: replay of the agent's own Observations and self-study questions.
+"""Prompt strategies: replay of the agent's own Observations, self-study questions and unrelated requests.
 
 Each prompt is a plain dict (JSON-serialisable, so it travels through Ray Data unchanged):
 ``prompt_id``, ``strategy``, ``context`` (the teacher's system prompt, with memory), ``user`` (or, for
 self-study, ``question_context`` + ``seed_prompt`` from which the teacher first writes the user turn),
-``split_key`` (the memory entry / chunk it came from) and ``metadata``.
+``split_key`` (the memory entry / chunk it came from) and ``metadata``. An unrelated request (``general/bare``)
+has ``context`` None: the teacher answers it with no system prompt, as the student model reads it.
 """
 
 from __future__ import annotations
@@ -128,6 +129,39 @@ def self_study_prompts(memory: AgentMemory, cfg: GenerateConfig, rng: random.Ran
     return out
 
 
+def general_requests(cfg: GenerateConfig) -> list[str]:
+    """The unrelated requests (one per non-empty line of the configured or bundled file)."""
+    from pathlib import Path
+
+    path = Path(cfg.general.requests_file or Path(__file__).resolve().parent.parent / "data" / "general_requests.txt")
+    try:
+        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    except OSError as e:
+        raise ValueError(f"general.requests_file: cannot read {path}: {e}") from e
+    if not lines:
+        raise ValueError(f"general.requests_file: {path} has no requests (one per line)")
+    return lines
+
+
+def general_prompts(cfg: GenerateConfig) -> list[dict]:
+    """Unrelated requests for the bare teacher: no memory, and the student's own system prompt (none by default),
+    so the target is what the model says without any memory. Each request is its own split key."""
+    requests = general_requests(cfg)
+    out = []
+    for i in range(cfg.general.num_samples):
+        out.append(
+            {
+                "prompt_id": _pid("general", i, cfg.seed),
+                "strategy": "general/bare",
+                "context": cfg.student_system_prompt or None,
+                "user": requests[i % len(requests)],
+                "split_key": f"general-{i % len(requests)}",  # a request repeated lands on one side
+                "metadata": {"request": i % len(requests)},
+            }
+        )
+    return out
+
+
 def build_prompts(memory: AgentMemory, cfg: GenerateConfig) -> list[dict]:
     """All prompts of a run, in a reproducible order (a function of the memory and the config)."""
     rng = random.Random(cfg.seed)
@@ -136,6 +170,7 @@ def build_prompts(memory: AgentMemory, cfg: GenerateConfig) -> list[dict]:
         prompts += replay_prompts(memory, cfg, rng)
     if cfg.self_study.enabled:
         prompts += self_study_prompts(memory, cfg, rng)
+    prompts += general_prompts(cfg)
     random.Random(cfg.seed + 1).shuffle(prompts)
     if cfg.max_samples:
         prompts = prompts[: cfg.max_samples]

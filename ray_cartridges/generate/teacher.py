@@ -8,8 +8,9 @@ from .engines import Sampling, request_seed
 from .records import make_record
 
 
-def chat_ids(tokenizer, system: str, user: str) -> list[int]:
-    msgs = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+def chat_ids(tokenizer, system: str | None, user: str) -> list[int]:
+    """The teacher's prompt: ``system`` (None: no system message, the model's template default) + ``user``."""
+    msgs = ([] if system is None else [{"role": "system", "content": system}]) + [{"role": "user", "content": user}]
     out = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=False)
     return list(out["input_ids"] if hasattr(out, "keys") else out)
 
