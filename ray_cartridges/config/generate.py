@@ -40,11 +40,7 @@ class SelfStudyConfig(StrictModel):
 
 
 class GeneralConfig(StrictModel):
-    """Unrelated requests answered by the bare teacher (no memory in its prompt).
-
-    Trained on like any other row, they teach the cartridge to leave the model's behaviour on everything
-    else unchanged: the cartridge-reading model should answer an unrelated request as the model without it.
-    """
+    """Unrelated requests answered by the bare teacher (no memory): rows that teach the cartridge to leave them be."""
 
     num_samples: int = Field(0, ge=0, description="Number of unrelated requests answered without memory (0: none).")
     requests_file: str | None = Field(
