@@ -71,6 +71,20 @@ def rows() -> list[list]:
                 "report (CPU: shared cores)",
                 None,
             )
+    for name in ("train_dtype", "train_dtype_gpu"):  # the GPU one: run on a GPU machine (README: how)
+        if not (s := _load(name)):
+            continue
+        m = s["median"]
+        where = s["machine"].get("cuda") or "CPU"
+        row(
+            "training",
+            f"{where}, bf16 frozen model: tok/s vs fp32 (losses within {s['max_rel_loss_diff']:.1%})",
+            f"{m['bf16']['tokens_per_s']:.0f}",
+            f"{m['fp32']['tokens_per_s']:.0f}",
+            f"{s['speedup_bf16_vs_fp32']:.2f}x",
+            "report",
+            None,
+        )
     if s := _load("train_scaling_gpu"):  # run on a GPU machine (README: how it was made)
         gpu = s["machine"].get("cuda") or "GPU"
         for v in s["results"].values():

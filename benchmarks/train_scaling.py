@@ -62,6 +62,7 @@ def run_one(data: Path, backend: str, workers: int, args, out: Path) -> dict:
     steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in steps if "train/loss" in m][args.warmup :]
     return {
+        "loss": [m["train/loss"] for m in steps],
         "tokens_per_s": [m["train/tokens_per_s"] for m in steps],
         "step_s": [m["train/step_time_s"] for m in steps],
         **{p: [m[f"time/{p}_s"] for m in steps] for p in PHASES},
