@@ -40,7 +40,7 @@ class SelfStudyConfig(StrictModel):
 
 
 class GeneralConfig(StrictModel):
-    """Unrelated requests answered by the bare teacher (no memory): rows that teach the cartridge to leave them be."""
+    """Unrelated requests answered by the bare teacher (no memory): the cartridge learns to leave such answers as they were."""
 
     num_samples: int = Field(0, ge=0, description="Number of unrelated requests answered without memory (0: none).")
     requests_file: str | None = Field(

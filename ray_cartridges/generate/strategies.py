@@ -4,7 +4,8 @@ Each prompt is a plain dict (JSON-serialisable, so it travels through Ray Data u
 ``prompt_id``, ``strategy``, ``context`` (the teacher's system prompt, with memory), ``user`` (or, for
 self-study, ``question_context`` + ``seed_prompt`` from which the teacher first writes the user turn),
 ``split_key`` (the memory entry / chunk it came from) and ``metadata``. An unrelated request (``general/bare``)
-has ``context`` None: the teacher answers it with no system prompt, as the student model reads it.
+has no memory in ``context``: it is the student's own system prompt (None where the student has none, and the
+teacher then gets no system message), so the teacher reads exactly what the student reads.
 """
 
 from __future__ import annotations
