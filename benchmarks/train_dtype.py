@@ -21,36 +21,23 @@ from argparse import Namespace
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import bench_dataset, print_table, write_json  # noqa: E402
-from train_scaling import run_one  # noqa: E402
+from common import print_table, write_json  # noqa: E402
+from train_scaling import run_args, run_one, start  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", default=None, help="flat top-k parquet dir (default: the demo's, else made here)")
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--warmup", type=int, default=2, help="first steps left out of the medians")
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--global-batch", type=int, default=8)
-    ap.add_argument("--p", type=int, default=128)
-    ap.add_argument("--use-gpu", action="store_true")
-    ap.add_argument("--name", default="train_dtype", help="results file: benchmarks/results/<name>.json")
+    run_args(ap, "train_dtype", steps=12)
     args = ap.parse_args()
-
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    data = bench_dataset(args.data)
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False, include_dashboard=False)
+    data = start(args)
     dtypes = ("fp32", "bf16")
     runs: dict[str, list[dict]] = {d: [] for d in dtypes}
     with tempfile.TemporaryDirectory(prefix="dtype") as tmp:
         for r in range(args.repeats):
             for d in dtypes:
                 print(f"[bench] round {r + 1}/{args.repeats}: {d}", flush=True)
-                run_args = Namespace(**{**vars(args), "dtype": d})
-                runs[d].append(run_one(data, "ddp", 1, run_args, Path(tmp) / f"{d}-{r}"))
+                one = Namespace(**{**vars(args), "dtype": d})
+                runs[d].append(run_one(data, "ddp", 1, one, Path(tmp) / f"{d}-{r}"))
 
     def med(d, key):
         return statistics.median(x for run in runs[d] for x in run[key])

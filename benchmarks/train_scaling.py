@@ -75,27 +75,37 @@ def _gpu_name() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none visible to the driver"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def run_args(ap: argparse.ArgumentParser, name: str, steps: int) -> None:
+    """The options every training benchmark that goes through ``run_one`` takes."""
     ap.add_argument("--data", default=None, help="flat top-k parquet dir (default: the demo's, else made here)")
-    ap.add_argument("--workers", default="1,2", help="comma-separated worker counts")
-    ap.add_argument("--backends", default="ddp,zero2", help="comma-separated: ddp, zero1, zero2, zero3")
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=steps)
     ap.add_argument("--warmup", type=int, default=2, help="first steps left out of the medians")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--global-batch", type=int, default=8)
     ap.add_argument("--p", type=int, default=128)
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--use-gpu", action="store_true")
-    ap.add_argument("--name", default="train_scaling", help="results file: benchmarks/results/<name>.json")
-    args = ap.parse_args()
+    ap.add_argument("--name", default=name, help="results file: benchmarks/results/<name>.json")
 
+
+def start(args) -> Path:
+    """The benchmark's training data, with Ray up."""
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     data = bench_dataset(args.data)
     if not ray.is_initialized():
         ray.init(log_to_driver=False, include_dashboard=False)
+    return data
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    run_args(ap, "train_scaling", steps=10)
+    ap.add_argument("--workers", default="1,2", help="comma-separated worker counts")
+    ap.add_argument("--backends", default="ddp,zero2", help="comma-separated: ddp, zero1, zero2, zero3")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    args = ap.parse_args()
+    data = start(args)
     workers = [int(w) for w in args.workers.split(",")]
     backends = args.backends.split(",")
     configs = [(b, w) for b in backends for w in workers]
