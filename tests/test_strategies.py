@@ -51,7 +51,7 @@ def test_unrelated_requests_are_answered_bare_and_train_the_student_toward_its_o
 
     from ray_cartridges.convert import convert_record
     from ray_cartridges.generate.engines import HFEngine, Sampling
-    from ray_cartridges.generate.strategies import general_requests
+    from ray_cartridges.generate.strategies import GENERAL_STRATEGY, general_requests
     from ray_cartridges.generate.teacher import run_prompts
 
     memory = read_memory(EXAMPLE_CHECKPOINT)
@@ -60,7 +60,7 @@ def test_unrelated_requests_are_answered_bare_and_train_the_student_toward_its_o
         {"checkpoint_dir": str(EXAMPLE_CHECKPOINT), "self_study": {"num_samples": 0}, "general": {"num_samples": 6}},
     )
     requests = general_requests(cfg)
-    general = [p for p in build_prompts(memory, cfg) if p["strategy"] == "general/bare"]
+    general = [p for p in build_prompts(memory, cfg) if p["strategy"] == GENERAL_STRATEGY]
     assert sorted(p["user"] for p in general) == sorted(requests[:6])
     assert all(p["context"] is None for p in general)  # no memory, no system prompt
     assert len({p["split_key"] for p in general}) == 6  # each request is its own split key

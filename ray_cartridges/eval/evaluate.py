@@ -18,6 +18,7 @@ from ..agent.base import ChatModel
 from ..agent.decoding import SamplingParams
 from ..agent.kv_memory import KVCacheMemory
 from ..batching import heldout_keys
+from ..generate.strategies import GENERAL_STRATEGY
 from ..memory import AgentMemory
 from .metrics import kl_per_token, score_answer
 
@@ -216,7 +217,7 @@ def evaluate_cartridge(
     held_keys = heldout_keys([r["metadata"].get("split_key", "") for r in records], eval_fraction, split_seed)
     held = [r for r in records if r["metadata"].get("split_key", "") in held_keys]
     # the ICL gap is measured where the teacher had the memory: not on unrelated requests it answered bare
-    held_mem = [r for r in held if not str(r["metadata"].get("strategy", "")).startswith("general/")]
+    held_mem = [r for r in held if r["metadata"].get("strategy") != GENERAL_STRATEGY]
     fid = fidelity(model, tok, mem.kv, held_mem[:64], mem.meta.student_system_prompt, cache) if held_mem else {}
     qs = memory_questions(memory)[:max_questions]
     held_entries = {

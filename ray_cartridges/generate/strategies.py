@@ -144,20 +144,27 @@ def general_requests(cfg: GenerateConfig) -> list[str]:
     return lines
 
 
+# the strategy of rows the teacher answered with no memory (evaluation leaves them out of the ICL gap)
+GENERAL_STRATEGY = "general/bare"
+
+
 def general_prompts(cfg: GenerateConfig) -> list[dict]:
     """Unrelated requests for the bare teacher: no memory, and the student's own system prompt (none by default),
     so the target is what the model says without any memory. Each request is its own split key."""
+    if not cfg.general.num_samples:
+        return []
     requests = general_requests(cfg)
     out = []
     for i in range(cfg.general.num_samples):
+        j = i % len(requests)
         out.append(
             {
                 "prompt_id": _pid("general", i, cfg.seed),
-                "strategy": "general/bare",
+                "strategy": GENERAL_STRATEGY,
                 "context": cfg.student_system_prompt or None,
-                "user": requests[i % len(requests)],
-                "split_key": f"general-{i % len(requests)}",  # a request repeated lands on one side
-                "metadata": {"request": i % len(requests)},
+                "user": requests[j],
+                "split_key": f"general-{j}",  # a request repeated lands on one side
+                "metadata": {"request": j},
             }
         )
     return out
