@@ -83,3 +83,34 @@ def test_unrelated_requests_are_answered_bare_and_train_the_student_toward_its_o
         # the targets are the bare model's own top-k at each answer position
         for pos, tid, tlp in zip(row["topk_pos"], row["topk_ids"], row["topk_logprobs"]):
             assert abs(float(logp[pos - 1, tid]) - float(tlp)) < 1e-3
+
+
+def test_focused_replay_shows_the_teacher_a_window_that_holds_the_current_experience():
+    memory = read_memory(EXAMPLE_CHECKPOINT)
+    groups = memory.triples()
+    prompts = build_prompts(memory, _cfg(mode="focused", window_k=4, samples_per_observation=2))
+    replay = [p for p in prompts if p["strategy"] == "replay/focused"]
+    assert len(replay) == 2 * sum(g[0].type == "Observation" for g in groups)
+    starts = set()
+    for p in replay:
+        gi = int(p["split_key"].split("-")[1])
+        shown = [i for i, g in enumerate(groups) if g[0].render() in p["context"]]
+        assert gi in shown and len(shown) == 4  # the current experience among window_k, not the whole memory
+        assert shown == list(range(shown[0], shown[0] + 4))  # consecutive, in memory order
+        starts.add(shown[0])
+    assert len(starts) > 4  # windows slide, not one fixed window for everyone
+
+
+def test_self_study_answers_from_the_chunk_only_when_asked_to():
+    memory = read_memory(EXAMPLE_CHECKPOINT)
+    full = build_prompts(memory, _cfg())
+    cfg = validate_config(
+        GenerateConfig,
+        {"checkpoint_dir": str(EXAMPLE_CHECKPOINT), "self_study": {"num_samples": 8, "answer_context": "chunk"}},
+    )
+    chunk = build_prompts(memory, cfg)
+    ss_full = [p for p in full if p["strategy"].startswith("self_study/")]
+    ss_chunk = [p for p in chunk if p["strategy"].startswith("self_study/")]
+    assert [p["question_context"] for p in ss_full] == [p["question_context"] for p in ss_chunk]
+    assert all(p["context"] == memory.render() for p in ss_full)
+    assert all(p["context"] == p["question_context"] != memory.render() for p in ss_chunk)

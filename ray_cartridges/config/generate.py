@@ -15,21 +15,23 @@ class ReplayConfig(StrictModel):
     """Each Observation in memory becomes a user turn the teacher answers."""
 
     enabled: bool = Field(True, description="Generate replay prompts.")
-    mode: Literal["exclude_current", "full_memory", "random_sampling"] = Field(
+    mode: Literal["exclude_current", "full_memory", "random_sampling", "focused"] = Field(
         "full_memory",
-        description="Teacher context: the whole memory, the memory minus the current experience, or random windows.",
+        description="Teacher context: the whole memory, the memory minus the current experience, random windows "
+        "of other experiences, or (focused) a random window of window_k experiences that holds the current one "
+        "(a small teacher reads a short context more reliably: better targets than its whole-memory answers).",
     )
-    window_k: int = Field(8, gt=0, description="random_sampling: experiences per random window.")
+    window_k: int = Field(8, gt=0, description="random_sampling / focused: experiences per window.")
     samples_per_observation: int = Field(
         1,
         gt=0,
         description="Prompts per Observation: the first asks it verbatim, the others in other words "
-        "(and, for random_sampling, over other windows); all share the Observation's split key.",
+        "(and, for random_sampling / focused, over other windows); all share the Observation's split key.",
     )
 
 
 class SelfStudyConfig(StrictModel):
-    """The teacher, seeing a memory chunk, writes a question; then answers it with the memory in context."""
+    """The teacher, seeing a memory chunk, writes a question; then answers it with the memory (or the chunk) in context."""
 
     enabled: bool = Field(True, description="Generate self-study prompts.")
     num_samples: int = Field(32, ge=0, description="Number of self-study conversations.")
@@ -37,6 +39,11 @@ class SelfStudyConfig(StrictModel):
     chunk_experiences: int = Field(6, gt=0, description="Experiences shown to the question writer.")
     question_max_tokens: int = Field(64, gt=0, description="Max tokens of a generated question.")
     question_temperature: float = Field(0.8, ge=0, description="Sampling temperature of question writing.")
+    answer_context: Literal["full_memory", "chunk"] = Field(
+        "full_memory",
+        description="What the teacher reads when it answers: the whole memory, or only the chunk the question "
+        "was written from (as in the Cartridges paper's self-study; a small teacher answers from it more reliably).",
+    )
 
 
 class GeneralConfig(StrictModel):

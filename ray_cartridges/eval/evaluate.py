@@ -39,10 +39,19 @@ def _logits_after(model, ids: torch.Tensor, kv=None) -> torch.Tensor:
 
 @torch.no_grad()
 def fidelity(
-    model, tok, kv, records: list[dict], student_system_prompt: str | None = None, cache: dict | None = None
+    model,
+    tok,
+    kv,
+    records: list[dict],
+    student_system_prompt: str | None = None,
+    cache: dict | None = None,
+    teacher_context: str | None = None,
 ) -> dict:
     """Mean per-token KL over the answers of ``records`` for no memory and for the cartridge.
 
+    ``teacher_context``: the teacher's system prompt (the whole rendered memory); None reads each record's own
+    system message (what the generating teacher read, which for focused replay or chunk-answered self-study is
+    only part of the memory).
     ``cache``: a dict kept across calls on the same base model (a sweep over cartridges): what does not depend on
     the cartridge (the teacher's logits with the memory in context, the no-memory KL) is computed once."""
     sums = {"no_memory": 0.0, "cartridge": 0.0}
@@ -50,9 +59,8 @@ def fidelity(
     for rec in records:
         sys_msg, user, answer = rec["messages"][0], rec["messages"][1], rec["messages"][-1]
         a_ids = answer["token_ids"]
-        t_prompt = _ids(
-            tok, [{"role": "system", "content": sys_msg["content"]}, {"role": "user", "content": user["content"]}], True
-        )
+        t_system = sys_msg["content"] if teacher_context is None else teacher_context
+        t_prompt = _ids(tok, [{"role": "system", "content": t_system}, {"role": "user", "content": user["content"]}], True)
         s_msgs = ([{"role": "system", "content": student_system_prompt}] if student_system_prompt else []) + [
             {"role": "user", "content": user["content"]}
         ]
@@ -218,7 +226,13 @@ def evaluate_cartridge(
     held = [r for r in records if r["metadata"].get("split_key", "") in held_keys]
     # the ICL gap is measured where the teacher had the memory: not on unrelated requests it answered bare
     held_mem = [r for r in held if r["metadata"].get("strategy") != GENERAL_STRATEGY]
-    fid = fidelity(model, tok, mem.kv, held_mem[:64], mem.meta.student_system_prompt, cache) if held_mem else {}
+    # against the teacher with the whole memory in context (the ICL agent's prompt), whatever part of it the
+    # generating teacher read
+    fid = (
+        fidelity(model, tok, mem.kv, held_mem[:64], mem.meta.student_system_prompt, cache, memory.render())
+        if held_mem
+        else {}
+    )
     qs = memory_questions(memory)[:max_questions]
     held_entries = {
         int(k.split("-")[1]) for k in (r["metadata"].get("split_key", "") for r in held) if k.startswith("entry-")

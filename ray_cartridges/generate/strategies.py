@@ -86,6 +86,10 @@ def replay_prompts(memory: AgentMemory, cfg: GenerateConfig, rng: random.Random)
                 ctx = full
             elif rc.mode == "exclude_current":
                 ctx = render_context(memory, cfg, groups[:gi] + groups[gi + 1 :])
+            elif rc.mode == "focused":  # window_k consecutive experiences, the current one among them
+                k = min(rc.window_k, len(groups))
+                start = rng.randint(max(0, gi - k + 1), min(gi, len(groups) - k))
+                ctx = render_context(memory, cfg, groups[start : start + k])
             else:  # random_sampling: a random window of window_k other experiences
                 others = [g for j, g in enumerate(groups) if j != gi]
                 k = min(rc.window_k, len(others))
@@ -119,7 +123,7 @@ def self_study_prompts(memory: AgentMemory, cfg: GenerateConfig, rng: random.Ran
             {
                 "prompt_id": _pid("self_study", i, cfg.seed),
                 "strategy": f"self_study/{family}",
-                "context": full,
+                "context": chunk_ctx if sc.answer_context == "chunk" else full,
                 "question_context": chunk_ctx,
                 "seed_prompt": seed_prompt,
                 "user": None,
