@@ -114,3 +114,31 @@ def test_self_study_answers_from_the_chunk_only_when_asked_to():
     assert [p["question_context"] for p in ss_full] == [p["question_context"] for p in ss_chunk]
     assert all(p["context"] == memory.render() for p in ss_full)
     assert all(p["context"] == p["question_context"] != memory.render() for p in ss_chunk)
+
+
+def test_unrelated_requests_get_their_own_answer_length_and_records_keep_prompt_order(model, tokenizer):
+    """general.max_tokens: those answers run longer than the memory's; mixed lengths in one call keep the order."""
+    from ray_cartridges.generate.engines import HFEngine, Sampling
+    from ray_cartridges.generate.teacher import run_prompts
+
+    memory = read_memory(EXAMPLE_CHECKPOINT)
+    cfg = validate_config(
+        GenerateConfig,
+        {
+            "checkpoint_dir": str(EXAMPLE_CHECKPOINT),
+            "self_study": {"num_samples": 0},
+            "general": {"num_samples": 3, "max_tokens": 12},
+            "max_tokens": 3,
+        },
+    )
+    prompts = build_prompts(memory, cfg)[:8]
+    assert {p.get("max_tokens") for p in prompts} == {None, 12}  # both kinds among the first eight
+    for p in prompts:  # short, unrelated requests cannot stop before 3 tokens: lengths tell the kinds apart
+        p["context"] = None
+    records, problems = run_prompts(HFEngine(model, tokenizer), prompts, sampling=Sampling(max_tokens=3))
+    assert not problems and len(records) == len(prompts)
+    for rec, p in zip(records, prompts):
+        assert rec["metadata"]["prompt_id"] == p["prompt_id"] and rec["messages"][-2]["content"] == p["user"]
+        n = len(rec["messages"][-1]["token_ids"])
+        assert rec["metadata"]["sampling"]["max_tokens"] == (p.get("max_tokens") or 3)
+        assert n == 3 if p.get("max_tokens") is None else 3 < n <= 12

@@ -53,6 +53,12 @@ class GeneralConfig(StrictModel):
     requests_file: str | None = Field(
         None, description="Text file, one request per line (default: the bundled data/general_requests.txt)."
     )
+    max_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="Max answer tokens of these requests (None: generate.max_tokens). Longer than the memory's "
+        "short answers, they teach the cartridge to leave longer text alone too.",
+    )
 
 
 class GenerateConfig(StrictModel):

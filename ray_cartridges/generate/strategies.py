@@ -169,6 +169,7 @@ def general_prompts(cfg: GenerateConfig) -> list[dict]:
                 "user": requests[j],
                 "split_key": f"general-{j}",  # a request repeated lands on one side
                 "metadata": {"request": j},
+                **({"max_tokens": cfg.general.max_tokens} if cfg.general.max_tokens else {}),
             }
         )
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 from .engines import Sampling, request_seed
 from .records import make_record
@@ -53,11 +54,20 @@ def run_prompts(
             if p["user"] is None:
                 problems.append(f"prompt {p['prompt_id']}: the teacher wrote no usable question")
     todo = [p for p in todo if p.get("user")]
-    outs = engine.complete(
-        [chat_ids(tok, p["context"], p["user"]) for p in todo],
-        sampling,
-        [request_seed(seed, p["prompt_id"]) for p in todo],
-    )
+    # a prompt may carry its own answer length (unrelated requests: longer answers than the memory's); one
+    # engine call per length, results put back in prompt order
+    outs: list = [None] * len(todo)
+    by_len: dict[int, list[int]] = {}
+    for i, p in enumerate(todo):
+        by_len.setdefault(p.get("max_tokens") or sampling.max_tokens, []).append(i)
+    for n, idx in by_len.items():
+        got = engine.complete(
+            [chat_ids(tok, todo[i]["context"], todo[i]["user"]) for i in idx],
+            replace(sampling, max_tokens=n),
+            [request_seed(seed, todo[i]["prompt_id"]) for i in idx],
+        )
+        for i, o in zip(idx, got):
+            outs[i] = o
     records = []
     for p, (ids, entries) in zip(todo, outs):
         meta = {
@@ -69,7 +79,7 @@ def run_prompts(
             "sampling": {
                 "temperature": sampling.temperature,
                 "top_p": sampling.top_p,
-                "max_tokens": sampling.max_tokens,
+                "max_tokens": p.get("max_tokens") or sampling.max_tokens,
                 "top_logprobs": sampling.top_logprobs,
             },
         }
