@@ -142,3 +142,29 @@ def test_unrelated_requests_get_their_own_answer_length_and_records_keep_prompt_
         n = len(rec["messages"][-1]["token_ids"])
         assert rec["metadata"]["sampling"]["max_tokens"] == (p.get("max_tokens") or 3)
         assert n == 3 if p.get("max_tokens") is None else 3 < n <= 12
+
+
+def test_replay_fact_accuracy_scores_replay_answers_against_their_own_feedback():
+    from ray_cartridges.generate.pipeline import replay_fact_accuracy
+
+    memory = read_memory(EXAMPLE_CHECKPOINT)
+    facts = {
+        g[0].content: (i, [e.content for e in g if e.type == "Feedback"][-1]) for i, g in enumerate(memory.triples())
+    }
+    (q0, (i0, fb0)), (q1, (i1, fb1)) = list(facts.items())[:2]
+
+    def rec(entry, answer, strategy="replay/focused"):
+        meta = {"memory_entry": entry, "strategy": strategy}
+        return {"metadata": meta, "messages": [{"role": "user"}, {"role": "assistant", "content": answer}]}
+
+    got = replay_fact_accuracy(
+        [
+            rec(i0, fb0),  # states its own fact
+            rec(i1, fb0),  # states another experience's fact: wrong for this one
+            rec(i1, "I do not know."),
+            rec(i0, "nothing", strategy="self_study/question"),  # not replay: not scored
+        ],
+        memory,
+    )
+    assert got == {"correct": 1, "answers": 3, "share": 1 / 3}
+    assert replay_fact_accuracy([rec(i0, fb0, strategy="general/bare")], memory) is None

@@ -60,7 +60,9 @@ def fidelity(
         sys_msg, user, answer = rec["messages"][0], rec["messages"][1], rec["messages"][-1]
         a_ids = answer["token_ids"]
         t_system = sys_msg["content"] if teacher_context is None else teacher_context
-        t_prompt = _ids(tok, [{"role": "system", "content": t_system}, {"role": "user", "content": user["content"]}], True)
+        t_prompt = _ids(
+            tok, [{"role": "system", "content": t_system}, {"role": "user", "content": user["content"]}], True
+        )
         s_msgs = ([{"role": "system", "content": student_system_prompt}] if student_system_prompt else []) + [
             {"role": "user", "content": user["content"]}
         ]

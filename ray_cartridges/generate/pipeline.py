@@ -149,14 +149,14 @@ def run_generation(cfg: GenerateConfig, progress: bool = True) -> dict:
     for f in shards_dir.iterdir():
         if f.name.startswith("shard-") and f.name.rsplit(".", 1)[0] not in keep:
             f.unlink()
-    lines, total_rows, total_tokens = [], 0, 0
+    lines, records = [], []
     for n in names:
         text = (shards_dir / f"{n}.jsonl").read_text(encoding="utf-8")
         for line in text.splitlines():
             if line.strip():
                 lines.append(line)
-                total_rows += 1
-                total_tokens += len(json.loads(line)["messages"][-1]["token_ids"])
+                records.append(json.loads(line))
+    total_rows, total_tokens = len(records), sum(len(r["messages"][-1]["token_ids"]) for r in records)
     _write_atomic(out / "dataset.jsonl", "".join(line + "\n" for line in lines))
     _write_atomic(out / "memory.txt", memory.render())
     summary = {
@@ -176,6 +176,7 @@ def run_generation(cfg: GenerateConfig, progress: bool = True) -> dict:
         "engine_seconds_now": stats["actor_seconds"],  # time inside engine calls (no Ray or engine start-up)
         "memory_entries": len(memory.entries),
         "memory_lines_skipped": memory.skipped_lines,
+        "replay_answers_with_fact": replay_fact_accuracy(records, memory),
         "problems": stats["problems"][:20],
     }
     _write_atomic(
@@ -195,13 +196,36 @@ def run_generation(cfg: GenerateConfig, progress: bool = True) -> dict:
     return summary
 
 
+def replay_fact_accuracy(records: list[dict], memory) -> dict | None:
+    """How good the teacher's targets are: of the replay answers to experiences whose Feedback carries the answer,
+    how many state it (the recall scoring of ``ray-cartridges eval``). None where there are no such answers."""
+    from ..eval.evaluate import memory_questions
+    from ..eval.metrics import score_answer
+
+    facts = {i: (q, ref) for i, q, ref in memory_questions(memory)}
+    hits = []
+    for r in records:
+        meta = r.get("metadata", {})
+        entry = meta.get("memory_entry")
+        if str(meta.get("strategy", "")).startswith("replay/") and entry in facts:
+            q, ref = facts[entry]
+            hits.append(score_answer(r["messages"][-1]["content"], ref, q)["correct"])
+    return {"correct": sum(hits), "answers": len(hits), "share": sum(hits) / len(hits)} if hits else None
+
+
 def dataset_card(cfg: GenerateConfig, summary: dict) -> str:
     return (
         "---\ntags: [ray-cartridges, memory-distillation]\n---\n"
         f"# Memory distillation dataset\n\nTeacher `{cfg.model_name}` ({cfg.engine}, {cfg.dtype}) answering prompts "
         f"built from the agent memory at `{cfg.checkpoint_dir}`.\n\n"
         f"- conversations: {summary['rows']}\n- answer tokens: {summary['answer_tokens']}\n"
-        f"- top logprobs per token: {cfg.top_logprobs}\n\n"
+        f"- top logprobs per token: {cfg.top_logprobs}\n"
+        + (
+            f"- replay answers that state their experience's Feedback: {fact['correct']}/{fact['answers']}\n"
+            if (fact := summary.get("replay_answers_with_fact"))
+            else ""
+        )
+        + "\n"
         "Files: `dataset.jsonl` (seed format with OpenAI-style logprobs and exact token ids), "
         "`shards/*.parquet` (flat top-k, ready for `ray-cartridges train` with `is_converted: true`).\n\n"
         "## Generation config\n\n```yaml\n" + dump_config(cfg) + "```\n"
@@ -215,6 +239,12 @@ def format_summary(s: dict) -> str:
         f"  conversations: {s['rows']} ({s['rows_generated_now']} generated now, {s['rejected_now']} rejected)",
         f"  answer tokens: {s['answer_tokens']}",
     ]
+    fact = s.get("replay_answers_with_fact")
+    if fact:
+        lines.append(
+            f"  replay answers that state their experience's Feedback: {fact['correct']}/{fact['answers']} "
+            f"({fact['share']:.0%}; the ceiling of what the cartridge can learn from replay)"
+        )
     if s.get("answer_tokens_per_s_now"):
         lines.append(
             f"  speed this run: {s['answer_tokens_per_s_now']:.1f} answer tokens/s over {s['seconds_now']:.0f} s"
