@@ -61,6 +61,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     setup_env()
     from ray_cartridges.config import ConfigError, dump_config
+    from ray_cartridges.fsutil import write_text_atomic
 
     try:
         cfg = load(args)
@@ -110,17 +111,18 @@ def main(argv=None) -> int:
             max_questions=cfg.eval.max_questions,
             max_tokens=cfg.eval.max_tokens,
         )
-        (out_dir / "eval.json").write_text(json.dumps(evaluation, indent=2))
+        write_text_atomic(out_dir / "eval.json", json.dumps(evaluation, indent=2))
         report["stages"]["evaluate"] = {"seconds": time.perf_counter() - t, "file": str(out_dir / "eval.json")}
 
     from ray_cartridges.model_card import cartridge_card
 
     if (out_dir / "cartridge.json").is_file():
         repo = cfg.train.output.hf_repo_id if cfg.train.output.upload_to_hf else None
-        (out_dir / "README.md").write_text(
-            cartridge_card(out_dir, repo_id=repo, memory_source=cfg.generate.checkpoint_dir, evaluation=evaluation)
+        write_text_atomic(
+            out_dir / "README.md",
+            cartridge_card(out_dir, repo_id=repo, memory_source=cfg.generate.checkpoint_dir, evaluation=evaluation),
         )
-        (out_dir / "distill_job.yaml").write_text(dump_config(cfg))
+        write_text_atomic(out_dir / "distill_job.yaml", dump_config(cfg))
 
     if cfg.stages.publish and cfg.train.output.upload_to_hf:
         from ray_cartridges.hub import HubError, push_folder
@@ -150,7 +152,7 @@ def main(argv=None) -> int:
             report["stages"]["publish"] = {"error": str(err)}
 
     report["seconds"] = time.perf_counter() - t_start
-    (out_dir / "distill_report.json").write_text(json.dumps(report, indent=2, default=str))
+    write_text_atomic(out_dir / "distill_report.json", json.dumps(report, indent=2, default=str))
     print(final_summary(out_dir, evaluation, report))
     return 0
 

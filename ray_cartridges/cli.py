@@ -145,6 +145,7 @@ def _cmd_eval(args) -> int:
     from pathlib import Path
 
     from .eval.evaluate import evaluate_cartridge, evaluation_lines
+    from .fsutil import write_text_atomic
     from .memory import read_memory
 
     ev = evaluate_cartridge(
@@ -157,7 +158,7 @@ def _cmd_eval(args) -> int:
         max_tokens=args.max_tokens,
     )
     out = Path(args.output or Path(args.cartridge) / "eval.json")
-    out.write_text(json.dumps(ev, indent=2))
+    write_text_atomic(out, json.dumps(ev, indent=2))
     print("\n".join(evaluation_lines(ev)))
     print(f"wrote {out}")
     return 0

@@ -10,22 +10,16 @@ atomically (write then rename, parquet last), so a shard is either complete or a
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 from ..config import GenerateConfig
 from ..convert import ConversionError, convert_record
 from ..flat_topk import write_flat_topk
+from ..fsutil import write_text_atomic
 from ..models import resolve_model
 from .engines import HFEngine, Sampling, VLLMEngine
 from .teacher import run_prompts
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 class TeacherActor:
@@ -76,11 +70,11 @@ class TeacherActor:
                 except ConversionError as err:
                     problems.append(str(err))
             self.shards_dir.mkdir(parents=True, exist_ok=True)
-            _write_atomic(self.shards_dir / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+            write_text_atomic(self.shards_dir / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
             if rows:
                 write_flat_topk(rows, self.shards_dir / f"{name}.parquet")
             else:
-                _write_atomic(self.shards_dir / f"{name}.empty", "")
+                write_text_atomic(self.shards_dir / f"{name}.empty", "")
             out["shard"].append(int(shard))
             out["rows"].append(len(rows))
             out["rejected"].append(len(records) - len(rows) + sum(1 for p in problems if "no usable question" in p))

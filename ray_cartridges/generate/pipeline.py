@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from ..config import GenerateConfig, dump_config
+from ..fsutil import write_text_atomic
 from ..memory import read_memory
 from .strategies import build_prompts
 
@@ -68,12 +69,6 @@ def _is_done(shards_dir: Path, name: str) -> bool:
     return (shards_dir / f"{name}.jsonl").is_file() and (
         (shards_dir / f"{name}.parquet").is_file() or (shards_dir / f"{name}.empty").is_file()
     )
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def run_generation(cfg: GenerateConfig, progress: bool = True) -> dict:
@@ -157,8 +152,8 @@ def run_generation(cfg: GenerateConfig, progress: bool = True) -> dict:
                 lines.append(line)
                 records.append(json.loads(line))
     total_rows, total_tokens = len(records), sum(len(r["messages"][-1]["token_ids"]) for r in records)
-    _write_atomic(out / "dataset.jsonl", "".join(line + "\n" for line in lines))
-    _write_atomic(out / "memory.txt", memory.render())
+    write_text_atomic(out / "dataset.jsonl", "".join(line + "\n" for line in lines))
+    write_text_atomic(out / "memory.txt", memory.render())
     summary = {
         "output_dir": str(out),
         "dataset_jsonl": str(out / "dataset.jsonl"),
@@ -179,10 +174,10 @@ def run_generation(cfg: GenerateConfig, progress: bool = True) -> dict:
         "replay_answers_with_fact": replay_fact_accuracy(records, memory),
         "problems": stats["problems"][:20],
     }
-    _write_atomic(
+    write_text_atomic(
         out / "generation.json", json.dumps({"summary": summary, "config": cfg.model_dump(mode="json")}, indent=2)
     )
-    _write_atomic(out / "README.md", dataset_card(cfg, summary))
+    write_text_atomic(out / "README.md", dataset_card(cfg, summary))
     if cfg.hf_repo_id:
         from ..hub import push_folder
 

@@ -21,9 +21,10 @@ import torch
 from ..batching import collate, global_batches, split_rows, student_logits_at, worker_slice
 from ..cartridge import CartridgeMeta, ModelShape, create_cartridge, encoder, save_cartridge
 from ..config import TrainConfig, dump_config
+from ..fsutil import write_text_atomic
 from ..loss import kd_loss_sum
 from ..models import load_model, load_tokenizer, tokenizer_fingerprint
-from .artifacts import append_jsonl, plot_losses, write_text_atomic
+from .artifacts import append_jsonl, plot_losses
 from .backends import DDPBackend, DeepSpeedBackend
 from .schedule import lr_factor
 
