@@ -90,7 +90,9 @@ def test_killed_worker_resumes_from_checkpoint_to_the_same_cartridge(tmp_path, r
     from ray_cartridges.cartridge import load_cache_pt
     from ray_cartridges.train import run_training
 
-    run_training(_train_cfg(tmp_path, teacher_jsonl, memory, 1, "clean", max_steps=6, save_every=2))
+    data = tmp_path / "teacher.jsonl"  # a copy: regenerated below at the same path
+    data.write_text(teacher_jsonl.read_text())
+    run_training(_train_cfg(tmp_path, data, memory, 1, "clean", max_steps=6, save_every=2))
     faulty = _train_cfg(tmp_path, teacher_jsonl, memory, 1, "faulty", max_steps=6, save_every=2)
     faulty = faulty.model_copy(update={"scaling": faulty.scaling.model_copy(update={"max_failures": 1})})
     run_training(faulty, fault_at_step=3)
@@ -109,8 +111,14 @@ def test_killed_worker_resumes_from_checkpoint_to_the_same_cartridge(tmp_path, r
 
     # a finished run, re-run with the same config, resumes at its end and changes nothing
     before = (tmp_path / "clean" / "cache-final.pt").read_bytes()
-    summary = run_training(_train_cfg(tmp_path, teacher_jsonl, memory, 1, "clean", max_steps=6, save_every=2))
+    summary = run_training(_train_cfg(tmp_path, data, memory, 1, "clean", max_steps=6, save_every=2))
     assert (tmp_path / "clean" / "cache-final.pt").read_bytes() == before and summary["steps"] == 6
+
+    # teacher data regenerated at the same path is another run: trained afresh, not resumed from the old end
+    lines = teacher_jsonl.read_text().splitlines()
+    data.write_text("\n".join(lines[: len(lines) * 2 // 3]) + "\n")
+    summary = run_training(_train_cfg(tmp_path, data, memory, 1, "clean", max_steps=6, save_every=2))
+    assert summary["steps"] == 6 and (tmp_path / "clean" / "cache-final.pt").read_bytes() != before
 
 
 def test_deepspeed_zero2_and_zero3_match_ddp(tmp_path, ray_cluster, teacher_jsonl, memory, model, tokenizer):

@@ -97,7 +97,9 @@ class TrainingConfig(StrictModel):
         description="DeepSpeed ZeRO stage: 1 optimizer state, 2 + gradients, 3 + parameters (frozen model too).",
     )
     resume: bool = Field(
-        True, description="Continue from the last checkpoint of an identical earlier run in output.local_dir."
+        True,
+        description="Continue from the last checkpoint of an identical earlier run (same config and training data) "
+        "in output.local_dir.",
     )
     no_harm_weight: float = Field(
         0.0,

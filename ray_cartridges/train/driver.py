@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from pathlib import Path
 
 from ..config import TrainConfig
@@ -61,8 +62,10 @@ def ensure_ray(address: str | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
 
 
-def run_hash(cfg: TrainConfig) -> str:
-    """What makes two runs the same run (resuming across a change of these would mix two runs)."""
+def run_hash(cfg: TrainConfig, files: list[Path] = (), no_harm_text: str | None = None) -> str:
+    """What makes two runs the same run (resuming across a change of these would mix two runs): the config, the
+    training files (names and sizes: regenerated teacher data at the same path is another run) and the no-harm
+    text."""
     d = cfg.model_dump(
         mode="json",
         exclude={
@@ -73,6 +76,8 @@ def run_hash(cfg: TrainConfig) -> str:
     )
     for key in ("resume", "keep_best", "profile"):  # none of these changes what the run computes
         d["training"].pop(key, None)
+    d["_data"] = sorted((Path(f).name, Path(f).stat().st_size) for f in files)
+    d["_no_harm_text"] = no_harm_text
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -138,10 +143,13 @@ def run_training(cfg: TrainConfig, max_failures: int | None = None, fault_at_ste
     # may hold every CPU, which would starve the dataset's list/read tasks (a silent hang).
     ds = ray.data.read_parquet([str(f) for f in files], num_cpus=0).materialize()
     storage = cfg.scaling.storage_path or str(out_dir / "ray_results")
-    rhash = run_hash(cfg)
+    rhash = run_hash(cfg, files, no_harm_text)
+    # One Ray Train run name per run hash: Ray restores a run from the checkpoints under its name, so another
+    # run (other config or data) at the same output must not share it; resume: false gets a name of its own.
+    run_name = f"cartridge-train-{rhash}" if cfg.training.resume else f"cartridge-train-{rhash}-{time.time_ns()}"
     resume_from = None
     if cfg.training.resume and "://" not in storage:
-        found = latest_checkpoint(Path(storage), "cartridge-train", rhash)
+        found = latest_checkpoint(Path(storage), run_name, rhash)
         if found:
             logger.info("resuming from %s (step %d)", found[1], found[0])
             resume_from = str(found[1])
@@ -162,7 +170,7 @@ def run_training(cfg: TrainConfig, max_failures: int | None = None, fault_at_ste
             resources_per_worker=cfg.scaling.resources_per_worker,
         ),
         run_config=ray.train.RunConfig(
-            name="cartridge-train",
+            name=run_name,
             storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
         ),
