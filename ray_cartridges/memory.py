@@ -75,6 +75,16 @@ class AgentMemory:
         return groups
 
 
+def memory_questions(memory: AgentMemory) -> list[tuple[int, str, str]]:
+    """(entry index, question, reference answer) for experiences whose Feedback carries the answer."""
+    out = []
+    for i, group in enumerate(memory.triples()):
+        fb = [e.content for e in group if e.type == "Feedback"]
+        if group[0].type == "Observation" and fb:
+            out.append((i, group[0].content, fb[-1]))
+    return out
+
+
 def _content_text(content) -> str:
     if isinstance(content, str):
         return content

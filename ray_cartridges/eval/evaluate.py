@@ -19,7 +19,7 @@ from ..agent.decoding import SamplingParams
 from ..agent.kv_memory import KVCacheMemory
 from ..batching import heldout_keys
 from ..generate.strategies import GENERAL_STRATEGY
-from ..memory import AgentMemory
+from ..memory import AgentMemory, memory_questions
 from .metrics import kl_per_token, score_answer
 
 
@@ -164,16 +164,6 @@ def no_harm(
         chat_icl = once("chat_icl", perplexity_chat, model, tok, text, system=memory_text)
         chat.update({"ppl_icl": chat_icl, "ratio_icl": chat_icl / chat_base})
     out["chat"] = chat
-    return out
-
-
-def memory_questions(memory: AgentMemory) -> list[tuple[int, str, str]]:
-    """(entry index, question, reference answer) for experiences whose Feedback carries the answer."""
-    out = []
-    for i, group in enumerate(memory.triples()):
-        fb = [e.content for e in group if e.type == "Feedback"]
-        if group[0].type == "Observation" and fb:
-            out.append((i, group[0].content, fb[-1]))
     return out
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import re
 import string
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 STOPWORDS = set(
     "a an the is are was were be been of to in on at for by with and or it its this that there their them they "
@@ -16,6 +18,8 @@ STOPWORDS = set(
 
 def kl_per_token(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
     """KL(teacher || student) per position: [P, V] x [P, V] -> [P] (nats)."""
+    import torch  # here, not at import: the text scoring below is also used where torch is not loaded
+
     t = torch.log_softmax(teacher_logits.float(), -1)
     s = torch.log_softmax(student_logits.float(), -1)
     return (t.exp() * (t - s)).sum(-1)

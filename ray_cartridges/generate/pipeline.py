@@ -194,8 +194,8 @@ def run_generation(cfg: GenerateConfig, progress: bool = True) -> dict:
 def replay_fact_accuracy(records: list[dict], memory) -> dict | None:
     """How good the teacher's targets are: of the replay answers to experiences whose Feedback carries the answer,
     how many state it (the recall scoring of ``ray-cartridges eval``). None where there are no such answers."""
-    from ..eval.evaluate import memory_questions
     from ..eval.metrics import score_answer
+    from ..memory import memory_questions
 
     facts = {i: (q, ref) for i, q, ref in memory_questions(memory)}
     hits = []
