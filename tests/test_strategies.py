@@ -168,3 +168,36 @@ def test_replay_fact_accuracy_scores_replay_answers_against_their_own_feedback()
     )
     assert got == {"correct": 1, "answers": 3, "share": 1 / 3}
     assert replay_fact_accuracy([rec(i0, fb0, strategy="general/bare")], memory) is None
+    # recitals are scored on their own, against the fact of the experience they recite
+    recitals = [rec(i0, fb0, "recite"), rec(i1, fb1, "recite"), rec(i1, fb0, "recite"), rec(i0, fb0)]
+    assert replay_fact_accuracy(recitals, memory, "recite") == {"correct": 2, "answers": 3, "share": 2 / 3}
+
+
+def test_recitals_cover_every_experience_from_a_window_that_holds_it_under_their_own_split_keys():
+    from ray_cartridges.generate.strategies import RECITE_REQUESTS
+
+    memory = read_memory(EXAMPLE_CHECKPOINT)
+    groups = memory.triples()
+    base = {"checkpoint_dir": str(EXAMPLE_CHECKPOINT), "self_study": {"num_samples": 8}}
+    without = build_prompts(memory, validate_config(GenerateConfig, base))
+    cfg = validate_config(GenerateConfig, {**base, "recite": {"enabled": True, "samples_per_experience": 2}})
+    prompts = build_prompts(memory, cfg)
+    recite = [p for p in prompts if p["strategy"] == "recite"]
+    # the other strategies' prompts (their random windows and questions) are unchanged by enabling recitals
+    assert {p["prompt_id"]: p for p in prompts if p["strategy"] != "recite"} == {p["prompt_id"]: p for p in without}
+    assert sorted((p["metadata"]["memory_entry"], p["metadata"]["sample"]) for p in recite) == [
+        (i, s) for i in range(len(groups)) for s in range(2)
+    ]
+    for p in recite:
+        gi = p["metadata"]["memory_entry"]
+        shown = [i for i, g in enumerate(groups) if g[0].render() in p["context"]]
+        assert shown == [gi]  # window_k 1 (the default): only the recited experience
+        assert p["user"] == RECITE_REQUESTS[p["metadata"]["sample"]]
+        assert p["split_key"] == f"recite-{gi}"  # a kind of its own: held out independently of replay
+    held = heldout_keys([p["split_key"] for p in prompts], 0.15, 0)
+    assert any(k.startswith("recite-") for k in held) and any(k.startswith("entry-") for k in held)
+
+    wide = validate_config(GenerateConfig, {**base, "recite": {"enabled": True, "window_k": 3, "requests": ["Tell."]}})
+    for p in [p for p in build_prompts(memory, wide) if p["strategy"] == "recite"]:
+        shown = [i for i, g in enumerate(groups) if g[0].render() in p["context"]]
+        assert p["metadata"]["memory_entry"] in shown and len(shown) == 3 and p["user"] == "Tell."

@@ -46,6 +46,23 @@ class SelfStudyConfig(StrictModel):
     )
 
 
+class ReciteConfig(StrictModel):
+    """The teacher reads one experience (or a few around it) and states what it learned there: targets that carry
+    the fact of every experience in the memory, also those whose replay questions are held out for evaluation."""
+
+    enabled: bool = Field(False, description="Generate recital prompts.")
+    window_k: int = Field(1, gt=0, description="Experiences in the teacher's context, the recited one among them.")
+    samples_per_experience: int = Field(
+        1, gt=0, description="Prompts per experience, each with the next request of `requests` (cycling)."
+    )
+    requests: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="User turns asking for what was learned (default: the bundled RECITE_REQUESTS, chosen by how "
+        "often the 135M teacher states the experience's Feedback).",
+    )
+
+
 class GeneralConfig(StrictModel):
     """Unrelated requests answered by the bare teacher (no memory): the cartridge learns to leave such answers as they were."""
 
@@ -92,6 +109,7 @@ class GenerateConfig(StrictModel):
     )
     replay: ReplayConfig = ReplayConfig()
     self_study: SelfStudyConfig = SelfStudyConfig()
+    recite: ReciteConfig = ReciteConfig()
     general: GeneralConfig = GeneralConfig()
     training_top_k: int | None = Field(None, gt=0, description="top_k_logits of the training run (mismatch warns).")
     hf_repo_id: str | None = Field(None, description="Hub dataset repo to push to.")
@@ -99,6 +117,8 @@ class GenerateConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self):
-        if not (self.replay.enabled or (self.self_study.enabled and self.self_study.num_samples)):
-            raise ValueError("nothing to generate: enable replay or self_study")
+        if not (
+            self.replay.enabled or self.recite.enabled or (self.self_study.enabled and self.self_study.num_samples)
+        ):
+            raise ValueError("nothing to generate: enable replay, recite or self_study")
         return self

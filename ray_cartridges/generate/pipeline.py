@@ -172,6 +172,7 @@ def run_generation(cfg: GenerateConfig, progress: bool = True) -> dict:
         "memory_entries": len(memory.entries),
         "memory_lines_skipped": memory.skipped_lines,
         "replay_answers_with_fact": replay_fact_accuracy(records, memory),
+        "recite_answers_with_fact": replay_fact_accuracy(records, memory, "recite"),
         "problems": stats["problems"][:20],
     }
     write_text_atomic(
@@ -191,9 +192,10 @@ def run_generation(cfg: GenerateConfig, progress: bool = True) -> dict:
     return summary
 
 
-def replay_fact_accuracy(records: list[dict], memory) -> dict | None:
-    """How good the teacher's targets are: of the replay answers to experiences whose Feedback carries the answer,
-    how many state it (the recall scoring of ``ray-cartridges eval``). None where there are no such answers."""
+def replay_fact_accuracy(records: list[dict], memory, prefix: str = "replay/") -> dict | None:
+    """How good the teacher's targets are: of the answers (of strategies starting with ``prefix``: replay, or
+    recitals) about experiences whose Feedback carries the answer, how many state it (the recall scoring of
+    ``ray-cartridges eval``). None where there are no such answers."""
     from ..eval.metrics import score_answer
     from ..memory import memory_questions
 
@@ -202,7 +204,7 @@ def replay_fact_accuracy(records: list[dict], memory) -> dict | None:
     for r in records:
         meta = r.get("metadata", {})
         entry = meta.get("memory_entry")
-        if str(meta.get("strategy", "")).startswith("replay/") and entry in facts:
+        if str(meta.get("strategy", "")).startswith(prefix) and entry in facts:
             q, ref = facts[entry]
             hits.append(score_answer(r["messages"][-1]["content"], ref, q)["correct"])
     return {"correct": sum(hits), "answers": len(hits), "share": sum(hits) / len(hits)} if hits else None
@@ -215,10 +217,10 @@ def dataset_card(cfg: GenerateConfig, summary: dict) -> str:
         f"built from the agent memory at `{cfg.checkpoint_dir}`.\n\n"
         f"- conversations: {summary['rows']}\n- answer tokens: {summary['answer_tokens']}\n"
         f"- top logprobs per token: {cfg.top_logprobs}\n"
-        + (
-            f"- replay answers that state their experience's Feedback: {fact['correct']}/{fact['answers']}\n"
-            if (fact := summary.get("replay_answers_with_fact"))
-            else ""
+        + "".join(
+            f"- {kind} answers that state their experience's Feedback: {fact['correct']}/{fact['answers']}\n"
+            for kind in ("replay", "recite")
+            if (fact := summary.get(f"{kind}_answers_with_fact"))
         )
         + "\n"
         "Files: `dataset.jsonl` (seed format with OpenAI-style logprobs and exact token ids), "
@@ -234,12 +236,12 @@ def format_summary(s: dict) -> str:
         f"  conversations: {s['rows']} ({s['rows_generated_now']} generated now, {s['rejected_now']} rejected)",
         f"  answer tokens: {s['answer_tokens']}",
     ]
-    fact = s.get("replay_answers_with_fact")
-    if fact:
-        lines.append(
-            f"  replay answers that state their experience's Feedback: {fact['correct']}/{fact['answers']} "
-            f"({fact['share']:.0%}; the ceiling of what the cartridge can learn from replay)"
-        )
+    for kind, what in (("replay", "replay"), ("recite", "recital")):
+        if fact := s.get(f"{kind}_answers_with_fact"):
+            lines.append(
+                f"  {what} answers that state their experience's Feedback: {fact['correct']}/{fact['answers']} "
+                f"({fact['share']:.0%}; the ceiling of what the cartridge can learn from {what}s)"
+            )
     if s.get("answer_tokens_per_s_now"):
         lines.append(
             f"  speed this run: {s['answer_tokens_per_s_now']:.1f} answer tokens/s over {s['seconds_now']:.0f} s"

@@ -1,4 +1,5 @@
-"""Prompt strategies: replay of the agent's own Observations, self-study questions and unrelated requests.
+"""Prompt strategies: replay of the agent's own Observations, self-study questions, recitals of what each
+experience taught, and unrelated requests.
 
 Each prompt is a plain dict (JSON-serialisable, so it travels through Ray Data unchanged):
 ``prompt_id``, ``strategy``, ``context`` (the teacher's system prompt, with memory), ``user`` (or, for
@@ -108,6 +109,44 @@ def replay_prompts(memory: AgentMemory, cfg: GenerateConfig, rng: random.Random)
     return out
 
 
+# Recital requests (recite.requests overrides), sample s of an experience asks request s. With one experience in
+# context, the bundled 135M teacher stated its Feedback for 24 / 21 / 20 of the 30 demo experiences asked these
+# three (transformers, fp32, greedy); "What facts have you learned? List them." 16 (and it repeated itself),
+# "Write down everything you found out, one fact per line." 11.
+RECITE_REQUESTS = (
+    "What did you find out in this experience? State the fact.",
+    "What did you learn from this experience? State the facts in one sentence.",
+    "What is the key fact you learned here? Answer in one sentence.",
+)
+
+
+def recite_prompts(memory: AgentMemory, cfg: GenerateConfig, rng: random.Random) -> list[dict]:
+    """For each experience: the teacher, reading it (in a window of recite.window_k experiences), says what it
+    learned there. Unlike replay, this needs no question about the fact, so it covers every experience; its own
+    split key kind (``recite-``) so the evaluation holds out a share of recitals independently of replay."""
+    rc = cfg.recite
+    requests = tuple(rc.requests or RECITE_REQUESTS)
+    groups = memory.triples()
+    out = []
+    if memory.is_corpus:
+        return out
+    for gi in range(len(groups)):
+        for s in range(rc.samples_per_experience):
+            k = min(rc.window_k, len(groups))
+            start = rng.randint(max(0, gi - k + 1), min(gi, len(groups) - k))
+            out.append(
+                {
+                    "prompt_id": _pid("recite", gi, s, rc.window_k, cfg.seed),
+                    "strategy": "recite",
+                    "context": render_context(memory, cfg, groups[start : start + k]),
+                    "user": requests[s % len(requests)],
+                    "split_key": f"recite-{gi}",
+                    "metadata": {"memory_entry": gi, "sample": s, "window": [start, start + k]},
+                }
+            )
+    return out
+
+
 def self_study_prompts(memory: AgentMemory, cfg: GenerateConfig, rng: random.Random) -> list[dict]:
     sc = cfg.self_study
     groups = memory.triples()
@@ -183,6 +222,8 @@ def build_prompts(memory: AgentMemory, cfg: GenerateConfig) -> list[dict]:
         prompts += replay_prompts(memory, cfg, rng)
     if cfg.self_study.enabled:
         prompts += self_study_prompts(memory, cfg, rng)
+    if cfg.recite.enabled:  # after the others: enabling it leaves their random windows and questions as they were
+        prompts += recite_prompts(memory, cfg, rng)
     prompts += general_prompts(cfg)
     random.Random(cfg.seed + 1).shuffle(prompts)
     if cfg.max_samples:
