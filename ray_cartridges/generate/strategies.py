@@ -73,6 +73,13 @@ def render_context(memory: AgentMemory, cfg: GenerateConfig, groups=None) -> str
     )
 
 
+def _window_around(i: int, k: int, n: int, rng: random.Random) -> tuple[int, int]:
+    """[start, end) of a random window of min(k, n) consecutive experiences out of n that holds experience i."""
+    k = min(k, n)
+    start = rng.randint(max(0, i - k + 1), min(i, n - k))
+    return start, start + k
+
+
 def replay_prompts(memory: AgentMemory, cfg: GenerateConfig, rng: random.Random) -> list[dict]:
     rc = cfg.replay
     groups = memory.triples()
@@ -88,9 +95,8 @@ def replay_prompts(memory: AgentMemory, cfg: GenerateConfig, rng: random.Random)
             elif rc.mode == "exclude_current":
                 ctx = render_context(memory, cfg, groups[:gi] + groups[gi + 1 :])
             elif rc.mode == "focused":  # window_k consecutive experiences, the current one among them
-                k = min(rc.window_k, len(groups))
-                start = rng.randint(max(0, gi - k + 1), min(gi, len(groups) - k))
-                ctx = render_context(memory, cfg, groups[start : start + k])
+                start, end = _window_around(gi, rc.window_k, len(groups), rng)
+                ctx = render_context(memory, cfg, groups[start:end])
             else:  # random_sampling: a random window of window_k other experiences
                 others = [g for j, g in enumerate(groups) if j != gi]
                 k = min(rc.window_k, len(others))
@@ -124,24 +130,23 @@ def recite_prompts(memory: AgentMemory, cfg: GenerateConfig, rng: random.Random)
     """For each experience: the teacher, reading it (in a window of recite.window_k experiences), says what it
     learned there. Unlike replay, this needs no question about the fact, so it covers every experience; its own
     split key kind (``recite-``) so the evaluation holds out a share of recitals independently of replay."""
+    if memory.is_corpus:
+        return []
     rc = cfg.recite
     requests = tuple(rc.requests or RECITE_REQUESTS)
     groups = memory.triples()
     out = []
-    if memory.is_corpus:
-        return out
     for gi in range(len(groups)):
         for s in range(rc.samples_per_experience):
-            k = min(rc.window_k, len(groups))
-            start = rng.randint(max(0, gi - k + 1), min(gi, len(groups) - k))
+            start, end = _window_around(gi, rc.window_k, len(groups), rng)
             out.append(
                 {
                     "prompt_id": _pid("recite", gi, s, rc.window_k, cfg.seed),
                     "strategy": "recite",
-                    "context": render_context(memory, cfg, groups[start : start + k]),
+                    "context": render_context(memory, cfg, groups[start:end]),
                     "user": requests[s % len(requests)],
                     "split_key": f"recite-{gi}",
-                    "metadata": {"memory_entry": gi, "sample": s, "window": [start, start + k]},
+                    "metadata": {"memory_entry": gi, "sample": s, "window": [start, end]},
                 }
             )
     return out
