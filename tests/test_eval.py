@@ -1,5 +1,7 @@
 """The evaluation metrics themselves."""
 
+import json
+
 import torch
 
 from ray_cartridges.eval.metrics import kl_per_token, score_answer
@@ -105,6 +107,31 @@ def test_no_harm_chunks_raw_chat_and_both(tokenizer):
     assert "Be brief." not in tokenizer.decode(both[1])
 
 
+def test_no_harm_targets_are_the_bare_models_top_k_made_on_first_use(model, tokenizer):
+    import contextlib
+
+    from ray_cartridges.cartridge import create_cartridge
+    from ray_cartridges.train.loop import _no_harm_chunks, _NoHarmTargets
+
+    prefix = "The station doctor is Dr. Amara Okafor. The supply boat comes on Thursdays at ten. " * 3
+    pm = create_cartridge(model, num_tokens=24, method="text", tokenizer=tokenizer, text=prefix)
+    text = "Bread dough needs time to rise. The baker kneads it until it is smooth, then leaves it warm. " * 6
+    chunks = _no_harm_chunks(tokenizer, text, 20, "raw")
+    targets = _NoHarmTargets(pm, chunks, torch.device("cpu"), 5, contextlib.nullcontext)
+    x, ids, lp = targets.get(2)
+    assert set(targets.cache) == {2}  # only what was asked for
+    with torch.no_grad():
+        bare = torch.log_softmax(model(torch.tensor([chunks[2]])).logits[0, :-1], -1).topk(5, -1)
+        with_cart = pm(input_ids=x, attention_mask=torch.ones_like(x)).logits[0, :-1]
+    assert x.tolist() == [chunks[2]]
+    assert torch.equal(ids, bare.indices) and torch.allclose(lp, bare.values, atol=1e-5)
+    # the targets are the bare model's, not the cartridge-reading model's
+    assert not torch.allclose(torch.log_softmax(with_cart, -1).gather(-1, ids), lp, atol=1e-2)
+    assert targets.get(2)[1] is ids  # kept, not made again
+    targets.compute_all()
+    assert set(targets.cache) == set(range(len(chunks)))
+
+
 def test_fidelity_and_no_harm_with_a_shared_cache_match_fresh_readings(model, tokenizer):
     """A sweep shares the cartridge-independent readings between evaluations: same figures as without, and a
     second cartridge read through the same cache gets its own cartridge readings."""
@@ -163,3 +190,53 @@ def test_fidelity_measures_against_the_given_teacher_context_not_the_generating_
     assert partial["kl_no_memory"] != pytest.approx(whole["kl_no_memory"], rel=1e-2)
     # no cartridge: the "cartridge" reading is the bare student, the same as no memory
     assert overridden["kl_cartridge"] == pytest.approx(overridden["kl_no_memory"], rel=1e-5)
+
+
+def test_evaluation_reads_the_memory_as_generate_rendered_it(tmp_path, model, tokenizer, memory, teacher_jsonl):
+    """The memory.txt that `generate` writes beside the dataset (here with a custom history_template) is the
+    in-context reference of fidelity and no harm, not the memory re-rendered with the default template."""
+    import pytest
+
+    from ray_cartridges.agent.kv_memory import KVCacheMemory
+    from ray_cartridges.batching import heldout_keys
+    from ray_cartridges.cartridge import CartridgeMeta, ModelShape, create_cartridge, save_cartridge
+    from ray_cartridges.eval.evaluate import evaluate_cartridge, fidelity, perplexity_after_text
+    from ray_cartridges.models import tokenizer_fingerprint
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "dataset.jsonl").write_text(teacher_jsonl.read_text())
+    custom = memory.render(template="Notes kept by the agent:\n{experiences}\n\n{system_prompt}")
+    assert custom != memory.render()
+    (data / "memory.txt").write_text(custom)
+    pm = create_cartridge(model, num_tokens=16, method="text", tokenizer=tokenizer, text=memory.render())
+    meta = CartridgeMeta(
+        model_name="smollm2-135m-instruct",
+        shape=ModelShape.of(model),
+        num_tokens=16,
+        num_frozen_tokens=1,
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+    )
+    save_cartridge(pm, tmp_path / "c", meta)
+    text = "Bread dough needs time to rise before the baker shapes it."
+    ev = evaluate_cartridge(
+        tmp_path / "c",
+        data / "dataset.jsonl",
+        memory,
+        eval_fraction=0.1,
+        split_seed=0,
+        max_questions=1,
+        max_tokens=2,
+        unrelated_text=text,
+    )
+    assert ev["memory_context"] == str(data / "memory.txt")
+    assert ev["no_harm"]["ppl_icl"] == pytest.approx(perplexity_after_text(model, tokenizer, custom, text), rel=1e-4)
+    assert ev["no_harm"]["ppl_icl"] != pytest.approx(
+        perplexity_after_text(model, tokenizer, memory.render(), text), rel=1e-3
+    )
+    records = [json.loads(line) for line in teacher_jsonl.read_text().splitlines()]
+    held = heldout_keys([r["metadata"]["split_key"] for r in records], 0.1, 0)
+    held_records = [r for r in records if r["metadata"]["split_key"] in held]
+    kv = KVCacheMemory.from_dir(tmp_path / "c").kv
+    ref = fidelity(model, tokenizer, kv, held_records, teacher_context=custom)
+    assert ev["fidelity"]["kl_no_memory"] == pytest.approx(ref["kl_no_memory"], rel=1e-4)

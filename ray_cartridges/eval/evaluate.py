@@ -202,9 +202,13 @@ def evaluate_cartridge(
     unrelated_text: str | None = None,
     baselines: tuple[str, ...] = ("no_memory", "icl"),
     cache: dict | None = None,
+    memory_context: str | None = None,
 ) -> dict:
     """Fidelity on the held-out split of ``dataset_jsonl`` and recall on the memory's facts.
 
+    ``memory_context``: the whole memory as the teacher and the ICL agent read it; by default the ``memory.txt``
+    that `generate` wrote beside the dataset (rendered with its ``history_template`` and
+    ``history_instructions``), else ``memory`` rendered with the default template.
     ``baselines``: which of the no-memory and in-context (ICL) agents answer the recall questions beside the
     cartridge (a sweep over cartridges measures them once, not per cartridge). ``cache``: a dict shared by the
     evaluations of one sweep, so the readings that do not depend on the cartridge are made once.
@@ -214,6 +218,12 @@ def evaluate_cartridge(
     mem = KVCacheMemory.from_dir(cartridge_dir, dtype=dtype)
     model, tok = mem.model, mem.tokenizer
     records = [json.loads(line) for line in Path(dataset_jsonl).read_text().splitlines() if line.strip()]
+    context_file = Path(dataset_jsonl).with_name("memory.txt")
+    if memory_context is None:
+        memory_context = context_file.read_text(encoding="utf-8") if context_file.is_file() else memory.render()
+        context_source = str(context_file) if context_file.is_file() else "the memory, default template"
+    else:
+        context_source = "given"
     held_keys = heldout_keys([r["metadata"].get("split_key", "") for r in records], eval_fraction, split_seed)
     held = [r for r in records if r["metadata"].get("split_key", "") in held_keys]
     # the ICL gap is measured where the teacher had the memory: not on unrelated requests it answered bare
@@ -221,7 +231,7 @@ def evaluate_cartridge(
     # against the teacher with the whole memory in context (the ICL agent's prompt), whatever part of it the
     # generating teacher read
     fid = (
-        fidelity(model, tok, mem.kv, held_mem[:64], mem.meta.student_system_prompt, cache, memory.render())
+        fidelity(model, tok, mem.kv, held_mem[:64], mem.meta.student_system_prompt, cache, memory_context)
         if held_mem
         else {}
     )
@@ -234,9 +244,14 @@ def evaluate_cartridge(
         def prefix_kv(self):
             return mem.kv
 
+    def _icl():
+        agent = HistoryAgent(HistoryAgentConfig(checkpoint_dir=memory.source), model=model, tokenizer=tok)
+        agent.system_prompt = memory_context  # the memory as the teacher read it
+        return agent
+
     agents = {
         "no_memory": lambda: ChatModel(model, tok, mem.meta.student_system_prompt),
-        "icl": lambda: HistoryAgent(HistoryAgentConfig(checkpoint_dir=memory.source), model=model, tokenizer=tok),
+        "icl": _icl,
         "cartridge": lambda: _Cartridge(model, tok, mem.meta.student_system_prompt),
     }
     agents = {k: make() for k, make in agents.items() if k in baselines or k == "cartridge"}
@@ -246,13 +261,14 @@ def evaluate_cartridge(
         rec[name]["heldout_accuracy"] = sum(held_scores) / len(held_scores) if held_scores else None
     if unrelated_text is None:
         unrelated_text = (Path(__file__).resolve().parent.parent / "data" / "unrelated.txt").read_text()
-    harm = no_harm(model, tok, mem.kv, unrelated_text, memory.render(), mem.meta.student_system_prompt, cache)
+    harm = no_harm(model, tok, mem.kv, unrelated_text, memory_context, mem.meta.student_system_prompt, cache)
     return {
         "fidelity": fid,
         "recall": rec,
         "no_harm": harm,
         "heldout_entries": sorted(held_entries),
         "questions": len(qs),
+        "memory_context": context_source,
     }
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from ..config import GenerateConfig, dump_config
 from ..fsutil import write_text_atomic
 from ..memory import read_memory
-from .strategies import build_prompts
+from .strategies import build_prompts, render_context
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +153,9 @@ def run_generation(cfg: GenerateConfig, progress: bool = True) -> dict:
                 records.append(json.loads(line))
     total_rows, total_tokens = len(records), sum(len(r["messages"][-1]["token_ids"]) for r in records)
     write_text_atomic(out / "dataset.jsonl", "".join(line + "\n" for line in lines))
-    write_text_atomic(out / "memory.txt", memory.render())
+    # the whole memory as the teacher reads it (history_template / history_instructions applied): the text init
+    # and the in-context reference of `eval`
+    write_text_atomic(out / "memory.txt", render_context(memory, cfg))
     summary = {
         "output_dir": str(out),
         "dataset_jsonl": str(out / "dataset.jsonl"),

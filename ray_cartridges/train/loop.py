@@ -163,7 +163,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         backend = DDPBackend(peft_model, params, opt, world, t.max_grad_norm, n_micro, t.profile)
     train_model = backend.model
     # under ZeRO-3 every forward is collective: each rank evaluates the whole held-out split
-    eval_sharded = not (t.backend == "deepspeed" and t.zero_stage == 3)
+    collective_forward = t.backend == "deepspeed" and t.zero_stage == 3
+    eval_sharded = not collective_forward
 
     start_step = 0
     ckpt = ray.train.get_checkpoint()  # set when Ray Train restarts this run after a failure
@@ -180,9 +181,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
-    # the bare model's top-k on each no-harm chunk never changes (frozen model, fixed text): computed once
-    # here, on every rank alike (collective under ZeRO-3), not again at every step
-    no_harm_targets = _no_harm_targets(peft_model, no_harm, device, t.top_k_logits, autocast)
+    # the bare model's top-k on each no-harm chunk never changes (frozen model, fixed text): computed once per
+    # chunk, when a step first uses it (a short run over a long text reads a few chunks); under ZeRO-3 every
+    # forward is collective, so there all of them are computed here, on every rank alike
+    no_harm_targets = _NoHarmTargets(peft_model, no_harm, device, t.top_k_logits, autocast)
+    if collective_forward:
+        no_harm_targets.compute_all()
     pad_id = tok.pad_token_id
     my_eval = eval_rows[rank::world] if eval_sharded else eval_rows
     metrics_path = out_dir / "metrics.jsonl"
@@ -321,7 +325,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             loss_sum += float(ls)
         nh_loss = 0.0
         if no_harm:  # last micro-step: the bare model teaches the cartridge-reading model on general text
-            x, top_ids, top_lp = no_harm_targets[(step * world + rank) % len(no_harm_targets)]
+            x, top_ids, top_lp = no_harm_targets.get((step * world + rank) % len(no_harm))
             timer.lap("data")
             with backend.accumulate(last=True):
                 with autocast():
@@ -449,17 +453,27 @@ def _gather_workers(rank: int, device: torch.device) -> list[dict]:
     return out
 
 
-@torch.no_grad()
-def _no_harm_targets(peft_model, chunks: list[list[int]], device, top_k: int, autocast) -> list[tuple]:
-    """(input ids, teacher top-k ids, teacher top-k logprobs) of each chunk, the teacher being the bare model."""
-    out = []
-    for chunk in chunks:
-        x = torch.tensor([chunk], device=device)
-        with peft_model.disable_adapter(), autocast():
-            base = torch.log_softmax(peft_model(input_ids=x, use_cache=False).logits[0, :-1].float(), -1)
-        top_lp, top_ids = base.topk(top_k, dim=-1)
-        out.append((x, top_ids, top_lp))
-    return out
+class _NoHarmTargets:
+    """(input ids, teacher top-k ids, teacher top-k logprobs) of each no-harm chunk, the teacher being the bare
+    model (the adapter disabled); each chunk's computed when first asked for and kept."""
+
+    def __init__(self, peft_model, chunks: list[list[int]], device, top_k: int, autocast):
+        self.model, self.chunks, self.device, self.top_k, self.autocast = peft_model, chunks, device, top_k, autocast
+        self.cache: dict[int, tuple] = {}
+
+    @torch.no_grad()
+    def get(self, i: int) -> tuple:
+        if i not in self.cache:
+            x = torch.tensor([self.chunks[i]], device=self.device)
+            with self.model.disable_adapter(), self.autocast():
+                base = torch.log_softmax(self.model(input_ids=x, use_cache=False).logits[0, :-1].float(), -1)
+            top_lp, top_ids = base.topk(self.top_k, dim=-1)
+            self.cache[i] = (x, top_ids, top_lp)
+        return self.cache[i]
+
+    def compute_all(self) -> None:
+        for i in range(len(self.chunks)):
+            self.get(i)
 
 
 def _no_harm_chunks(
