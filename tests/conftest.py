@@ -34,6 +34,20 @@ def model():
     return load_model(BUNDLED, "fp32")
 
 
+def bundled_meta(model, tokenizer, num_tokens: int, num_frozen_tokens: int = 1):
+    """The CartridgeMeta of a cartridge of ``num_tokens`` on the bundled model."""
+    from ray_cartridges.cartridge import CartridgeMeta, ModelShape
+    from ray_cartridges.models import tokenizer_fingerprint
+
+    return CartridgeMeta(
+        model_name=BUNDLED,
+        shape=ModelShape.of(model),
+        num_tokens=num_tokens,
+        num_frozen_tokens=num_frozen_tokens,
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+    )
+
+
 def tiny_llama(layers=2, kv_heads=2, heads=4, head_dim=16, vocab=49152, seed=0):
     """A small random Llama (no download) for shape and compatibility tests."""
     from transformers import LlamaConfig, LlamaForCausalLM

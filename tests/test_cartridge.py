@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import bundled_meta, tiny_llama
 
 from ray_cartridges.cartridge import (
     CartridgeMeta,
@@ -13,7 +13,6 @@ from ray_cartridges.cartridge import (
     load_cartridge,
     save_cartridge,
 )
-from ray_cartridges.models import tokenizer_fingerprint
 
 TEXT = (
     "The lighthouse keeper logged the ships every evening. A red ketch named Albatross anchored in the bay "
@@ -22,13 +21,7 @@ TEXT = (
 
 
 def _meta(model, tok, p, frozen):
-    return CartridgeMeta(
-        model_name="smollm2-135m-instruct",
-        shape=ModelShape.of(model),
-        num_tokens=p,
-        num_frozen_tokens=frozen,
-        tokenizer_fingerprint=tokenizer_fingerprint(tok),
-    )
+    return bundled_meta(model, tok, p, frozen)
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@
 import json
 
 import torch
+from conftest import bundled_meta
 
 from ray_cartridges.eval.metrics import kl_per_token, score_answer
 
@@ -199,9 +200,8 @@ def test_evaluation_reads_the_memory_as_generate_rendered_it(tmp_path, model, to
 
     from ray_cartridges.agent.kv_memory import KVCacheMemory
     from ray_cartridges.batching import heldout_keys
-    from ray_cartridges.cartridge import CartridgeMeta, ModelShape, create_cartridge, save_cartridge
+    from ray_cartridges.cartridge import create_cartridge, save_cartridge
     from ray_cartridges.eval.evaluate import evaluate_cartridge, fidelity, perplexity_after_text
-    from ray_cartridges.models import tokenizer_fingerprint
 
     data = tmp_path / "data"
     data.mkdir()
@@ -210,14 +210,7 @@ def test_evaluation_reads_the_memory_as_generate_rendered_it(tmp_path, model, to
     assert custom != memory.render()
     (data / "memory.txt").write_text(custom)
     pm = create_cartridge(model, num_tokens=16, method="text", tokenizer=tokenizer, text=memory.render())
-    meta = CartridgeMeta(
-        model_name="smollm2-135m-instruct",
-        shape=ModelShape.of(model),
-        num_tokens=16,
-        num_frozen_tokens=1,
-        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
-    )
-    save_cartridge(pm, tmp_path / "c", meta)
+    save_cartridge(pm, tmp_path / "c", bundled_meta(model, tokenizer, 16))
     text = "Bread dough needs time to rise before the baker shapes it."
     ev = evaluate_cartridge(
         tmp_path / "c",

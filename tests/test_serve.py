@@ -4,6 +4,7 @@ import socket
 
 import httpx
 import pytest
+from conftest import bundled_meta
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(600)]
 
@@ -17,18 +18,10 @@ def _free_port() -> int:
 
 
 def _make_cartridge(path, model, tokenizer, seed):
-    from ray_cartridges.cartridge import CartridgeMeta, ModelShape, create_cartridge, save_cartridge
-    from ray_cartridges.models import tokenizer_fingerprint
+    from ray_cartridges.cartridge import create_cartridge, save_cartridge
 
     pm = create_cartridge(model, num_tokens=16, method="random", seed=seed)
-    meta = CartridgeMeta(
-        model_name="smollm2-135m-instruct",
-        shape=ModelShape.of(model),
-        num_tokens=16,
-        num_frozen_tokens=1,
-        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
-    )
-    save_cartridge(pm, path, meta)
+    save_cartridge(pm, path, bundled_meta(model, tokenizer, 16))
     return path
 
 
