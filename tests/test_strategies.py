@@ -144,8 +144,8 @@ def test_unrelated_requests_get_their_own_answer_length_and_records_keep_prompt_
         assert n == 3 if p.get("max_tokens") is None else 3 < n <= 12
 
 
-def test_replay_fact_accuracy_scores_replay_answers_against_their_own_feedback():
-    from ray_cartridges.generate.pipeline import replay_fact_accuracy
+def test_fact_answer_share_scores_replay_and_recital_answers_against_their_own_feedback():
+    from ray_cartridges.generate.pipeline import fact_answer_share
 
     memory = read_memory(EXAMPLE_CHECKPOINT)
     facts = {
@@ -157,7 +157,7 @@ def test_replay_fact_accuracy_scores_replay_answers_against_their_own_feedback()
         meta = {"memory_entry": entry, "strategy": strategy}
         return {"metadata": meta, "messages": [{"role": "user"}, {"role": "assistant", "content": answer}]}
 
-    got = replay_fact_accuracy(
+    got = fact_answer_share(
         [
             rec(i0, fb0),  # states its own fact
             rec(i1, fb0),  # states another experience's fact: wrong for this one
@@ -167,10 +167,10 @@ def test_replay_fact_accuracy_scores_replay_answers_against_their_own_feedback()
         memory,
     )
     assert got == {"correct": 1, "answers": 3, "share": 1 / 3}
-    assert replay_fact_accuracy([rec(i0, fb0, strategy="general/bare")], memory) is None
+    assert fact_answer_share([rec(i0, fb0, strategy="general/bare")], memory) is None
     # recitals are scored on their own, against the fact of the experience they recite
     recitals = [rec(i0, fb0, "recite"), rec(i1, fb1, "recite"), rec(i1, fb0, "recite"), rec(i0, fb0)]
-    assert replay_fact_accuracy(recitals, memory, "recite") == {"correct": 2, "answers": 3, "share": 2 / 3}
+    assert fact_answer_share(recitals, memory, "recite") == {"correct": 2, "answers": 3, "share": 2 / 3}
 
 
 def test_recitals_cover_every_experience_from_a_window_that_holds_it_under_their_own_split_keys():

@@ -173,8 +173,8 @@ def run_generation(cfg: GenerateConfig, progress: bool = True) -> dict:
         "engine_seconds_now": stats["actor_seconds"],  # time inside engine calls (no Ray or engine start-up)
         "memory_entries": len(memory.entries),
         "memory_lines_skipped": memory.skipped_lines,
-        "replay_answers_with_fact": replay_fact_accuracy(records, memory),
-        "recite_answers_with_fact": replay_fact_accuracy(records, memory, "recite"),
+        "replay_answers_with_fact": fact_answer_share(records, memory),
+        "recite_answers_with_fact": fact_answer_share(records, memory, "recite"),
         "problems": stats["problems"][:20],
     }
     write_text_atomic(
@@ -194,7 +194,7 @@ def run_generation(cfg: GenerateConfig, progress: bool = True) -> dict:
     return summary
 
 
-def replay_fact_accuracy(records: list[dict], memory, prefix: str = "replay/") -> dict | None:
+def fact_answer_share(records: list[dict], memory, prefix: str = "replay/") -> dict | None:
     """How good the teacher's targets are: of the answers (of strategies starting with ``prefix``: replay, or
     recitals) about experiences whose Feedback carries the answer, how many state it (the recall scoring of
     ``ray-cartridges eval``). None where there are no such answers."""
