@@ -42,6 +42,9 @@ def _summary(ev: dict) -> dict:
         "ppl_ratio_icl": harm.get("ratio_icl"),
         "chat_ppl_ratio": (harm.get("chat") or {}).get("ratio"),
         "chat_ppl_ratio_icl": (harm.get("chat") or {}).get("ratio_icl"),
+        # each paragraph of the unrelated text read alone (short answers): mean ratio
+        "chat_ppl_ratio_paragraphs": ((harm.get("paragraphs") or {}).get("chat") or {}).get("ratio"),
+        "chat_ppl_ratio_paragraphs_icl": ((harm.get("paragraphs") or {}).get("chat") or {}).get("ratio_icl"),
     }
 
 
@@ -51,9 +54,9 @@ def markdown(baselines: dict, sizes: list[dict], steps: list[dict], p_steps: int
 
     head = (
         "| {} | KL to teacher | ICL gap closed | recall | recall (held-out entries) | ppl vs base (chat) | "
-        "ppl vs base (raw text) | train s |"
+        "ppl vs base (raw text) | ppl vs base (chat, paragraphs alone) | train s |"
     )
-    sep = "|---|---|---|---|---|---|---|---|"
+    sep = "|---|---|---|---|---|---|---|---|---|"
 
     def pct(r):
         return None if r is None else (r - 1) * 100
@@ -61,18 +64,20 @@ def markdown(baselines: dict, sizes: list[dict], steps: list[dict], p_steps: int
     out = [
         "## Baselines",
         "",
-        "| agent | KL to teacher | recall | recall (held-out entries) | ppl vs base (chat) | ppl vs base (raw text) |",
-        "|---|---|---|---|---|---|",
+        "| agent | KL to teacher | recall | recall (held-out entries) | ppl vs base (chat) | ppl vs base (raw text) "
+        "| ppl vs base (chat, paragraphs alone) |",
+        "|---|---|---|---|---|---|---|",
     ]
     out.append(
         f"| no memory | {f(baselines['kl_no_memory'])} | {f(baselines['no_memory']['accuracy'], '{:.2f}')} | "
-        f"{f(baselines['no_memory'].get('heldout_accuracy'), '{:.2f}')} | +0.0% | +0.0% |"
+        f"{f(baselines['no_memory'].get('heldout_accuracy'), '{:.2f}')} | +0.0% | +0.0% | +0.0% |"
     )
     out.append(
         f"| ICL (memory in context) | 0 (it is the teacher) | {f(baselines['icl']['accuracy'], '{:.2f}')} | "
         f"{f(baselines['icl'].get('heldout_accuracy'), '{:.2f}')} | "
         f"{f(pct(baselines.get('chat_ppl_ratio_icl')), '{:+.1f}%')} | "
-        f"{f(pct(baselines.get('ppl_ratio_icl')), '{:+.1f}%')} |"
+        f"{f(pct(baselines.get('ppl_ratio_icl')), '{:+.1f}%')} | "
+        f"{f(pct(baselines.get('chat_ppl_ratio_paragraphs_icl')), '{:+.1f}%')} |"
     )
     for title, key, rows in (("Cartridge size p", "p", sizes), (f"Training steps (p = {p_steps})", "steps", steps)):
         out += ["", f"## {title}", "", head.format(key), sep]
@@ -81,7 +86,7 @@ def markdown(baselines: dict, sizes: list[dict], steps: list[dict], p_steps: int
                 f"| {r[key]} | {f(r['kl_cartridge'])} | {f(r['icl_gap_closed'], '{:.2f}')} | "
                 f"{f(r['recall'], '{:.2f}')} | {f(r['recall_heldout'], '{:.2f}')} | "
                 f"{f(pct(r.get('chat_ppl_ratio')), '{:+.1f}%')} | {f(pct(r['ppl_ratio']), '{:+.1f}%')} | "
-                f"{f(r.get('train_s'), '{:.0f}')} |"
+                f"{f(pct(r.get('chat_ppl_ratio_paragraphs')), '{:+.1f}%')} | {f(r.get('train_s'), '{:.0f}')} |"
             )
     return "\n".join(out) + "\n"
 
@@ -189,6 +194,7 @@ def main() -> None:
                 "icl": {k: v for k, v in ev["recall"]["icl"].items() if k != "answers"},
                 "ppl_ratio_icl": ev["no_harm"].get("ratio_icl"),
                 "chat_ppl_ratio_icl": (ev["no_harm"].get("chat") or {}).get("ratio_icl"),
+                "chat_ppl_ratio_paragraphs_icl": _summary(ev)["chat_ppl_ratio_paragraphs_icl"],
             }
         row = {"p": p, "steps": steps, "train_s": train_s, "train_rows": summary.get("train_rows"), **_summary(ev)}
         size_rows.append(row)

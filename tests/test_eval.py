@@ -70,6 +70,37 @@ def test_text_cartridge_no_harm_equals_its_text_in_context(model, tokenizer):
     assert harm["ratio"] == __import__("pytest").approx(harm["ppl_cartridge"] / harm["ppl_base"])
     other = perplexity_after_text(base_model, tokenizer, "Completely different words come first here.", text)
     assert abs(other - harm["ppl_cartridge"]) / harm["ppl_cartridge"] > 1e-3
+    assert harm["paragraphs"] is None  # one paragraph: nothing more to read
+
+
+def test_paragraph_harm_is_the_mean_over_paragraphs_read_alone(model, tokenizer):
+    import pytest
+
+    from ray_cartridges.cartridge import create_cartridge, layer_kv
+    from ray_cartridges.eval.evaluate import no_harm, perplexity, perplexity_after_text, perplexity_chat
+
+    prefix = "The spare generator key is in the blue tin above the workbench in Hut B."
+    paras = [
+        "Bread dough needs time to rise before it is baked in a hot oven.",
+        "A bicycle chain moves power from the pedals to the rear wheel.",
+        "Old maps often show sea monsters in the empty parts of the ocean.",
+    ]
+    p = len(tokenizer(prefix).input_ids)
+    peft = create_cartridge(model, num_tokens=p, num_frozen_tokens=1, method="text", tokenizer=tokenizer, text=prefix)
+    kv = [(k.detach().clone(), v.detach().clone()) for k, v in layer_kv(peft)]
+    m = peft.get_base_model()
+    harm = no_harm(m, tokenizer, kv, "\n\n".join(paras) + "\n", memory_text=prefix)["paragraphs"]
+    assert harm["count"] == 3
+    raw = [perplexity(m, tokenizer, x, kv) / perplexity(m, tokenizer, x) for x in paras]
+    chat = [perplexity_chat(m, tokenizer, x, kv) / perplexity_chat(m, tokenizer, x) for x in paras]
+    chat_icl = [perplexity_chat(m, tokenizer, x, system=prefix) / perplexity_chat(m, tokenizer, x) for x in paras]
+    assert harm["raw"]["ratio"] == pytest.approx(sum(raw) / 3, rel=1e-4)
+    assert harm["chat"]["ratio"] == pytest.approx(sum(chat) / 3, rel=1e-4)
+    assert harm["chat"]["ratio_icl"] == pytest.approx(sum(chat_icl) / 3, rel=1e-4)
+    # a text cartridge reads each paragraph as its text in context does
+    icl = [perplexity_after_text(m, tokenizer, prefix, x) / perplexity(m, tokenizer, x) for x in paras]
+    assert harm["raw"]["ratio_icl"] == pytest.approx(sum(icl) / 3, rel=1e-4)
+    assert harm["raw"]["ratio"] == pytest.approx(harm["raw"]["ratio_icl"], rel=1e-4)
 
 
 def test_chat_perplexity_scores_only_the_answer_turn(model, tokenizer):

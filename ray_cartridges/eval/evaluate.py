@@ -141,7 +141,8 @@ def no_harm(
     """Perplexity on text unrelated to the memory, bare model against the model with the cartridge, read two ways:
     as plain text right after the prefix (top-level keys) and as the assistant's turn of an unrelated chat
     (``chat``), the way the agent reads its cartridge. ``memory_text`` adds the ICL reference of each: the memory
-    itself in context (before the text; as the system prompt of the chat). ``cache``: as in :func:`fidelity`."""
+    itself in context (before the text; as the system prompt of the chat). ``paragraphs``: both readings of each
+    paragraph of ``text`` read alone, averaged (harm on short answers). ``cache``: as in :func:`fidelity`."""
 
     def once(name, fn, *args, **kw):  # the readings that do not depend on the cartridge
         key = ("no_harm", name, text, memory_text, system_prompt)
@@ -164,6 +165,32 @@ def no_harm(
         chat_icl = once("chat_icl", perplexity_chat, model, tok, text, system=memory_text)
         chat.update({"ppl_icl": chat_icl, "ratio_icl": chat_icl / chat_base})
     out["chat"] = chat
+    out["paragraphs"] = _paragraph_harm(model, tok, kv, text, memory_text, system_prompt, once)
+    return out
+
+
+def _paragraph_harm(model, tok, kv, text, memory_text, system_prompt, once) -> dict | None:
+    """The same readings of each paragraph of ``text`` read alone (its tokens right after the prefix, where a
+    cartridge moves predictions most; a short answer is mostly such tokens): the mean over paragraphs of
+    each perplexity ratio. None for a text of one paragraph."""
+    paras = [p.strip() for p in text.split("\n\n") if p.strip()]
+    if len(paras) < 2:
+        return None
+    ratios: dict[str, list[float]] = {"raw": [], "raw_icl": [], "chat": [], "chat_icl": []}
+    for i, para in enumerate(paras):
+        base = once(f"para{i}_base", perplexity, model, tok, para)
+        chat_base = once(f"para{i}_chat_base", perplexity_chat, model, tok, para, system=system_prompt)
+        ratios["raw"].append(perplexity(model, tok, para, kv) / base)
+        ratios["chat"].append(perplexity_chat(model, tok, para, kv, system=system_prompt) / chat_base)
+        if memory_text:
+            ratios["raw_icl"].append(once(f"para{i}_icl", perplexity_after_text, model, tok, memory_text, para) / base)
+            chat_icl = once(f"para{i}_chat_icl", perplexity_chat, model, tok, para, system=memory_text)
+            ratios["chat_icl"].append(chat_icl / chat_base)
+    out: dict = {"count": len(paras)}
+    for reading in ("raw", "chat"):
+        out[reading] = {"ratio": sum(ratios[reading]) / len(paras)}
+        if memory_text:
+            out[reading]["ratio_icl"] = sum(ratios[f"{reading}_icl"]) / len(paras)
     return out
 
 
@@ -302,5 +329,15 @@ def evaluation_lines(evaluation: dict | None) -> list[str]:
             lines.append(
                 f"no harm ({label}): perplexity {h['ppl_base']:.2f} without, {h['ppl_cartridge']:.2f} with "
                 f"the cartridge ({(h['ratio'] - 1) * 100:+.1f}%){icl}"
+            )
+        paras = harm.get("paragraphs")
+        if paras:
+            lines.append(
+                f"no harm (each of its {paras['count']} paragraphs read alone, mean): chat "
+                + "; raw text ".join(
+                    f"{(r['ratio'] - 1) * 100:+.1f}%"
+                    + (f" (memory in context {(r['ratio_icl'] - 1) * 100:+.1f}%)" if "ratio_icl" in r else "")
+                    for r in (paras["chat"], paras["raw"])
+                )
             )
     return lines
