@@ -27,6 +27,7 @@ SMALL = {
     "max_samples": 8,
     "shard_size": 2,
     "self_study": {"num_samples": 2},
+    "history_instructions": "These are your earlier experiences; answer from them.",
 }
 
 
@@ -95,6 +96,10 @@ def test_every_row_is_valid_flat_topk_aligned_with_the_template(vllm_run, tokeni
             assert ids[sel][0] == answer[j]  # temperature 0: sampled token is the top-1
         for e, tid in zip(rec["messages"][-1]["logprobs"]["content"], answer):
             assert e["token_id"] == tid and len(e["top_logprobs"]) == 10
+    # the whole memory as the teacher reads it (the configured instructions), for text init and `eval`
+    memory_txt = (out / "memory.txt").read_text()
+    assert SMALL["history_instructions"] in memory_txt
+    assert all(SMALL["history_instructions"] in r["messages"][0]["content"] for r in recs.values())
 
 
 def test_vllm_matches_transformers_reference(vllm_run, tmp_path, ray_cluster):
