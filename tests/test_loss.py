@@ -48,3 +48,41 @@ def test_loss_is_minimised_by_the_teacher_distribution():
         kd_loss(logits, ids, teacher_lp).backward()
         opt.step()
     assert torch.allclose(torch.log_softmax(logits, -1), teacher_lp, atol=1e-3)
+
+
+def test_tail_class_makes_the_teacher_the_minimum_where_plain_top_k_sharpens():
+    """With top-k kept, the plain loss is lowest for a student with all its mass on the kept tokens; with the
+    tail class the teacher's own distribution is the minimum (zero gradient there)."""
+    torch.manual_seed(2)
+    P, V, K = 4, 30, 5
+    teacher_logits = torch.randn(P, V) * 2
+    top_lp, top_ids = torch.log_softmax(teacher_logits, -1).topk(K, -1)
+    grads = {}
+    for tail in (False, True):
+        x = teacher_logits.clone().requires_grad_(True)
+        kd_loss_sum(x, top_ids, top_lp, tail).backward()
+        grads[tail] = x.grad
+    assert grads[True].abs().max() < 1e-5
+    assert grads[False].abs().max() > 1e-2
+    # value: the kept tokens' cross-entropy plus the left-out mass against the student's mass elsewhere
+    student = torch.randn(P, V)
+    log_q = torch.log_softmax(student, -1)
+    p = top_lp.exp()
+    q_rest = 1 - log_q.gather(-1, top_ids).exp().sum(-1)
+    expected = -(p * log_q.gather(-1, top_ids)).sum() - ((1 - p.sum(-1)) * q_rest.log()).sum()
+    assert torch.allclose(kd_loss_sum(student, top_ids, top_lp, tail=True), expected, atol=1e-5)
+    # every token kept: no tail mass, the same loss as without the class
+    ids = torch.arange(V).expand(P, V)
+    lp = torch.log_softmax(teacher_logits, -1)
+    assert torch.allclose(kd_loss_sum(student, ids, lp, tail=True), kd_loss_sum(student, ids, lp), atol=1e-4)
+    # padded positions (no kept entry) and padded entries add nothing
+    pad_ids = torch.cat([top_ids, torch.zeros(1, K, dtype=torch.long)])
+    pad_lp = torch.cat([top_lp, torch.full((1, K), float("-inf"))])
+    pad_student = torch.cat([student, torch.randn(1, V)])
+    assert torch.allclose(kd_loss_sum(pad_student, pad_ids, pad_lp, tail=True), expected, atol=1e-5)
+    short_lp = top_lp.clone()
+    short_lp[:, -1] = float("-inf")  # the last kept entry is padding: its mass joins the tail
+    q_rest4 = 1 - log_q.gather(-1, top_ids[:, :-1]).exp().sum(-1)
+    p4 = p[:, :-1]
+    expected4 = -(p4 * log_q.gather(-1, top_ids[:, :-1])).sum() - ((1 - p4.sum(-1)) * q_rest4.log()).sum()
+    assert torch.allclose(kd_loss_sum(student, top_ids, short_lp, tail=True), expected4, atol=1e-5)

@@ -117,6 +117,13 @@ class TrainingConfig(StrictModel):
         description="How the no-harm chunks are read after the cartridge: as plain text, as the assistant turn of "
         "a chat about something else (how the agent reads the cartridge), or alternating both.",
     )
+    tail_mass: Literal["none", "no_harm", "all"] = Field(
+        "none",
+        description="Where the KD loss also matches the probability mass outside the teacher's kept top-k tokens "
+        "(one more class: the teacher's left-out mass against the student's mass on all other tokens): none, the "
+        "no-harm term only, or all (the memory data too). Without it the loss is minimised by putting all the "
+        "student's mass on the kept tokens, sharper than the teacher.",
+    )
     keep_best: bool = Field(
         True, description="Keep the cartridge with the lowest held-out KD loss so far in <local_dir>/best."
     )

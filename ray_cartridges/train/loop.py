@@ -61,15 +61,15 @@ def plan_steps(cfg: TrainConfig, n_train: int) -> tuple[list[list[int]], int]:
 
 @torch.no_grad()
 def evaluate(
-    model, rows: list[dict], pad_id: int, top_k: int, micro: int, autocast, device: torch.device
+    model, rows: list[dict], pad_id: int, top_k: int, micro: int, autocast, device: torch.device, tail: bool = False
 ) -> tuple[float, float]:
-    """(sum of per-token KD loss, number of supervised tokens) over ``rows``."""
+    """(sum of per-token KD loss, number of supervised tokens) over ``rows``; ``tail`` as in kd_loss_sum."""
     total, count = 0.0, 0.0
     for i in range(0, len(rows), micro):
         b = {k: v.to(device) for k, v in collate(rows[i : i + micro], pad_id, top_k).items()}
         with autocast():
             logits = student_logits_at(model, b)
-        total += float(kd_loss_sum(logits, b["topk_ids"], b["topk_logprobs"]))
+        total += float(kd_loss_sum(logits, b["topk_ids"], b["topk_logprobs"], tail))
         count += b["pred_t"].numel()
     return total, count
 
@@ -155,6 +155,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if t.no_harm_weight and not no_harm:
         raise ValueError(f"training.no_harm_text_file: the text is shorter than no_harm_tokens={t.no_harm_tokens}")
     n_micro += 1 if no_harm else 0  # the no-harm chunk is one more micro-step of each step
+    kd_tail = t.tail_mass == "all"  # the memory data's KD loss (and the held-out loss) with the tail class
     if t.backend == "deepspeed":
         backend = DeepSpeedBackend(
             peft_model, params, opt, world, t.max_grad_norm, n_micro, t.zero_stage, micro, False, t.profile
@@ -220,7 +221,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     def run_eval(step: int) -> dict:
         if not eval_rows:
             return {}
-        s, c = evaluate(peft_model, my_eval, pad_id, t.top_k_logits, micro, autocast, device)
+        s, c = evaluate(peft_model, my_eval, pad_id, t.top_k_logits, micro, autocast, device, kd_tail)
         if eval_sharded:
             s, c = _all_reduce([s, c])
         return {"step": step, "eval/loss": s / max(c, 1.0), "eval/tokens": c}
@@ -317,7 +318,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             with backend.accumulate(last=ci == len(chunks) - 1 and not no_harm):
                 with autocast():
                     logits = student_logits_at(train_model, b)
-                ls = kd_loss_sum(logits, b["topk_ids"], b["topk_logprobs"])
+                ls = kd_loss_sum(logits, b["topk_ids"], b["topk_logprobs"], kd_tail)
                 timer.lap("forward")
                 # data parallelism averages gradients over workers: scale so the result is the global per-token mean
                 backend.backward(ls * world / global_positions)
@@ -332,7 +333,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     student = train_model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits[
                         0, :-1
                     ]
-                nh = kd_loss_sum(student, top_ids, top_lp) / top_ids.shape[0]
+                nh = kd_loss_sum(student, top_ids, top_lp, t.tail_mass != "none") / top_ids.shape[0]
                 timer.lap("forward")
                 backend.backward(t.no_harm_weight * nh)  # the workers' mean of per-token means
                 timer.lap("backward")
