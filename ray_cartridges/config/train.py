@@ -118,7 +118,7 @@ class TrainingConfig(StrictModel):
         "a chat about something else (how the agent reads the cartridge), or alternating both.",
     )
     tail_mass: Literal["none", "no_harm", "all"] = Field(
-        "none",
+        "all",
         description="Where the KD loss also matches the probability mass outside the teacher's kept top-k tokens "
         "(one more class: the teacher's left-out mass against the student's mass on all other tokens): none, the "
         "no-harm term only, or all (the memory data too). Without it the loss is minimised by putting all the "
