@@ -27,9 +27,14 @@ def kd_loss_sum(
     loss = -(p * log_q_top).sum()
     if tail:
         kept = torch.isfinite(topk_logprobs)
-        p_tail = (1 - p.sum(-1)).clamp(min=0) * kept.any(-1)  # [P]; 0 on padded positions
-        q_top = (log_q_top.exp() * kept).sum(-1)
-        log_q_tail = torch.log1p(-q_top.clamp(max=1 - 1e-6))
+        # 1 - (kept mass) as -expm1(log of the kept mass): exact where the kept mass is near 1
+        p_tail = -torch.expm1(topk_logprobs.float().logsumexp(-1)) * kept.any(-1)  # [P]; 0 on padded positions
+        p_tail = torch.where(p_tail > 1e-6, p_tail, 0.0)  # below that: rounding of a complete top-k
+        # log of the student's mass on every token not kept, summed over those tokens (not 1 - the kept mass,
+        # which cancels); kept tokens are masked with a large finite negative, not -inf: a row with every
+        # token kept must stay finite
+        ids = torch.where(kept, topk_ids.long(), topk_ids.long()[:, :1])  # padding entries repeat a kept id
+        log_q_tail = log_q.scatter(-1, ids, -1e4).logsumexp(-1)
         loss = loss - (p_tail * log_q_tail).sum()
     return loss
 

@@ -75,6 +75,20 @@ def test_tail_class_makes_the_teacher_the_minimum_where_plain_top_k_sharpens():
     ids = torch.arange(V).expand(P, V)
     lp = torch.log_softmax(teacher_logits, -1)
     assert torch.allclose(kd_loss_sum(student, ids, lp, tail=True), kd_loss_sum(student, ids, lp), atol=1e-4)
+    x = student.clone().requires_grad_(True)
+    kd_loss_sum(x, ids, lp, tail=True).backward()
+    assert torch.isfinite(x.grad).all()
+    # a kept mass near 1: the tail is summed over the other tokens, not taken as 1 - (kept mass), which in float32
+    # keeps a few significant digits of it
+    sharp = torch.full((1, V), -12.0)
+    sharp[0, 0] = 0.0
+    lp_sharp, ids_sharp = torch.log_softmax(sharp, -1).topk(1, -1)
+    exact = torch.log_softmax(sharp.double(), -1)
+    p_rest = -torch.expm1(lp_sharp[0, 0].double())  # the teacher's left-out mass, from the data as given
+    want = -p_rest * exact[0, 1:].logsumexp(0)  # the tail class's term
+    tail_term = kd_loss_sum(sharp, ids_sharp, lp_sharp, tail=True) - kd_loss_sum(sharp, ids_sharp, lp_sharp)
+    assert p_rest > 1e-4
+    assert torch.allclose(tail_term.double(), want, rtol=1e-5, atol=0)
     # padded positions (no kept entry) and padded entries add nothing
     pad_ids = torch.cat([top_ids, torch.zeros(1, K, dtype=torch.long)])
     pad_lp = torch.cat([top_lp, torch.full((1, K), float("-inf"))])
