@@ -264,3 +264,24 @@ def test_evaluation_reads_the_memory_as_generate_rendered_it(tmp_path, model, to
     kv = KVCacheMemory.from_dir(tmp_path / "c").kv
     ref = fidelity(model, tokenizer, kv, held_records, teacher_context=custom)
     assert ev["fidelity"]["kl_no_memory"] == pytest.approx(ref["kl_no_memory"], rel=1e-4)
+
+
+def test_a_prefix_read_once_gives_the_logits_of_reading_it_again(model, tokenizer):
+    """The memory in context is read once and continued from (fidelity teacher, no-harm ICL): the logits after
+    it are those of reading the whole row; a row that does not start with it is read whole."""
+    from ray_cartridges.eval.evaluate import _ids, _read_after, _system_prefix
+
+    store: dict = {}
+    memory = "OBSERVATION: Where is the spare key?\nACTION: I asked.\nFEEDBACK: The spare key is in the blue tin."
+    read = _system_prefix(model, tokenizer, memory, store)
+    assert _system_prefix(model, tokenizer, memory, store) is read  # once per store
+    user = {"role": "user", "content": "Where is the spare key?"}
+    ids = _ids(tokenizer, [{"role": "system", "content": memory}, user], True) + tokenizer("In the tin.").input_ids
+    with torch.no_grad():
+        logits, n = _read_after(model, ids, read)
+        ref = model(torch.tensor([ids])).logits[0]
+        assert n == len(read.ids) > 20
+        assert torch.allclose(logits, ref[n:], atol=1e-4)
+        other = _ids(tokenizer, [user], True)
+        logits, n = _read_after(model, other, read)
+        assert n == 0 and torch.allclose(logits, model(torch.tensor([other])).logits[0], atol=1e-5)

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,6 +38,39 @@ def _logits_after(model, ids: torch.Tensor, kv=None) -> torch.Tensor:
     return model(ids, attention_mask=mask, position_ids=pos, past_key_values=build_cache(model, kv, 1)).logits[0]
 
 
+@dataclass(frozen=True)
+class ReadPrefix:
+    """Tokens read once, kept as their per-layer (K, V) in a cartridge's layout: a reading that starts with these
+    tokens continues from them (:func:`_logits_after`) instead of reading them again. The evaluation's long
+    memory-in-context readings (the fidelity teacher, the no-harm ICL references) all start with the memory."""
+
+    ids: tuple[int, ...]
+    kv: list
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, model, ids) -> ReadPrefix:
+        cache = model(torch.tensor([list(ids)]), use_cache=True).past_key_values
+        return cls(tuple(ids), [(layer.keys[0], layer.values[0]) for layer in cache.layers])
+
+
+def _read_after(model, ids: list[int], read: ReadPrefix | None) -> tuple[torch.Tensor, int]:
+    """Logits [T - n, V] of the row ``ids`` from position n on: n = len(read.ids) where ``ids`` start with the
+    tokens ``read`` holds (those come from its KV), else 0 (the whole row is read)."""
+    n = len(read.ids) if read is not None else 0
+    if n == 0 or len(ids) <= n or tuple(ids[:n]) != read.ids:
+        return _logits_after(model, torch.tensor([ids])), 0
+    return _logits_after(model, torch.tensor([ids[n:]]), read.kv), n
+
+
+def _system_prefix(model, tok, system: str, store: dict) -> ReadPrefix:
+    """The chat template's system turn holding ``system``, read once per ``store``."""
+    key = ("system_prefix", system)
+    if key not in store:
+        store[key] = ReadPrefix.of(model, _ids(tok, [{"role": "system", "content": system}]))
+    return store[key]
+
+
 @torch.no_grad()
 def fidelity(
     model,
@@ -56,6 +90,8 @@ def fidelity(
     the cartridge (the teacher's logits with the memory in context, the no-memory KL) is computed once."""
     sums = {"no_memory": 0.0, "cartridge": 0.0}
     n = 0
+    store = {} if cache is None else cache
+    read = None if teacher_context is None else _system_prefix(model, tok, teacher_context, store)
     for rec in records:
         sys_msg, user, answer = rec["messages"][0], rec["messages"][1], rec["messages"][-1]
         a_ids = answer["token_ids"]
@@ -71,9 +107,8 @@ def fidelity(
         s_slice = slice(len(s_prompt) - 1, len(s_prompt) + len(a_ids) - 1)
         key = ("fidelity", tuple(t_prompt), tuple(s_prompt), tuple(a_ids))
         if cache is None or key not in cache:
-            t_logits = model(torch.tensor([t_prompt + a_ids])).logits[
-                0, len(t_prompt) - 1 : len(t_prompt) + len(a_ids) - 1
-            ]
+            t_all, k = _read_after(model, t_prompt + a_ids, read)
+            t_logits = t_all[len(t_prompt) - 1 - k : len(t_prompt) + len(a_ids) - 1 - k]
             kl_plain = float(kl_per_token(t_logits, model(s_ids).logits[0, s_slice]).sum())
             if cache is not None:
                 cache[key] = (t_logits, kl_plain)
@@ -111,19 +146,29 @@ def perplexity_after_text(model, tok, prefix: str, text: str) -> float:
 
 
 @torch.no_grad()
-def perplexity_chat(model, tok, text: str, kv=None, system: str | None = None, request: str | None = None) -> float:
+def perplexity_chat(
+    model,
+    tok,
+    text: str,
+    kv=None,
+    system: str | None = None,
+    request: str | None = None,
+    read: ReadPrefix | None = None,
+) -> float:
     """Perplexity of ``text`` as the assistant's answer to an unrelated ``request``, in the chat template, after
     an optional cartridge prefix and an optional system prompt: how the agent reads its cartridge.
 
-    Scores the answer's tokens and the end-of-turn marker after them."""
+    Scores the answer's tokens and the end-of-turn marker after them. ``read`` (without a cartridge): the
+    system turn read once (:func:`_system_prefix`), continued from instead of read again."""
     msgs = [{"role": "system", "content": system}] if system else []
     msgs.append({"role": "user", "content": request or CHAT_REQUEST})
     pre = _ids(tok, msgs, gen=True)
     full = _ids(tok, msgs + [{"role": "assistant", "content": text}])
-    ids = torch.tensor([full])
-    logits = _logits_after(model, ids, kv)
-    scored = slice(len(pre) - 1, len(full) - 1)
-    return float(torch.exp(torch.nn.functional.cross_entropy(logits[scored].float(), ids[0, len(pre) :])))
+    if kv is not None and read is not None:
+        raise ValueError("perplexity_chat reads either a cartridge or a prefix read once, not both")
+    logits, n = _read_after(model, full, read) if kv is None else (_logits_after(model, torch.tensor([full]), kv), 0)
+    scored = slice(len(pre) - 1 - n, len(full) - 1 - n)
+    return float(torch.exp(torch.nn.functional.cross_entropy(logits[scored].float(), torch.tensor(full[len(pre) :]))))
 
 
 CHAT_REQUEST = "Tell me about something you find interesting."
@@ -141,56 +186,48 @@ def no_harm(
     """Perplexity on text unrelated to the memory, bare model against the model with the cartridge, read two ways:
     as plain text right after the prefix (top-level keys) and as the assistant's turn of an unrelated chat
     (``chat``), the way the agent reads its cartridge. ``memory_text`` adds the ICL reference of each: the memory
-    itself in context (before the text; as the system prompt of the chat). ``paragraphs``: both readings of each
-    paragraph of ``text`` read alone, averaged (harm on short answers). ``cache``: as in :func:`fidelity`."""
+    itself in context (before the text; as the system prompt of the chat), read once and continued from.
+    ``paragraphs``: the same readings of each paragraph of ``text`` read alone, the mean of each ratio over them
+    (a short answer is mostly the first tokens after the prefix, where a cartridge moves predictions most); None
+    for a text of one paragraph. ``cache``: as in :func:`fidelity`."""
+    store = {} if cache is None else cache
 
-    def once(name, fn, *args, **kw):  # the readings that do not depend on the cartridge
-        key = ("no_harm", name, text, memory_text, system_prompt)
-        if cache is None:
-            return fn(*args, **kw)
-        if key not in cache:
-            cache[key] = fn(*args, **kw)
-        return cache[key]
+    def once(name, t, fn, *args, **kw):  # the readings that do not depend on the cartridge
+        key = ("no_harm", name, t, memory_text, system_prompt)
+        if key not in store:
+            store[key] = fn(*args, **kw)
+        return store[key]
 
-    base = once("base", perplexity, model, tok, text)
-    cart = perplexity(model, tok, text, kv)
-    out = {"ppl_base": base, "ppl_cartridge": cart, "ratio": cart / base}
+    memory, memory_chat = None, None
     if memory_text:
-        icl = once("icl", perplexity_after_text, model, tok, memory_text, text)
-        out.update({"ppl_icl": icl, "ratio_icl": icl / base})
-    chat_base = once("chat_base", perplexity_chat, model, tok, text, system=system_prompt)
-    chat_cart = perplexity_chat(model, tok, text, kv, system=system_prompt)
-    chat = {"ppl_base": chat_base, "ppl_cartridge": chat_cart, "ratio": chat_cart / chat_base}
-    if memory_text:
-        chat_icl = once("chat_icl", perplexity_chat, model, tok, text, system=memory_text)
-        chat.update({"ppl_icl": chat_icl, "ratio_icl": chat_icl / chat_base})
-    out["chat"] = chat
-    out["paragraphs"] = _paragraph_harm(model, tok, kv, text, memory_text, system_prompt, once)
-    return out
+        memory = once("memory", "", ReadPrefix.of, model, tok(memory_text).input_ids)
+        memory_chat = _system_prefix(model, tok, memory_text, store)
 
+    def read(t: str) -> dict:
+        base = once("base", t, perplexity, model, tok, t)
+        cart = perplexity(model, tok, t, kv)
+        out = {"ppl_base": base, "ppl_cartridge": cart, "ratio": cart / base}
+        if memory:  # the same tokens scored as perplexity_after_text(memory_text, t) scores them
+            icl = once("icl", t, perplexity, model, tok, t, memory.kv)
+            out.update({"ppl_icl": icl, "ratio_icl": icl / base})
+        chat_base = once("chat_base", t, perplexity_chat, model, tok, t, system=system_prompt)
+        chat_cart = perplexity_chat(model, tok, t, kv, system=system_prompt)
+        chat = {"ppl_base": chat_base, "ppl_cartridge": chat_cart, "ratio": chat_cart / chat_base}
+        if memory_chat:
+            chat_icl = once("chat_icl", t, perplexity_chat, model, tok, t, system=memory_text, read=memory_chat)
+            chat.update({"ppl_icl": chat_icl, "ratio_icl": chat_icl / chat_base})
+        out["chat"] = chat
+        return out
 
-def _paragraph_harm(model, tok, kv, text, memory_text, system_prompt, once) -> dict | None:
-    """The same readings of each paragraph of ``text`` read alone (its tokens right after the prefix, where a
-    cartridge moves predictions most; a short answer is mostly such tokens): the mean over paragraphs of
-    each perplexity ratio. None for a text of one paragraph."""
+    out = read(text)
     paras = [p.strip() for p in text.split("\n\n") if p.strip()]
-    if len(paras) < 2:
-        return None
-    ratios: dict[str, list[float]] = {"raw": [], "raw_icl": [], "chat": [], "chat_icl": []}
-    for i, para in enumerate(paras):
-        base = once(f"para{i}_base", perplexity, model, tok, para)
-        chat_base = once(f"para{i}_chat_base", perplexity_chat, model, tok, para, system=system_prompt)
-        ratios["raw"].append(perplexity(model, tok, para, kv) / base)
-        ratios["chat"].append(perplexity_chat(model, tok, para, kv, system=system_prompt) / chat_base)
-        if memory_text:
-            ratios["raw_icl"].append(once(f"para{i}_icl", perplexity_after_text, model, tok, memory_text, para) / base)
-            chat_icl = once(f"para{i}_chat_icl", perplexity_chat, model, tok, para, system=memory_text)
-            ratios["chat_icl"].append(chat_icl / chat_base)
-    out: dict = {"count": len(paras)}
-    for reading in ("raw", "chat"):
-        out[reading] = {"ratio": sum(ratios[reading]) / len(paras)}
-        if memory_text:
-            out[reading]["ratio_icl"] = sum(ratios[f"{reading}_icl"]) / len(paras)
+    out["paragraphs"] = None
+    if len(paras) > 1:
+        each = [read(p) for p in paras]
+        out["paragraphs"] = {"count": len(paras)}
+        for name, part in (("raw", lambda r: r), ("chat", lambda r: r["chat"])):
+            keys = ("ratio", "ratio_icl") if memory_text else ("ratio",)
+            out["paragraphs"][name] = {k: sum(part(r)[k] for r in each) / len(each) for k in keys}
     return out
 
 
