@@ -26,7 +26,8 @@ SMALL = {
     "min_prob_mass": 0.95,
     "max_samples": 8,
     "shard_size": 2,
-    "self_study": {"num_samples": 2},
+    # answered from a chunk, scored by the teacher with the whole memory (vLLM prompt logprobs)
+    "self_study": {"num_samples": 8, "answer_context": "chunk", "targets": "full_memory"},  # 2 of the first 8
     "history_instructions": "These are your earlier experiences; answer from them.",
 }
 
@@ -93,13 +94,48 @@ def test_every_row_is_valid_flat_topk_aligned_with_the_template(vllm_run, tokeni
             assert np.all(np.diff(lps[sel]) <= 0)  # sorted
             mass = np.exp(lps[sel]).sum()
             assert mass <= 1.0 + 1e-4 and (sel.sum() == 10 or mass >= 0.95)
-            assert ids[sel][0] == answer[j]  # temperature 0: sampled token is the top-1
+            if "answer_context" not in rec["metadata"]:  # (a rescored answer: another teacher's top-1)
+                assert ids[sel][0] == answer[j]  # temperature 0: sampled token is the top-1
         for e, tid in zip(rec["messages"][-1]["logprobs"]["content"], answer):
             assert e["token_id"] == tid and len(e["top_logprobs"]) == 10
     # the whole memory as the teacher reads it (the configured instructions), for text init and `eval`
     memory_txt = (out / "memory.txt").read_text()
     assert SMALL["history_instructions"] in memory_txt
     assert all(SMALL["history_instructions"] in r["messages"][0]["content"] for r in recs.values())
+
+
+def test_chunk_answers_carry_the_whole_memory_teachers_logprobs(vllm_run, model, tokenizer):
+    """self_study.targets: full_memory through vLLM's prompt logprobs: each stored entry is the distribution of the
+    teacher with the whole memory in context at that answer token (transformers fp32 reference, teacher forcing),
+    not the chunk teacher's that wrote the answer."""
+    import torch
+
+    from ray_cartridges.generate.teacher import chat_ids
+
+    out, _ = vllm_run
+    memory_txt = (out / "memory.txt").read_text()
+    recs = [r for r in _records(out) if r["metadata"]["strategy"].startswith("self_study")]
+    assert recs and all(r["messages"][0]["content"] == memory_txt != r["metadata"]["answer_context"] for r in recs)
+    worst = 0.0
+    for r in recs:
+        answer = r["messages"][-1]["token_ids"]
+        for system, expect_close in ((memory_txt, True), (r["metadata"]["answer_context"], False)):
+            prompt = chat_ids(tokenizer, system, r["messages"][1]["content"])
+            with torch.no_grad():
+                lp = torch.log_softmax(model(torch.tensor([prompt + answer])).logits[0].float(), -1)
+            lp = lp[len(prompt) - 1 : len(prompt) + len(answer) - 1]
+            diff = max(
+                abs(e["logprob"] - float(lp[j, t]))
+                for j, (e, t) in enumerate(zip(r["messages"][-1]["logprobs"]["content"], answer))
+            )
+            if expect_close:
+                worst = max(worst, diff)
+                for j, e in enumerate(r["messages"][-1]["logprobs"]["content"]):
+                    assert e["token_id"] == answer[j]
+                    assert len({t["token_id"] for t in e["top_logprobs"]} & set(lp[j].topk(10).indices.tolist())) >= 8
+            else:
+                assert diff > 1e-2  # the chunk teacher reads the answer otherwise
+    assert worst < 1e-3, worst
 
 
 def test_vllm_matches_transformers_reference(vllm_run, tmp_path, ray_cluster):

@@ -1,5 +1,6 @@
 """Prompt strategies: replay phrasings and the split keys that keep held-out experiences out of training."""
 
+import pytest
 from conftest import EXAMPLE_CHECKPOINT
 
 from ray_cartridges.batching import heldout_keys
@@ -114,6 +115,47 @@ def test_self_study_answers_from_the_chunk_only_when_asked_to():
     assert [p["question_context"] for p in ss_full] == [p["question_context"] for p in ss_chunk]
     assert all(p["context"] == memory.render() for p in ss_full)
     assert all(p["context"] == p["question_context"] != memory.render() for p in ss_chunk)
+
+
+def test_chunk_answers_can_be_scored_by_the_teacher_with_the_whole_memory(model, tokenizer):
+    """self_study.targets: full_memory: the answer is the one the chunk teacher writes, its targets are the whole
+    memory teacher's distribution at each of its tokens (teacher forcing); the record says who read what."""
+    import torch
+
+    from ray_cartridges.generate.engines import HFEngine, Sampling
+    from ray_cartridges.generate.teacher import chat_ids, run_prompts
+
+    memory = read_memory(EXAMPLE_CHECKPOINT)
+    base = {"checkpoint_dir": str(EXAMPLE_CHECKPOINT), "replay": {"enabled": False}}
+    ss = {"num_samples": 2, "answer_context": "chunk"}
+    plain = build_prompts(memory, validate_config(GenerateConfig, {**base, "self_study": ss}))
+    scored = build_prompts(
+        memory, validate_config(GenerateConfig, {**base, "self_study": {**ss, "targets": "full_memory"}})
+    )
+    assert all("score_context" not in p for p in plain)
+    assert all(p["score_context"] == memory.render() != p["context"] for p in scored)
+    for p in plain + scored:  # the questions as written, so both runs answer the same ones
+        p["user"] = "What do you know about " + ("the boats?" if p["prompt_id"].endswith("0") else "the station?")
+    engine, sampling = HFEngine(model, tokenizer), Sampling(max_tokens=10, top_logprobs=5)
+    ref, _ = run_prompts(engine, plain, sampling=sampling)
+    got, problems = run_prompts(engine, scored, sampling=sampling)
+    assert not problems and len(got) == len(ref) == 2
+    for r, g, p in zip(ref, got, scored):
+        answer = g["messages"][-1]["token_ids"]
+        assert answer == r["messages"][-1]["token_ids"]  # written by the chunk teacher
+        assert g["messages"][0]["content"] == memory.render() and g["metadata"]["answer_context"] == p["context"]
+        prompt = chat_ids(tokenizer, memory.render(), p["user"])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([prompt + answer])).logits[0].float(), -1)
+        lp = lp[len(prompt) - 1 : len(prompt) + len(answer) - 1]
+        entries = g["messages"][-1]["logprobs"]["content"]
+        for j, e in enumerate(entries):
+            assert e["token_id"] == answer[j] and abs(e["logprob"] - float(lp[j, answer[j]])) < 1e-4
+            assert [t["token_id"] for t in e["top_logprobs"]] == lp[j].topk(5).indices.tolist()
+        assert entries != r["messages"][-1]["logprobs"]["content"]  # another teacher's targets
+    # scoring again reuses the engine's cached prefix, never past the prompt: the same entries
+    again = engine.score([prompt], [answer], 5)[0]
+    assert [e["logprob"] for e in again] == pytest.approx([e["logprob"] for e in entries], abs=1e-5)
 
 
 def test_unrelated_requests_get_their_own_answer_length_and_records_keep_prompt_order(model, tokenizer):

@@ -44,6 +44,12 @@ class SelfStudyConfig(StrictModel):
         description="What the teacher reads when it answers: the whole memory, or only the chunk the question "
         "was written from (as in the Cartridges paper's self-study; a small teacher answers from it more reliably).",
     )
+    targets: Literal["answer_context", "full_memory"] = Field(
+        "answer_context",
+        description="Whose logprobs the cartridge learns for answers written from a chunk: the writing teacher's, or "
+        "the teacher with the whole memory in context re-reading the same answer (the in-context model the "
+        "cartridge replaces and `eval` measures against; one more prefill per answer).",
+    )
 
 
 class ReciteConfig(StrictModel):

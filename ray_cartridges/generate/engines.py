@@ -88,6 +88,28 @@ class VLLMEngine:
             results.append((list(c.token_ids), entries))
         return results
 
+    def score(self, prompts: list[list[int]], answers: list[list[int]], top_logprobs: int) -> list[list[dict]]:
+        """Logprob entries of each answer read after its prompt (teacher forcing): the top ``top_logprobs`` and
+        the answer's own token at every answer position, from vLLM's prompt logprobs."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=top_logprobs)
+        outs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=list(p) + list(a)) for p, a in zip(prompts, answers)],
+            params,
+            use_tqdm=False,
+        )
+        results = []
+        for o, p, a in zip(outs, prompts, answers):
+            entries = []
+            for j, tid in enumerate(a):
+                d = o.prompt_logprobs[len(p) + j]  # {token_id: Logprob}: the top-k plus the token read there
+                top = sorted(((t, lp.logprob) for t, lp in d.items()), key=lambda x: -x[1])[:top_logprobs]
+                entries.append(logprob_entry(self.tokenizer, tid, d[tid].logprob, top))
+            results.append(entries)
+        return results
+
 
 class HFEngine:
     """transformers reference: one request at a time, KV of the longest shared prompt prefix reused."""
@@ -105,11 +127,14 @@ class HFEngine:
 
         return cls(load_model(model_name, dtype), load_tokenizer(model_name))
 
-    def _prefill(self, ids: list[int]):
+    def _prefill(self, ids: list[int], reuse_at_most: int | None = None):
+        """The model's output on ``ids``, reusing the KV of the longest prefix shared with the last call (at most
+        ``reuse_at_most`` tokens); returns (output over the tokens not reused, number reused)."""
         n = 0
+        limit = len(ids) - 1 if reuse_at_most is None else min(len(ids) - 1, reuse_at_most)
         if self._cached is not None:
             prev = self._cached[0]
-            while n < min(len(prev), len(ids) - 1) and prev[n] == ids[n]:
+            while n < min(len(prev), limit) and prev[n] == ids[n]:
                 n += 1
         if n >= self.min_shared_prefix:
             cache = copy.deepcopy(self._cached[1])
@@ -118,12 +143,12 @@ class HFEngine:
             n, cache = 0, None
         out = self.model(input_ids=torch.tensor([ids[n:]]), past_key_values=cache, use_cache=True)
         self._cached = (list(ids), copy.deepcopy(out.past_key_values))
-        return out
+        return out, n
 
     @torch.no_grad()
     def complete_one(self, ids: list[int], sampling: Sampling, seed: int) -> tuple[list[int], list[dict]]:
         gen = torch.Generator().manual_seed(seed)
-        out = self._prefill(ids)
+        out, _ = self._prefill(ids)
         cache, logits = out.past_key_values, out.logits[0, -1]
         answer, entries = [], []
         for _ in range(sampling.max_tokens):
@@ -152,3 +177,19 @@ class HFEngine:
         self, prompts: list[list[int]], sampling: Sampling, seeds: list[int]
     ) -> list[tuple[list[int], list[dict]]]:
         return [self.complete_one(p, sampling, s) for p, s in zip(prompts, seeds)]
+
+    @torch.no_grad()
+    def score(self, prompts: list[list[int]], answers: list[list[int]], top_logprobs: int) -> list[list[dict]]:
+        """As :meth:`VLLMEngine.score`: each answer read after its prompt, its logprob entries."""
+        results = []
+        for p, a in zip(prompts, answers):
+            out, n = self._prefill(list(p) + list(a), reuse_at_most=len(p) - 1)
+            lp = torch.log_softmax(out.logits[0, len(p) - 1 - n : len(p) + len(a) - 1 - n].float(), dim=-1)
+            top = torch.topk(lp, top_logprobs)
+            results.append(
+                [
+                    logprob_entry(self.tokenizer, t, float(lp[j, t]), list(zip(ti.tolist(), tv.tolist())))
+                    for j, (t, ti, tv) in enumerate(zip(a, top.indices, top.values))
+                ]
+            )
+        return results

@@ -4,7 +4,8 @@ experience taught, and unrelated requests.
 Each prompt is a plain dict (JSON-serialisable, so it travels through Ray Data unchanged):
 ``prompt_id``, ``strategy``, ``context`` (the teacher's system prompt, with memory), ``user`` (or, for
 self-study, ``question_context`` + ``seed_prompt`` from which the teacher first writes the user turn),
-``split_key`` (the memory entry / chunk it came from) and ``metadata``. An unrelated request (``general/bare``)
+``split_key`` (the memory entry / chunk it came from), ``metadata`` and, where another teacher scores the answer
+than the one that writes it, ``score_context`` (its system prompt: the whole memory). An unrelated request (``general/bare``)
 has no memory in ``context``: it is the student's own system prompt (None where the student has none, and the
 teacher then gets no system message), so the teacher reads exactly what the student reads.
 """
@@ -175,6 +176,8 @@ def self_study_prompts(memory: AgentMemory, cfg: GenerateConfig, rng: random.Ran
                 "metadata": {"family": family, "seed_prompt": seed_prompt, "chunk": [start, start + k]},
             }
         )
+        if sc.answer_context == "chunk" and sc.targets == "full_memory":
+            out[-1]["score_context"] = full
     return out
 
 

@@ -68,8 +68,20 @@ def run_prompts(
         )
         for i, o in zip(idx, got):
             outs[i] = o
+    # targets read by another teacher than the one that wrote the answer (``score_context``: the whole memory
+    # re-reading an answer written from a chunk), by teacher forcing the answer's tokens
+    rescore = [i for i, p in enumerate(todo) if p.get("score_context") not in (None, p["context"])]
+    if rescore:
+        scored = engine.score(
+            [chat_ids(tok, todo[i]["score_context"], todo[i]["user"]) for i in rescore],
+            [outs[i][0] for i in rescore],
+            sampling.top_logprobs,
+        )
+        for i, entries in zip(rescore, scored):
+            outs[i] = (outs[i][0], entries)
     records = []
     for p, (ids, entries) in zip(todo, outs):
+        rescored = p.get("score_context") not in (None, p["context"])
         meta = {
             **(base_metadata or {}),
             **p.get("metadata", {}),
@@ -83,7 +95,16 @@ def run_prompts(
                 "top_logprobs": sampling.top_logprobs,
             },
         }
+        if rescored:  # the system message is the teacher of the targets; the answer was written from this
+            meta["answer_context"] = p["context"]
         records.append(
-            make_record(tok, system_prompt=p["context"], user=p["user"], answer_ids=ids, entries=entries, metadata=meta)
+            make_record(
+                tok,
+                system_prompt=p["score_context"] if rescored else p["context"],
+                user=p["user"],
+                answer_ids=ids,
+                entries=entries,
+                metadata=meta,
+            )
         )
     return records, problems
