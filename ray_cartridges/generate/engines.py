@@ -29,6 +29,20 @@ def request_seed(base_seed: int, key: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{base_seed}:{key}".encode()).digest()[:4], "big")
 
 
+def _vllm_entry(tokenizer, token_id: int, logprobs: dict, k: int) -> dict:
+    """The entry of one position from vLLM's {token_id: Logprob} (its top-k plus the token there)."""
+    top = sorted(((t, lp.logprob) for t, lp in logprobs.items()), key=lambda x: -x[1])[:k]
+    return logprob_entry(tokenizer, token_id, logprobs[token_id].logprob, top)
+
+
+def _torch_entry(tokenizer, token_id: int, logprobs: torch.Tensor, k: int) -> dict:
+    """The entry of one position from a [V] log-softmax row."""
+    top = torch.topk(logprobs, k)
+    return logprob_entry(
+        tokenizer, token_id, float(logprobs[token_id]), list(zip(top.indices.tolist(), top.values.tolist()))
+    )
+
+
 class VLLMEngine:
     def __init__(
         self,
@@ -80,11 +94,11 @@ class VLLMEngine:
         results = []
         for o in outs:
             c = o.outputs[0]
-            entries = []
-            for j, tid in enumerate(c.token_ids):
-                d = c.logprobs[j]  # {token_id: Logprob}; holds the top-k plus the sampled token
-                top = sorted(((t, lp.logprob) for t, lp in d.items()), key=lambda x: -x[1])[: sampling.top_logprobs]
-                entries.append(logprob_entry(self.tokenizer, tid, d[tid].logprob, top))
+            # c.logprobs[j]: {token_id: Logprob}, the top-k plus the sampled token
+            entries = [
+                _vllm_entry(self.tokenizer, tid, c.logprobs[j], sampling.top_logprobs)
+                for j, tid in enumerate(c.token_ids)
+            ]
             results.append((list(c.token_ids), entries))
         return results
 
@@ -100,15 +114,11 @@ class VLLMEngine:
             params,
             use_tqdm=False,
         )
-        results = []
-        for o, p, a in zip(outs, prompts, answers):
-            entries = []
-            for j, tid in enumerate(a):
-                d = o.prompt_logprobs[len(p) + j]  # {token_id: Logprob}: the top-k plus the token read there
-                top = sorted(((t, lp.logprob) for t, lp in d.items()), key=lambda x: -x[1])[:top_logprobs]
-                entries.append(logprob_entry(self.tokenizer, tid, d[tid].logprob, top))
-            results.append(entries)
-        return results
+        # o.prompt_logprobs[i]: {token_id: Logprob} at prompt position i, the top-k plus the token read there
+        return [
+            [_vllm_entry(self.tokenizer, tid, o.prompt_logprobs[len(p) + j], top_logprobs) for j, tid in enumerate(a)]
+            for o, p, a in zip(outs, prompts, answers)
+        ]
 
 
 class HFEngine:
@@ -162,10 +172,7 @@ class HFEngine:
                 tok = int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
             else:
                 tok = int(lp.argmax())
-            top = torch.topk(lp, sampling.top_logprobs)
-            entries.append(
-                logprob_entry(self.tokenizer, tok, float(lp[tok]), list(zip(top.indices.tolist(), top.values.tolist())))
-            )
+            entries.append(_torch_entry(self.tokenizer, tok, lp, sampling.top_logprobs))
             answer.append(tok)
             if tok in self.stop_ids:
                 break
@@ -185,11 +192,5 @@ class HFEngine:
         for p, a in zip(prompts, answers):
             out, n = self._prefill(list(p) + list(a), reuse_at_most=len(p) - 1)
             lp = torch.log_softmax(out.logits[0, len(p) - 1 - n : len(p) + len(a) - 1 - n].float(), dim=-1)
-            top = torch.topk(lp, top_logprobs)
-            results.append(
-                [
-                    logprob_entry(self.tokenizer, t, float(lp[j, t]), list(zip(ti.tolist(), tv.tolist())))
-                    for j, (t, ti, tv) in enumerate(zip(a, top.indices, top.values))
-                ]
-            )
+            results.append([_torch_entry(self.tokenizer, t, lp[j], top_logprobs) for j, t in enumerate(a)])
         return results

@@ -28,6 +28,11 @@ def clean_question(text: str) -> str | None:
     return None
 
 
+def _scored_by_another(prompt: dict) -> bool:
+    """Whether the prompt's targets come from another teacher than the one that writes its answer."""
+    return prompt.get("score_context") not in (None, prompt["context"])
+
+
 def run_prompts(
     engine,
     prompts: list[dict],
@@ -70,7 +75,7 @@ def run_prompts(
             outs[i] = o
     # targets read by another teacher than the one that wrote the answer (``score_context``: the whole memory
     # re-reading an answer written from a chunk), by teacher forcing the answer's tokens
-    rescore = [i for i, p in enumerate(todo) if p.get("score_context") not in (None, p["context"])]
+    rescore = [i for i, p in enumerate(todo) if _scored_by_another(p)]
     if rescore:
         scored = engine.score(
             [chat_ids(tok, todo[i]["score_context"], todo[i]["user"]) for i in rescore],
@@ -81,7 +86,7 @@ def run_prompts(
             outs[i] = (outs[i][0], entries)
     records = []
     for p, (ids, entries) in zip(todo, outs):
-        rescored = p.get("score_context") not in (None, p["context"])
+        rescored = _scored_by_another(p)
         meta = {
             **(base_metadata or {}),
             **p.get("metadata", {}),
