@@ -1,6 +1,6 @@
 """Teacher generation speed: our Ray Data + vLLM pipeline vs a naive transformers loop and vs plain vLLM.
 
-    python benchmarks/generation.py [--memory-tokens 2000] [--prompts 32] [--max-tokens 64] [--dtype bf16]
+    python benchmarks/generation.py [--memory-tokens 2000] [--prompts 32] [--max-tokens 64] [--dtype auto]
 
 One run, same prompts (replay questions over a ~2,000-token memory), same model and machine:
   (a) ours: `run_generation` (Ray Data, TeacherActor owning a vllm.LLM, prefix caching, batched shards)
@@ -63,7 +63,12 @@ def make_checkpoint(root: Path, memory_tokens: int, tokenizer) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
+    ap.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="auto: bf16 where this CPU computes it natively",
+    )
     ap.add_argument("--memory-tokens", type=int, default=2000)
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--naive-prompts", type=int, default=4)
@@ -81,7 +86,9 @@ def main() -> None:
     from ray_cartridges.generate.strategies import build_prompts
     from ray_cartridges.generate.teacher import chat_ids
     from ray_cartridges.memory import read_memory
-    from ray_cartridges.models import load_model, load_tokenizer, resolve_model
+    from ray_cartridges.models import load_model, load_tokenizer, resolve_dtype, resolve_model
+
+    args.dtype = resolve_dtype(args.dtype)
 
     tok = load_tokenizer(args.model)
     work = Path(tempfile.mkdtemp(prefix="bench-gen-"))

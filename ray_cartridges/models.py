@@ -38,6 +38,28 @@ def torch_dtype(name: str) -> torch.dtype:
         raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}") from None
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX). Without it torch emulates bf16 matmuls:
+    on a 2-core AMD EPYC (AVX2 only) a 512-token forward of the bundled model took 9.0 s in bf16 against 1.75 s
+    in fp32, where a CPU with AVX512-BF16 and AMX takes 0.24 s against 0.80 s."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: assume no
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
+def resolve_dtype(name: str, gpu: bool = False) -> str:
+    """A config's dtype as ``fp32`` or ``bf16``; ``auto``: bf16 where it is fast (a GPU that supports it, or a
+    CPU with AVX512-BF16/AMX: see :func:`cpu_has_fast_bf16`), fp32 elsewhere. ``gpu``: the model runs on a GPU
+    (which, on a cluster, may be another node's: decided by the config, not by this process's devices)."""
+    if name != "auto":
+        return _dtype_tag(name)
+    if gpu:
+        return "bf16"  # every GPU vLLM and DeepSpeed target here (Ampere on) computes in bf16
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
 def _dtype_tag(dtype: str) -> str:
     return "bf16" if torch_dtype(dtype) == torch.bfloat16 else "fp32"
 

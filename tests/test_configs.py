@@ -110,3 +110,20 @@ def test_config_reference_document_is_up_to_date():
     doc = Path(__file__).resolve().parent.parent / "docs" / "CONFIG.md"
     assert doc.read_text() == full_reference(), "docs/CONFIG.md is stale: run `make docs`"
     assert "`training.keep_best`" in doc.read_text() and "`stages.generate`" in doc.read_text()
+
+
+def test_auto_dtype_is_bf16_only_where_bf16_is_fast(monkeypatch):
+    from ray_cartridges import models
+
+    assert models.resolve_dtype("bfloat16") == "bf16" and models.resolve_dtype("fp32", gpu=True) == "fp32"
+    assert models.resolve_dtype("auto", gpu=True) == "bf16"
+    for flags, want in (
+        ("fpu avx2 avx512f", "fp32"),
+        ("fpu avx512f avx512_bf16", "bf16"),
+        ("amx_bf16 amx_tile", "bf16"),
+    ):
+        monkeypatch.setattr(models.Path, "read_text", lambda self, flags=flags: f"flags\t\t: {flags}\n")
+        assert models.resolve_dtype("auto") == want, flags
+    # "avx512_bf16" must be a whole flag, not a substring of another
+    monkeypatch.setattr(models.Path, "read_text", lambda self: "flags\t\t: avx512_bf16x\n")
+    assert models.resolve_dtype("auto") == "fp32"

@@ -93,7 +93,11 @@ class GenerateConfig(StrictModel):
     engine: Literal["vllm", "transformers"] = Field(
         "vllm", description="Teacher engine: vLLM (production) or transformers (reference/fallback)."
     )
-    dtype: Literal["fp32", "bf16"] = Field("bf16", description="Teacher dtype.")
+    dtype: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="Teacher dtype. auto: bf16 on GPUs and on CPUs with AVX512-BF16/AMX, fp32 elsewhere "
+        "(CPUs without them emulate bf16, ~5x slower than fp32).",
+    )
     top_logprobs: int = Field(20, gt=0, description="Top-k logprobs kept per answer token (= training top_k_logits).")
     min_prob_mass: float = Field(0.99, gt=0, le=1, description="Parquet shards keep top tokens until this mass.")
     num_threads: int = Field(1, gt=0, description="Teacher actors (engines) in parallel.")

@@ -17,7 +17,7 @@ from ..config import GenerateConfig
 from ..convert import ConversionError, convert_record
 from ..flat_topk import write_flat_topk
 from ..fsutil import write_text_atomic
-from ..models import resolve_model
+from ..models import resolve_dtype, resolve_model
 from .engines import HFEngine, Sampling, VLLMEngine
 from .teacher import run_prompts
 
@@ -25,6 +25,8 @@ from .teacher import run_prompts
 class TeacherActor:
     def __init__(self, config: dict, shards_dir: str, base_metadata: dict):
         self.cfg = GenerateConfig.model_validate(config)
+        if self.cfg.dtype == "auto":  # run_generation resolves it; an actor built on its own does here
+            self.cfg = self.cfg.model_copy(update={"dtype": resolve_dtype("auto", gpu=self.cfg.use_gpu)})
         c = self.cfg
         if c.engine == "vllm":
             self.engine = VLLMEngine(

@@ -76,9 +76,12 @@ def run_generation(cfg: GenerateConfig, progress: bool = True) -> dict:
     import ray.data
     from tqdm.auto import tqdm
 
-    from ..models import BUNDLED_MODEL, ensure_bundled_model
+    from ..models import BUNDLED_MODEL, ensure_bundled_model, resolve_dtype
     from .actor import TeacherActor
 
+    if cfg.dtype == "auto":  # decided once, here: shard names, actors and metadata all see the concrete dtype
+        cfg = cfg.model_copy(update={"dtype": resolve_dtype(cfg.dtype, gpu=cfg.use_gpu)})
+        logger.info("teacher dtype auto -> %s", cfg.dtype)
     memory = read_memory(cfg.checkpoint_dir, strict=cfg.strict)
     prompts = build_prompts(memory, cfg)
     if cfg.training_top_k is not None and cfg.training_top_k != cfg.top_logprobs:

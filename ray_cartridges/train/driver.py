@@ -101,9 +101,12 @@ def run_training(cfg: TrainConfig, max_failures: int | None = None, fault_at_ste
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from ..models import BUNDLED_MODEL, ensure_bundled_model
+    from ..models import BUNDLED_MODEL, ensure_bundled_model, resolve_dtype
     from .loop import train_loop_per_worker
 
+    if cfg.model_dtype == "auto":  # decided once, here: the run hash, the workers and the artifact see the result
+        cfg = cfg.model_copy(update={"model_dtype": resolve_dtype(cfg.model_dtype, gpu=cfg.scaling.use_gpu)})
+        logger.info("model_dtype auto -> %s", cfg.model_dtype)
     t = cfg.training
     if t.global_batch_size % cfg.scaling.num_workers:
         raise ValueError(
