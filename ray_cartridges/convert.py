@@ -99,6 +99,31 @@ def _template_ids(tokenizer, messages, add_generation_prompt: bool) -> list[int]
     return list(out)
 
 
+def _answer_span(tokenizer, canon: list[int], start: int, teacher: list[int], where: str) -> int:
+    """How many of the template's tokens from ``start`` on spell the teacher's answer ``teacher``.
+
+    Mostly the template re-tokenizes the answer into the teacher's own ids. Where the teacher produced another
+    segmentation of the same text ("\n" + "\n" for "\n\n", " mag" + "ma" for " magma"), the template's ids
+    are replaced by the teacher's, whose logprobs these are. Any other difference is an error, never a shift."""
+    span = canon[start : start + len(teacher)]
+    if span == teacher:
+        return len(teacher)
+    text = tokenizer.decode(teacher)
+    for m in range(1, len(canon) - start + 1):
+        got = tokenizer.decode(canon[start : start + m])
+        if got == text:
+            return m
+        if len(got) > len(text):
+            break
+    for j, (a, b) in enumerate(zip(teacher, span)):
+        if a != b:
+            raise ConversionError(
+                f"{where}: token position {j}: teacher token id {a} ({tokenizer.decode([a])!r}) != chat-template "
+                f"token id {b} ({tokenizer.decode([b])!r}); the answer does not align with the template"
+            )
+    raise ConversionError(f"{where}: teacher has {len(teacher)} tokens, template span only {len(span)}")
+
+
 def convert_record(
     record: dict,
     tokenizer,
@@ -119,7 +144,8 @@ def convert_record(
     kept_src = [m for m in messages if m["role"] != "system"]
     msgs = student_messages(messages, student_system_prompt)
     offset = len(msgs) - len(kept_src)
-    full = _template_ids(tokenizer, msgs, add_generation_prompt=False)
+    canon = _template_ids(tokenizer, msgs, add_generation_prompt=False)
+    full, shift = list(canon), 0  # the student's ids: the template's, each answer as the teacher's tokens
     pos, ids, lps = [], [], []
     for i, src in enumerate(kept_src):
         if src["role"] != "assistant" or not src.get("logprobs"):
@@ -135,18 +161,13 @@ def convert_record(
                 e = {**e, "token_id": msg_ids[j]}
             teacher.append(_token_id(e, vocab, f"{mw}: token position {j}"))
         prefix = _template_ids(tokenizer, msgs[: i + offset], add_generation_prompt=True)
-        start = len(prefix)
-        if full[:start] != prefix:
+        if canon[: len(prefix)] != prefix:
             raise ConversionError(f"{mw}: the chat template's prompt is not a prefix of the whole conversation")
-        span = full[start : start + len(teacher)]
-        for j, (a, b) in enumerate(zip(teacher, span)):
-            if a != b:
-                raise ConversionError(
-                    f"{mw}: token position {j}: teacher token id {a} ({tokenizer.decode([a])!r}) != chat-template "
-                    f"token id {b} ({tokenizer.decode([b])!r}); the answer does not align with the template"
-                )
-        if len(span) < len(teacher):
-            raise ConversionError(f"{mw}: teacher has {len(teacher)} tokens, template span only {len(span)}")
+        m = _answer_span(tokenizer, canon, len(prefix), teacher, mw)
+        # the student reads the teacher's own tokens: the template's tokens of the same text are replaced
+        start = len(prefix) + shift
+        full[start : start + m] = teacher
+        shift += len(teacher) - m
         for j, e in enumerate(entries):
             top = e.get("top_logprobs") or []
             cand = []

@@ -78,6 +78,53 @@ def test_misaligned_answer_is_an_error_not_a_shift(teacher_jsonl, tokenizer):
         convert_record(rec, tokenizer, where="f.jsonl:3")
 
 
+def _resegment(rec, tokenizer):
+    """The record's answer with one token spelled as two (another segmentation of the same text, as a sampling
+    teacher may produce); returns (record, the new answer ids)."""
+    rec = copy.deepcopy(rec)
+    ans = rec["messages"][-1]
+    vocab = tokenizer.get_vocab()
+    for j, t in enumerate(ans["token_ids"]):
+        tok = tokenizer.convert_ids_to_tokens(t)
+        for cut in range(1, len(tok)):
+            a, b = vocab.get(tok[:cut]), vocab.get(tok[cut:])
+            if a is not None and b is not None and tokenizer.decode([a, b]) == tokenizer.decode([t]):
+                entries = ans["logprobs"]["content"]
+                split = [
+                    {"token_id": a, "logprob": -0.1, "top_logprobs": [{"token_id": a, "logprob": -0.1}]},
+                    {"token_id": b, "logprob": -0.2, "top_logprobs": [{"token_id": b, "logprob": -0.2}]},
+                ]
+                ans["logprobs"]["content"] = entries[:j] + split + entries[j + 1 :]
+                ans["token_ids"] = ans["token_ids"][:j] + [a, b] + ans["token_ids"][j + 1 :]
+                assert tokenizer.decode(ans["token_ids"]) == tokenizer.decode(rec["messages"][-1]["token_ids"])
+                return rec, ans["token_ids"]
+    raise AssertionError("no token of the answer splits into two vocabulary entries")
+
+
+def test_another_segmentation_of_the_answer_keeps_the_teachers_tokens(teacher_jsonl, tokenizer):
+    """The template re-tokenizes an answer canonically; a teacher's own tokens may spell the same text otherwise.
+    The row must hold the teacher's tokens at the supervised positions (their logprobs are about those), with the
+    template's tokens around them, and a later turn's positions moved by the difference."""
+    base = _records(teacher_jsonl)[0]
+    rec, new_ids = _resegment(base, tokenizer)
+    row = convert_record(rec, tokenizer, where="f.jsonl:1")
+    pos = sorted(set(row["topk_pos"]))
+    assert [row["input_ids"][p] for p in pos] == new_ids and pos == list(range(pos[0], pos[0] + len(new_ids)))
+    plain = convert_record(base, tokenizer, where="f.jsonl:1")
+    assert len(row["input_ids"]) == len(plain["input_ids"]) + 1  # one token spelled as two
+    assert row["input_ids"][: pos[0]] == plain["input_ids"][: pos[0]]  # the prompt as the template writes it
+    n = len(base["messages"][-1]["token_ids"])
+    assert row["input_ids"][pos[0] + len(new_ids) :] == plain["input_ids"][pos[0] + n :]  # and the turn's end
+    # two turns, the first re-segmented: the second answer's supervised positions still hold its own tokens
+    second = _records(teacher_jsonl)[1]
+    two = copy.deepcopy(rec)
+    two["messages"] += [m for m in second["messages"] if m["role"] != "system"]
+    row2 = convert_record(two, tokenizer, where="f.jsonl:2")
+    pos2 = sorted(set(row2["topk_pos"]))
+    assert [row2["input_ids"][p] for p in pos2] == new_ids + second["messages"][-1]["token_ids"]
+    assert tokenizer.decode(row2["input_ids"]).count(second["messages"][-1]["content"]) == 1
+
+
 def test_convert_jsonl_skips_and_counts_bad_rows_or_fails_when_strict(tmp_path, teacher_jsonl, tokenizer):
     lines = teacher_jsonl.read_text().splitlines()[:4]
     bad = json.loads(lines[1])
