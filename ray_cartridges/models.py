@@ -55,8 +55,8 @@ def resolve_dtype(name: str, gpu: bool = False) -> str:
     (which, on a cluster, may be another node's: decided by the config, not by this process's devices)."""
     if name != "auto":
         return _dtype_tag(name)
-    if gpu:
-        return "bf16"  # every GPU vLLM and DeepSpeed target here (Ampere on) computes in bf16
+    if gpu:  # where this process sees the GPU, ask it (pre-Ampere cards lack bf16); a CPU-only driver assumes one
+        return "bf16" if not torch.cuda.is_available() or torch.cuda.is_bf16_supported() else "fp32"
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
