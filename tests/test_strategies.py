@@ -243,3 +243,21 @@ def test_recitals_cover_every_experience_from_a_window_that_holds_it_under_their
     for p in [p for p in build_prompts(memory, wide) if p["strategy"] == "recite"]:
         shown = [i for i, g in enumerate(groups) if g[0].render() in p["context"]]
         assert p["metadata"]["memory_entry"] in shown and len(shown) == 3 and p["user"] == "Tell."
+
+
+def test_shard_names_change_with_what_changes_a_shards_content_only():
+    """A re-run resumes a shard only when its content would be the same: the teacher's numerics (dtype, vLLM's
+    eager mode) and sampling rename shards; where the output goes, how many actors write it, do not."""
+    from ray_cartridges.generate.pipeline import shard_names
+
+    cfg = _cfg(mode="focused")
+    prompts = build_prompts(read_memory(EXAMPLE_CHECKPOINT), cfg)
+    shards = [prompts[i : i + 16] for i in range(0, len(prompts), 16)]
+    base = shard_names(shards, cfg)
+    assert len(set(base)) == len(base)
+    for same in ({"output_dir": "elsewhere"}, {"num_threads": 4}, {"actor_num_cpus": 2.0}):
+        assert shard_names(shards, cfg.model_copy(update=same)) == base, same
+    for other in ({"enforce_eager": True}, {"dtype": "bf16"}, {"temperature": 0.7}, {"top_logprobs": 10}):
+        renamed = shard_names(shards, cfg.model_copy(update=other))
+        assert all(a != b for a, b in zip(renamed, base)), other
+        assert [n.split("-")[1] for n in renamed] == [n.split("-")[1] for n in base]  # same shard numbers

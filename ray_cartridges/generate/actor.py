@@ -35,6 +35,7 @@ class TeacherActor:
                 max_model_len=c.max_model_len,
                 tensor_parallel_size=c.tensor_parallel_size,
                 seed=c.seed,
+                enforce_eager=c.enforce_eager,
             )
         else:
             self.engine = HFEngine.load(c.model_name, c.dtype)

@@ -52,6 +52,7 @@ class VLLMEngine:
         max_model_len: int = 4096,
         tensor_parallel_size: int = 1,
         seed: int = 0,
+        enforce_eager: bool = False,
     ):
         from vllm import LLM
         from vllm.platforms import current_platform
@@ -70,6 +71,7 @@ class VLLMEngine:
             tensor_parallel_size=tensor_parallel_size,
             enable_prefix_caching=True,
             seed=seed,
+            enforce_eager=enforce_eager,
             **extra,
         )
         self.tokenizer = self.llm.get_tokenizer()

@@ -58,6 +58,8 @@ def shard_names(prompts: list[list[dict]], cfg: GenerateConfig) -> list[str]:
             "shard_size",
         },
     )
+    if not cfg.enforce_eager:  # the field came later: shards written before it keep their names
+        settings.pop("enforce_eager")
     names = []
     for k, shard in enumerate(prompts):
         h = hashlib.sha256(json.dumps([settings, shard], sort_keys=True).encode()).hexdigest()[:10]
