@@ -31,6 +31,10 @@ def cpu_engine_env() -> dict[str, str]:
         "VLLM_CPU_KVCACHE_SPACE": "2",
         "VLLM_CPU_OMP_THREADS_BIND": f"0-{n - 1}",
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+        # vllm-cpu 0.32 saves its AOT-compiled model but cannot load it back ("'function' object has no attribute
+        # 'finalize_loading'") and compiles again, ~100 s on a 2-core CPU, at every start; without AOT its
+        # torch.compile cache is read back: the second and later starts on a machine take ~25 s instead.
+        "VLLM_USE_AOT_COMPILE": "0",
         # Ray SIGKILLs an actor's children at exit by default, leaking vLLM's shared memory segment.
         "RAY_kill_child_processes_on_worker_exit": "0",
     }
