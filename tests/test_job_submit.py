@@ -114,6 +114,9 @@ def test_ray_job_submit_runs_the_distill_job(tmp_path, head, teacher_jsonl):
         time.sleep(5)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert "succeeded" in (r.stdout + r.stderr)
+    # the workers' progress lines reach the job's log, each once (Ray Train's print patch used to double them)
+    for k in (1, 2, 3):
+        assert (r.stdout + r.stderr).count(f"[train] step {k}/3 ") == 1, (r.stdout + r.stderr)[-3000:]
     for name in [
         "adapter_model.safetensors",
         "cartridge.json",

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +30,12 @@ from .backends import DDPBackend, DeepSpeedBackend
 from .schedule import lr_factor
 
 CARTRIDGE_FILE = "cartridge.safetensors"
+
+
+def _say(line: str) -> None:
+    """A progress line to the worker's own stdout, once. (Ray Train's print patch logs a print and, where
+    something such as wandb has wrapped sys.stdout, prints it too: every line reached the driver twice.)"""
+    print(line, file=sys.__stdout__, flush=True)
 
 
 def _all_reduce(values: list[float]) -> list[float]:
@@ -358,10 +365,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if (step + 1) % t.log_every == 0 or step + 1 == total_steps:
             log(step_metrics)
             if is_writer:
-                print(
+                _say(
                     f"[train] step {step + 1}/{total_steps} loss {step_metrics['train/loss']:.4f} "
-                    f"lr {lr:.2e} grad_norm {float(grad_norm):.3f} {step_metrics['train/tokens_per_s']:.0f} tok/s",
-                    flush=True,
+                    f"lr {lr:.2e} grad_norm {float(grad_norm):.3f} {step_metrics['train/tokens_per_s']:.0f} tok/s"
                 )
         done = step + 1 == total_steps
         if (step + 1) % eval_every == 0 or done:
@@ -369,7 +375,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             log(last_eval)
             track_best(step + 1, last_eval)
             if is_writer and last_eval:
-                print(f"[eval] step {step + 1} held-out KD loss {last_eval['eval/loss']:.4f}", flush=True)
+                _say(f"[eval] step {step + 1} held-out KD loss {last_eval['eval/loss']:.4f}")
         if done or (t.save_every and (step + 1) % t.save_every == 0):
             checkpoint(step + 1, {**step_metrics, **last_eval}, final=done)
 
