@@ -159,7 +159,18 @@ def main(argv=None) -> int:
 
 def final_summary(out_dir: Path, evaluation: dict | None, report: dict) -> str:
     name = out_dir.name
-    lines = ["", "=" * 72, f"Done in {report['seconds'] / 60:.1f} min. Cartridge: {out_dir}"]
+    minutes = report["seconds"] / 60
+    if not (out_dir / "cartridge.json").is_file():  # training skipped (and none from an earlier run)
+        lines = [
+            "",
+            "=" * 72,
+            f"Done in {minutes:.1f} min ({', '.join(report['stages']) or 'no stage'}); no cartridge yet.",
+        ]
+        if gen := report["stages"].get("generate"):
+            lines.append(f"  teacher data: {gen.get('parquet_shards')} ({gen.get('rows')} conversations)")
+        lines += ["  train on it: the same command with --skip generate", "=" * 72]
+        return "\n".join(lines)
+    lines = ["", "=" * 72, f"Done in {minutes:.1f} min. Cartridge: {out_dir}"]
     from ray_cartridges.eval.evaluate import evaluation_lines
 
     lines += [f"  {line}" for line in evaluation_lines(evaluation)]
