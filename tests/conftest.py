@@ -76,13 +76,29 @@ def memory():
     return read_memory(EXAMPLE_CHECKPOINT)
 
 
-def small_train_config(tmp_path, teacher_jsonl, memory, workers, name, scaling=None, **training):
-    """A short training run on the teacher data: p = 32, global batch 4, 4 steps (any training key overridable)."""
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A saved 2-layer random Llama with the bundled model's tokenizer: a student for the tests of training
+    mechanics (DDP / DeepSpeed / multi-node agreement, resume after a fault), where what is checked is that two
+    runs agree, not what the cartridge learns. Its steps take a fraction of the bundled model's; the teacher data
+    (the bundled model's answers) tokenize the same."""
+    path = tmp_path_factory.mktemp("tiny-student")
+    model = tiny_llama(layers=2, kv_heads=2, heads=4, head_dim=16, vocab=len(tokenizer), seed=0)
+    model.config.max_position_embeddings = 2048
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def small_train_config(tmp_path, teacher_jsonl, memory, workers, name, scaling=None, model_name=BUNDLED, **training):
+    """A short training run on the teacher data: p = 32, global batch 4, 4 steps (any training key overridable);
+    ``model_name`` the student (the bundled model, or ``tiny_model_dir`` for tests of mechanics)."""
     from ray_cartridges.config import TrainConfig, validate_config
 
     return validate_config(
         TrainConfig,
         {
+            "model_name": str(model_name),
             "input_dataset": {"local_path": str(teacher_jsonl), "is_converted": False, "eval_fraction": 0.2},
             "output": {"local_dir": str(tmp_path / name)},
             "kv_cache": {"method": "text", "num_tokens": 32, "init_text": memory.render()},
@@ -129,6 +145,13 @@ def teacher_jsonl(tmp_path_factory, model, tokenizer, memory) -> Path:
     given = os.environ.get("RAY_CARTRIDGES_TEST_TEACHER")
     if given:
         return Path(given)
+    shared = os.environ.get("RAY_CARTRIDGES_TEST_SHARE")
+    if shared:  # `make test` runs three pytest processes: the first makes the data, the others read it
+        path = Path(shared) / "teacher.jsonl"
+        if not path.is_file():
+            tmp = make_teacher_jsonl(Path(shared) / f"teacher.jsonl.{os.getpid()}.tmp", model, tokenizer, memory)
+            os.replace(tmp, path)
+        return path
     return make_teacher_jsonl(tmp_path_factory.mktemp("teacher") / "dataset.jsonl", model, tokenizer, memory)
 
 

@@ -32,9 +32,16 @@ def two_nodes():
         cluster.shutdown()
 
 
-def _cfg(tmp_path, teacher_jsonl, memory, workers: int, name: str, **training):
+def _cfg(tmp_path, teacher_jsonl, memory, workers: int, name: str, model_name, **training):
     return small_train_config(
-        tmp_path, teacher_jsonl, memory, workers, name, scaling={"resources_per_worker": {"CPU": 1}}, **training
+        tmp_path,
+        teacher_jsonl,
+        memory,
+        workers,
+        name,
+        scaling={"resources_per_worker": {"CPU": 1}},
+        model_name=model_name,
+        **training,
     )
 
 
@@ -42,17 +49,20 @@ def _metrics(path):
     return [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_workers_on_two_nodes_match_one_worker_with_the_whole_batch(two_nodes, tmp_path, teacher_jsonl, memory):
+def test_two_workers_on_two_nodes_match_one_worker_with_the_whole_batch(
+    two_nodes, tmp_path, teacher_jsonl, memory, tiny_model_dir
+):
     """DDP over gloo, 2 nodes x 1 worker x 2 rows == 1 worker x 4 rows, after 4 steps (same data and seed).
 
     Tolerance 1e-4 absolute on the cartridge and the losses: the two runs sum the same per-token losses
     in a different order (per worker, then all-reduce), so they agree to float32 rounding, not bit for bit.
+    Student: the tiny random Llama (what is checked is that the two layouts agree).
     """
     from ray_cartridges.cartridge import load_cache_pt
     from ray_cartridges.train import run_training
 
-    one = run_training(_cfg(tmp_path, teacher_jsonl, memory, 1, "one", eval_every=2))
-    two = run_training(_cfg(tmp_path, teacher_jsonl, memory, 2, "two", eval_every=2, profile=True))
+    one = run_training(_cfg(tmp_path, teacher_jsonl, memory, 1, "one", tiny_model_dir, eval_every=2))
+    two = run_training(_cfg(tmp_path, teacher_jsonl, memory, 2, "two", tiny_model_dir, eval_every=2, profile=True))
 
     # the two workers really ran on two different nodes of the cluster
     nodes = {n["NodeID"] for n in __import__("ray").nodes() if n["Alive"]}

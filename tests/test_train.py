@@ -77,6 +77,10 @@ def _train_cfg(tmp_path, teacher_jsonl, memory, workers, name, **training):
     return small_train_config(tmp_path, teacher_jsonl, memory, workers, name, **training)
 
 
+def _tiny_cfg(tiny_model_dir, tmp_path, teacher_jsonl, memory, workers, name, **training):
+    return small_train_config(tmp_path, teacher_jsonl, memory, workers, name, model_name=tiny_model_dir, **training)
+
+
 def test_global_batch_that_does_not_divide_is_a_clear_error(tmp_path, ray_cluster, teacher_jsonl, memory):
     from ray_cartridges.train import run_training
 
@@ -84,11 +88,19 @@ def test_global_batch_that_does_not_divide_is_a_clear_error(tmp_path, ray_cluste
         run_training(_train_cfg(tmp_path, teacher_jsonl, memory, 2, "bad", global_batch_size=3))
 
 
-def test_killed_worker_resumes_from_checkpoint_to_the_same_cartridge(tmp_path, ray_cluster, teacher_jsonl, memory):
+def test_killed_worker_resumes_from_checkpoint_to_the_same_cartridge(
+    tmp_path, ray_cluster, teacher_jsonl, memory, tiny_model_dir
+):
     """A fault at step 3 (checkpoints every 2 steps): the run restarts from step 2 and ends where an
-    uninterrupted run ends, with every step logged exactly once; a re-run of a finished run is a no-op."""
+    uninterrupted run ends, with every step logged exactly once; a re-run of a finished run is a no-op.
+    (Student: the tiny random Llama; Adam moves each cartridge entry ~lr a step whatever the model, so a resume
+    that lost or repeated a step, or the optimizer state, ends elsewhere.)"""
+    from functools import partial
+
     from ray_cartridges.cartridge import load_cache_pt
     from ray_cartridges.train import run_training
+
+    _train_cfg = partial(_tiny_cfg, tiny_model_dir)
 
     data = tmp_path / "teacher.jsonl"  # a copy: regenerated below at the same path
     data.write_text(teacher_jsonl.read_text())
@@ -121,12 +133,18 @@ def test_killed_worker_resumes_from_checkpoint_to_the_same_cartridge(tmp_path, r
     assert summary["steps"] == 6 and (tmp_path / "clean" / "cache-final.pt").read_bytes() != before
 
 
-def test_deepspeed_zero2_and_zero3_match_ddp(tmp_path, ray_cluster, teacher_jsonl, memory, model, tokenizer):
+def test_deepspeed_zero2_and_zero3_match_ddp(tmp_path, ray_cluster, teacher_jsonl, memory, tiny_model_dir, tokenizer):
     """The same loop under DeepSpeed ZeRO-2/3 (2 workers, gloo on CPU): same loss curve as DDP, and the
-    cartridge it writes loads in the agent."""
+    cartridge it writes loads in the agent. (Student: the tiny random Llama.)"""
+    from functools import partial
+
     from ray_cartridges.agent import KVArtifact, KVCacheMemoryConfig, KVMemoryAgent, KVMemoryAgentConfig
     from ray_cartridges.cartridge import load_cache_pt
+    from ray_cartridges.models import load_model
     from ray_cartridges.train import run_training
+
+    _train_cfg = partial(_tiny_cfg, tiny_model_dir)
+    model = load_model(str(tiny_model_dir))
 
     def losses(name):
         lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
