@@ -27,6 +27,7 @@ SMALL = {
     "max_samples": 8,
     "shard_size": 2,
     # answered from a chunk, scored by the teacher with the whole memory (vLLM prompt logprobs)
+    # (score_engine auto: on CPU the transformers scorer beside the vLLM engine; the killed-run test uses vLLM's)
     "self_study": {"num_samples": 8, "answer_context": "chunk", "targets": "full_memory"},  # 2 of the first 8
     "history_instructions": "These are your earlier experiences; answer from them.",
     # no torch.compile warm-up: ~40 s instead of ~150 s per engine start on a 2-core CPU (3 starts here)
@@ -107,9 +108,10 @@ def test_every_row_is_valid_flat_topk_aligned_with_the_template(vllm_run, tokeni
 
 
 def test_chunk_answers_carry_the_whole_memory_teachers_logprobs(vllm_run, model, tokenizer):
-    """self_study.targets: full_memory through vLLM's prompt logprobs: each stored entry is the distribution of the
-    teacher with the whole memory in context at that answer token (transformers fp32 reference, teacher forcing),
-    not the chunk teacher's that wrote the answer."""
+    """self_study.targets: full_memory (scored by transformers beside the vLLM engine, score_engine auto on CPU):
+    each stored entry is the distribution of the teacher with the whole memory in context at that answer token
+    (transformers fp32 reference, teacher forcing), not the chunk teacher's that wrote the answer. vLLM's own
+    scoring is checked against these rows in the killed-run test."""
     import torch
 
     from ray_cartridges.generate.teacher import chat_ids
@@ -169,7 +171,9 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_rows(vllm_run, tmp_path
     cmd = [sys.executable, "-m", "ray_cartridges.cli", "generate", "--config", str(tmp_path / "gen.yaml")]
     import yaml
 
-    (tmp_path / "gen.yaml").write_text(yaml.safe_dump({**SMALL, "output_dir": str(out), "engine": "vllm"}))
+    # scored by vLLM's prompt logprobs here (the GPU default), by transformers in the fixture: compared below
+    cfg = {**SMALL, "output_dir": str(out), "engine": "vllm", "score_engine": "vllm"}
+    (tmp_path / "gen.yaml").write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     shards = out / "shards"
@@ -194,3 +198,22 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_rows(vllm_run, tmp_path
     }
     assert read_flat_topk(shards).num_rows == len(got)
     assert not list(shards.glob(".*"))  # no temporary files left behind
+
+    # the two scorers of another teacher's targets agree: vLLM's prompt logprobs (here) and transformers reading
+    # the memory's KV once (the fixture), on every answer token of every rescored answer
+    want_by_id = {r["metadata"]["prompt_id"]: r for r in want}
+    rescored = [r for r in got if "answer_context" in r["metadata"]]
+    assert rescored
+    worst = 0.0
+    for r in rescored:
+        a = r["messages"][-1]["logprobs"]["content"]
+        b = want_by_id[r["metadata"]["prompt_id"]]["messages"][-1]["logprobs"]["content"]
+        assert len(a) == len(b)
+        for ea, eb in zip(a, b):
+            assert ea["token_id"] == eb["token_id"]
+            worst = max(worst, abs(ea["logprob"] - eb["logprob"]))
+            ta = {t["token_id"]: t["logprob"] for t in ea["top_logprobs"]}
+            tb = {t["token_id"]: t["logprob"] for t in eb["top_logprobs"]}
+            assert len(ta.keys() & tb.keys()) >= 8  # near-ties at the tail may swap the last entries
+            worst = max(worst, max(abs(ta[t] - tb[t]) for t in ta.keys() & tb.keys()))
+    assert worst < 1e-3, worst

@@ -261,3 +261,14 @@ def test_shard_names_change_with_what_changes_a_shards_content_only():
         renamed = shard_names(shards, cfg.model_copy(update=other))
         assert all(a != b for a, b in zip(renamed, base)), other
         assert [n.split("-")[1] for n in renamed] == [n.split("-")[1] for n in base]  # same shard numbers
+    # what scores another teacher's targets names only the shards that hold such answers
+    assert shard_names(shards, cfg.model_copy(update={"score_engine": "vllm"})) == base  # none here
+    chunk_scored = {"answer_context": "chunk", "targets": "full_memory"}
+    scored = cfg.model_copy(update={"self_study": cfg.self_study.model_copy(update=chunk_scored)})
+    sprompts = build_prompts(read_memory(EXAMPLE_CHECKPOINT), scored)
+    sshards = [sprompts[i : i + 4] for i in range(0, len(sprompts), 4)]
+    has = ["score_context" in str(shard) for shard in sshards]
+    assert any(has) and not all(has)
+    by_vllm = shard_names(sshards, scored.model_copy(update={"score_engine": "vllm"}))
+    by_hf = shard_names(sshards, scored.model_copy(update={"score_engine": "transformers"}))
+    assert [a != b for a, b in zip(by_vllm, by_hf)] == has

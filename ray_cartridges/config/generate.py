@@ -114,6 +114,14 @@ class GenerateConfig(StrictModel):
         "starts in ~37 s against ~115 s for a first compiled start (~30-65 s once the compile cache is warm), but "
         "prefills a 1,700-token prompt ~2.7x slower; for short runs and tests.",
     )
+    score_engine: Literal["auto", "vllm", "transformers"] = Field(
+        "auto",
+        description="What reads the answers whose targets come from another teacher than the one that wrote them "
+        "(self_study.targets: full_memory): vLLM (its prompt logprobs: every answer re-reads the whole memory, "
+        "as prompt logprobs skip vLLM's prefix cache; ~9 s per answer on a 2-core AVX2 CPU) or transformers (the "
+        "same model beside the vLLM engine, the memory's KV read once and reused: well under a second per answer "
+        "there; fp32 logprobs equal to vLLM's within 1e-3). auto: transformers on CPU, vLLM on GPUs.",
+    )
     use_gpu: bool = Field(False, description="Run teacher actors on GPUs (num_gpus = tensor_parallel_size).")
     max_samples: int | None = Field(None, gt=0, description="Cap on generated conversations.")
     seed: int = Field(0, description="Seed of prompt sampling and generation.")

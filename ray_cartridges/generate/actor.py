@@ -19,7 +19,7 @@ from ..flat_topk import write_flat_topk
 from ..fsutil import write_text_atomic
 from ..models import resolve_dtype, resolve_model
 from .engines import HFEngine, Sampling, VLLMEngine
-from .teacher import run_prompts
+from .teacher import resolve_score_engine, run_prompts
 
 
 class TeacherActor:
@@ -27,6 +27,7 @@ class TeacherActor:
         self.cfg = GenerateConfig.model_validate(config)
         if self.cfg.dtype == "auto":  # run_generation resolves it; an actor built on its own does here
             self.cfg = self.cfg.model_copy(update={"dtype": resolve_dtype("auto", gpu=self.cfg.use_gpu)})
+        self.cfg = self.cfg.model_copy(update={"score_engine": resolve_score_engine(self.cfg)})
         c = self.cfg
         if c.engine == "vllm":
             self.engine = VLLMEngine(
@@ -39,10 +40,18 @@ class TeacherActor:
             )
         else:
             self.engine = HFEngine.load(c.model_name, c.dtype)
+        self._scorer = self.engine if c.engine == "transformers" or c.score_engine == "vllm" else None
         self.shards_dir = Path(shards_dir)
         self.base_metadata = base_metadata
         self.sampling = Sampling(c.temperature, c.top_p, c.max_tokens, c.top_logprobs)
         self.q_sampling = Sampling(c.self_study.question_temperature, 1.0, c.self_study.question_max_tokens, 1)
+
+    def scorer(self):
+        """The engine that reads answers for another teacher's targets (score_engine): the answering engine, or
+        the same model under transformers, loaded on first use (a shard without such answers never loads it)."""
+        if self._scorer is None:
+            self._scorer = HFEngine.load(self.cfg.model_name, self.cfg.dtype)
+        return self._scorer
 
     def __call__(self, batch: dict) -> dict:
         out = {"shard": [], "rows": [], "rejected": [], "answer_tokens": [], "seconds": [], "problems": []}
@@ -55,6 +64,7 @@ class TeacherActor:
                 question_sampling=self.q_sampling,
                 seed=self.cfg.seed,
                 base_metadata=self.base_metadata,
+                scorer=self.scorer,
             )
             rows, kept = [], []
             for rec in records:

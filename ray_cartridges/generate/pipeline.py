@@ -20,6 +20,7 @@ from ..config import GenerateConfig, dump_config
 from ..fsutil import write_text_atomic
 from ..memory import read_memory
 from .strategies import build_prompts, render_context
+from .teacher import resolve_score_engine, scored_by_another
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +65,12 @@ def shard_names(prompts: list[list[dict]], cfg: GenerateConfig) -> list[str]:
     )
     if not cfg.enforce_eager:  # the field came later: shards written before it keep their names
         settings.pop("enforce_eager")
+    score_engine = settings.pop("score_engine")  # (came later too) named only where a shard has rescored answers
     names = []
     for k, shard in enumerate(prompts):
-        h = hashlib.sha256(json.dumps([settings, shard], sort_keys=True).encode()).hexdigest()[:10]
+        rescored = any(scored_by_another(p) for p in shard)
+        mine = {**settings, "score_engine": score_engine} if rescored else settings
+        h = hashlib.sha256(json.dumps([mine, shard], sort_keys=True).encode()).hexdigest()[:10]
         names.append(f"shard-{k:05d}-{h}")
     return names
 
@@ -87,6 +91,8 @@ def run_generation(cfg: GenerateConfig, progress: bool = True) -> dict:
 
     if cfg.dtype == "auto":  # decided once, here: shard names, actors and metadata all see the concrete dtype
         cfg = cfg.model_copy(update={"dtype": resolve_dtype(cfg.dtype, gpu=cfg.use_gpu)})
+    if cfg.score_engine == "auto":  # likewise
+        cfg = cfg.model_copy(update={"score_engine": resolve_score_engine(cfg)})
         logger.info("teacher dtype auto -> %s", cfg.dtype)
     memory = read_memory(cfg.checkpoint_dir, strict=cfg.strict)
     prompts = build_prompts(memory, cfg)

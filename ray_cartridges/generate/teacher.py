@@ -28,9 +28,17 @@ def clean_question(text: str) -> str | None:
     return None
 
 
-def _scored_by_another(prompt: dict) -> bool:
+def scored_by_another(prompt: dict) -> bool:
     """Whether the prompt's targets come from another teacher than the one that writes its answer."""
     return prompt.get("score_context") not in (None, prompt["context"])
+
+
+def resolve_score_engine(cfg) -> str:
+    """score_engine auto: transformers where the teacher is the transformers engine or runs on CPU (vLLM re-reads
+    the whole memory for every scored answer there), vLLM on GPUs."""
+    if cfg.score_engine != "auto":
+        return cfg.score_engine
+    return "vllm" if cfg.engine == "vllm" and cfg.use_gpu else "transformers"
 
 
 def run_prompts(
@@ -41,8 +49,10 @@ def run_prompts(
     question_sampling: Sampling | None = None,
     seed: int = 0,
     base_metadata: dict | None = None,
+    scorer=None,
 ) -> tuple[list[dict], list[str]]:
-    """Answer every prompt (writing self-study questions first); returns (records, problems)."""
+    """Answer every prompt (writing self-study questions first); returns (records, problems). ``scorer``: what
+    reads answers whose targets come from another teacher (a callable returning an engine; default ``engine``)."""
     tok = engine.tokenizer
     problems: list[str] = []
     todo = [dict(p) for p in prompts]
@@ -75,9 +85,9 @@ def run_prompts(
             outs[i] = o
     # targets read by another teacher than the one that wrote the answer (``score_context``: the whole memory
     # re-reading an answer written from a chunk), by teacher forcing the answer's tokens
-    rescore = [i for i, p in enumerate(todo) if _scored_by_another(p)]
+    rescore = [i for i, p in enumerate(todo) if scored_by_another(p)]
     if rescore:
-        scored = engine.score(
+        scored = (scorer() if scorer is not None else engine).score(
             [chat_ids(tok, todo[i]["score_context"], todo[i]["user"]) for i in rescore],
             [outs[i][0] for i in rescore],
             sampling.top_logprobs,
@@ -86,7 +96,7 @@ def run_prompts(
             outs[i] = (outs[i][0], entries)
     records = []
     for p, (ids, entries) in zip(todo, outs):
-        rescored = _scored_by_another(p)
+        rescored = scored_by_another(p)
         meta = {
             **(base_metadata or {}),
             **p.get("metadata", {}),
