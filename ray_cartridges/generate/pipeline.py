@@ -91,9 +91,10 @@ def run_generation(cfg: GenerateConfig, progress: bool = True) -> dict:
 
     if cfg.dtype == "auto":  # decided once, here: shard names, actors and metadata all see the concrete dtype
         cfg = cfg.model_copy(update={"dtype": resolve_dtype(cfg.dtype, gpu=cfg.use_gpu)})
+        logger.info("teacher dtype auto -> %s", cfg.dtype)
     if cfg.score_engine == "auto":  # likewise
         cfg = cfg.model_copy(update={"score_engine": resolve_score_engine(cfg)})
-        logger.info("teacher dtype auto -> %s", cfg.dtype)
+        logger.info("score_engine auto -> %s", cfg.score_engine)
     memory = read_memory(cfg.checkpoint_dir, strict=cfg.strict)
     prompts = build_prompts(memory, cfg)
     if cfg.training_top_k is not None and cfg.training_top_k != cfg.top_logprobs:
