@@ -81,6 +81,14 @@ def test_cross_field_rule(tmp_path):
         load_config(TrainConfig, p)
 
 
+def test_score_engine_vllm_needs_the_vllm_engine(tmp_path):
+    p = _write(tmp_path, "checkpoint_dir: ck\nengine: transformers\nscore_engine: vllm\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(GenerateConfig, p)
+    assert "score_engine" in str(e.value) and "'transformers'" in str(e.value) and str(p) in str(e.value)
+    assert load_config(GenerateConfig, p, ["engine=vllm"]).score_engine == "vllm"
+
+
 def test_overrides_apply_and_validate(tmp_path):
     p = _write(tmp_path, BASE)
     cfg = load_config(TrainConfig, p, ["training.lr=3e-3", "kv_cache.num_tokens=64", "scaling.num_workers=2"])

@@ -80,6 +80,11 @@ def format_validation_error(err: ValidationError, cls: type[BaseModel], source: 
             lines.append(f"  {key}: unknown key (value {e.get('input')!r})")
         elif kind == "missing":
             lines.append(f"  {key}: missing required key (expected {_describe(cls, loc)})")
+        elif kind == "value_error" and isinstance(e.get("input"), dict):
+            # a rule across fields (a model's validator): its message names the fields; the whole section's
+            # values would only bury it
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"  {key or '(top level)'}: {msg}")
         else:
             lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r}, expected {_describe(cls, loc)})")
     return "\n".join(lines)

@@ -120,7 +120,8 @@ class GenerateConfig(StrictModel):
         "(self_study.targets: full_memory): vLLM (its prompt logprobs: every answer re-reads the whole memory, "
         "as prompt logprobs skip vLLM's prefix cache; ~9 s per answer on a 2-core AVX2 CPU) or transformers (the "
         "same model beside the vLLM engine, the memory's KV read once and reused: well under a second per answer "
-        "there; fp32 logprobs equal to vLLM's within 1e-3). auto: transformers on CPU, vLLM on GPUs.",
+        "there; fp32 logprobs equal to vLLM's within 1e-3). auto: transformers on CPU, vLLM on GPUs; "
+        "with engine: transformers always transformers (vllm is refused there).",
     )
     use_gpu: bool = Field(False, description="Run teacher actors on GPUs (num_gpus = tensor_parallel_size).")
     max_samples: int | None = Field(None, gt=0, description="Cap on generated conversations.")
@@ -145,4 +146,9 @@ class GenerateConfig(StrictModel):
             self.replay.enabled or self.recite.enabled or (self.self_study.enabled and self.self_study.num_samples)
         ):
             raise ValueError("nothing to generate: enable replay, recite or self_study")
+        if self.score_engine == "vllm" and self.engine != "vllm":
+            raise ValueError(
+                f"score_engine 'vllm' needs engine 'vllm' (engine is {self.engine!r}: no vLLM engine is started to "
+                "score with); use score_engine 'auto' or 'transformers'"
+            )
         return self
