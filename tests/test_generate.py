@@ -142,13 +142,19 @@ def test_chunk_answers_carry_the_whole_memory_teachers_logprobs(vllm_run, model,
     assert worst < 1e-3, worst
 
 
-def test_vllm_matches_transformers_reference(vllm_run, tmp_path, ray_cluster):
+@pytest.fixture(scope="module")
+def hf_run(tmp_path_factory, ray_cluster):
+    """The same generation with the transformers reference engine."""
     from ray_cartridges.generate.pipeline import run_generation
 
+    out = tmp_path_factory.mktemp("gen_hf")
+    return out, run_generation(_cfg(out, engine="transformers"), progress=False)
+
+
+def test_vllm_matches_transformers_reference(vllm_run, hf_run):
     out, _ = vllm_run
-    ref_out = tmp_path / "ref"
+    ref_out, _ = hf_run
     # replay prompts only: self-study questions are sampled, so both engines must answer the same questions
-    run_generation(_cfg(ref_out, engine="transformers"), progress=False)
     ours = {r["metadata"]["prompt_id"]: r for r in _records(out) if r["metadata"]["strategy"].startswith("replay")}
     ref = {r["metadata"]["prompt_id"]: r for r in _records(ref_out) if r["metadata"]["strategy"].startswith("replay")}
     assert ours.keys() == ref.keys() and ours
@@ -217,3 +223,54 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_rows(vllm_run, tmp_path
             assert len(ta.keys() & tb.keys()) >= 8  # near-ties at the tail may swap the last entries
             worst = max(worst, max(abs(ta[t] - tb[t]) for t in ta.keys() & tb.keys()))
     assert worst < 1e-3, worst
+
+
+def test_a_changed_strategy_setting_regenerates_only_that_strategys_answers(hf_run, tmp_path):
+    """Every shard is renamed by a self-study setting (prompts of all strategies share shards), but the replay
+    answers are taken from the earlier shards, not written again; a conversion setting re-answers nothing."""
+    import shutil
+
+    from ray_cartridges.generate.pipeline import run_generation
+
+    first_out, first = hf_run
+    out = tmp_path / "rerun"
+    shutil.copytree(first_out, out)
+    # mark one replay record in the earlier shards: it comes back marked only if it was reused, not re-answered
+    marked = None
+    for f in sorted((out / "shards").glob("shard-*.jsonl")):
+        recs = [json.loads(x) for x in f.read_text().splitlines()]
+        for r in recs:
+            if marked is None and r["metadata"]["strategy"].startswith("replay"):
+                r["metadata"]["marker"] = "from the earlier shard"
+                marked = r["metadata"]["prompt_id"]
+        f.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert marked
+    old_shards = {p.name for p in (out / "shards").iterdir()}
+
+    study = {**SMALL["self_study"], "question_temperature": 0.5}
+    summary = run_generation(_cfg(out, engine="transformers", self_study=study), progress=False)
+    got = _records(out)
+    is_study = [r["metadata"]["strategy"].startswith("self_study") for r in got]
+    assert 0 < sum(is_study) < len(got)
+    assert summary["rows_reused_now"] == len(got) - sum(is_study)
+    assert summary["rows_generated_now"] == sum(is_study)
+    assert summary["shards_generated_now"] == summary["shards"]  # every shard renamed, none answered whole
+    by_id = {r["metadata"]["prompt_id"]: r for r in got}
+    assert len(by_id) == len(got)
+    assert by_id[marked]["metadata"]["marker"] == "from the earlier shard"
+    before = {r["metadata"]["prompt_id"]: r for r in _records(first_out)}
+    for pid, r in by_id.items():
+        if r["metadata"]["strategy"].startswith("replay"):
+            assert r["messages"] == before[pid]["messages"], pid
+    shards = out / "shards"
+    assert not old_shards & {p.name for p in shards.iterdir()}  # the earlier config's shards are gone
+    assert read_flat_topk(shards).num_rows == len(got)
+
+    # a conversion setting: every shard rebuilt from the records, no prompt answered again
+    entries = read_flat_topk(shards).column("topk_ids").combine_chunks().flatten()
+    again = run_generation(_cfg(out, engine="transformers", self_study=study, min_prob_mass=0.5), progress=False)
+    assert again["rows_generated_now"] == 0 and again["rows_reused_now"] == len(got) == again["rows"]
+    assert [r["messages"] for r in _records(out)] == [r["messages"] for r in got]
+    fewer = read_flat_topk(shards)
+    assert fewer.num_rows == len(got)
+    assert len(fewer.column("topk_ids").combine_chunks().flatten()) < len(entries)  # converted again, cut sooner

@@ -3,7 +3,10 @@
 Outputs in ``output_dir``: ``shards/shard-NNNNN-<hash>.{jsonl,parquet}`` (written by the actors, atomically),
 ``dataset.jsonl`` (all shards, seed format), ``memory.txt`` (the rendered memory, for text init),
 ``generation.json`` (config, counts, timings) and ``README.md`` (dataset card). Re-running the same config
-keeps finished shards and generates only the missing ones; shards of a different config are removed.
+keeps finished shards and generates only the missing ones; shards of a different config are removed. Within a
+shard that must be written again, a prompt whose record an earlier shard in the same directory holds under the
+same prompt key (``prompt_keys``: the prompt and every setting that shapes its answer) is not answered again: a
+change to one strategy's settings regenerates that strategy's answers only.
 """
 
 from __future__ import annotations
@@ -75,6 +78,54 @@ def shard_names(prompts: list[list[dict]], cfg: GenerateConfig) -> list[str]:
     return names
 
 
+# settings that never change what the teacher writes for a prompt: where files go, how work is spread, what
+# training expects, and the conversion to parquet (min_prob_mass, student_system_prompt), done again from the record
+_NOT_IN_PROMPT_KEY = {
+    "output_dir",
+    "num_threads",
+    "actor_num_cpus",
+    "hf_repo_id",
+    "hf_private",
+    "training_top_k",
+    "max_samples",
+    "shard_size",
+    "min_prob_mass",
+    "student_system_prompt",
+}
+_STRATEGY_FIELDS = ("replay", "self_study", "recite", "general")
+
+
+def prompt_keys(prompts: list[dict], cfg: GenerateConfig) -> list[str]:
+    """One key per prompt for the record the teacher writes for it: the prompt itself, the settings of the
+    answering teacher and of the prompt's own strategy only (a self-study setting does not touch a replay
+    prompt's key), and the score engine only where another teacher reads the answer."""
+    settings = cfg.model_dump(mode="json", exclude=_NOT_IN_PROMPT_KEY)
+    strategies = {name: settings.pop(name) for name in _STRATEGY_FIELDS}
+    score_engine = settings.pop("score_engine")
+    keys = []
+    for p in prompts:
+        family = p["strategy"].split("/", 1)[0]
+        mine = {**settings, "strategy_settings": strategies.get(family)}
+        if scored_by_another(p):
+            mine["score_engine"] = score_engine
+        keys.append(hashlib.sha256(json.dumps([mine, p], sort_keys=True).encode()).hexdigest()[:16])
+    return keys
+
+
+def earlier_records(shards_dir: Path) -> dict[str, str]:
+    """The records (JSON lines) that finished shards in ``shards_dir`` hold, by prompt key (shards written
+    before prompt keys existed hold none)."""
+    found: dict[str, str] = {}
+    for f in sorted(shards_dir.glob("shard-*.jsonl")):
+        for line in f.read_text(encoding="utf-8").splitlines():
+            if '"prompt_key"' not in line:
+                continue
+            key = json.loads(line).get("metadata", {}).get("prompt_key")
+            if key:
+                found[key] = line
+    return found
+
+
 def _is_done(shards_dir: Path, name: str) -> bool:
     return (shards_dir / f"{name}.jsonl").is_file() and (
         (shards_dir / f"{name}.parquet").is_file() or (shards_dir / f"{name}.empty").is_file()
@@ -109,7 +160,17 @@ def run_generation(cfg: GenerateConfig, progress: bool = True) -> dict:
     shards = [prompts[i : i + cfg.shard_size] for i in range(0, len(prompts), cfg.shard_size)]
     names = shard_names(shards, cfg)
     todo = [k for k, n in enumerate(names) if not _is_done(shards_dir, n)]
-    logger.info("%d prompts in %d shards; %d already done", len(prompts), len(shards), len(shards) - len(todo))
+    keys = [prompt_keys(shard, cfg) for shard in shards]
+    earlier = earlier_records(shards_dir) if todo else {}
+    reusable = {k: {key: earlier[key] for key in keys[k] if key in earlier} for k in todo}
+    logger.info(
+        "%d prompts in %d shards; %d shards already done; of the %d prompts in the others, %d answered before",
+        len(prompts),
+        len(shards),
+        len(shards) - len(todo),
+        sum(len(shards[k]) for k in todo),
+        sum(len(r) for r in reusable.values()),
+    )
 
     base_meta = {
         "checkpoint": memory.source,
@@ -118,7 +179,7 @@ def run_generation(cfg: GenerateConfig, progress: bool = True) -> dict:
         "teacher_engine": cfg.engine,
         "teacher_dtype": cfg.dtype,
     }
-    stats = {"rows": 0, "rejected": 0, "answer_tokens": 0, "actor_seconds": 0.0, "problems": []}
+    stats = {"rows": 0, "reused": 0, "rejected": 0, "answer_tokens": 0, "actor_seconds": 0.0, "problems": []}
     t0 = time.perf_counter()
     if todo:
         if cfg.model_name == BUNDLED_MODEL:
@@ -126,7 +187,16 @@ def run_generation(cfg: GenerateConfig, progress: bool = True) -> dict:
         if not ray.is_initialized():
             ray.init(log_to_driver=True)
         ray.data.DataContext.get_current().enable_progress_bars = False  # one bar over shards below
-        items = [{"shard": k, "name": names[k], "prompts": json.dumps(shards[k])} for k in todo]
+        items = [
+            {
+                "shard": k,
+                "name": names[k],
+                "prompts": json.dumps(shards[k]),
+                "keys": json.dumps(keys[k]),
+                "earlier": json.dumps(reusable[k]),
+            }
+            for k in todo
+        ]
         resources = (
             {"num_gpus": cfg.tensor_parallel_size, "num_cpus": 1}
             if cfg.use_gpu
@@ -146,6 +216,7 @@ def run_generation(cfg: GenerateConfig, progress: bool = True) -> dict:
         bar = tqdm(total=len(todo), desc="teacher shards", unit="shard", disable=not progress)
         for row in ds.iter_rows():
             stats["rows"] += int(row["rows"])
+            stats["reused"] += int(row["reused"])
             stats["rejected"] += int(row["rejected"])
             stats["answer_tokens"] += int(row["answer_tokens"])
             stats["actor_seconds"] += float(row["seconds"])
@@ -181,7 +252,8 @@ def run_generation(cfg: GenerateConfig, progress: bool = True) -> dict:
         "prompts": len(prompts),
         "shards": len(shards),
         "shards_generated_now": len(todo),
-        "rows_generated_now": stats["rows"],
+        "rows_generated_now": stats["rows"] - stats["reused"],
+        "rows_reused_now": stats["reused"],  # in shards written now, answers taken from earlier shards
         "rejected_now": stats["rejected"],
         "seconds_now": elapsed,
         "answer_tokens_per_s_now": stats["answer_tokens"] / elapsed if todo and elapsed > 0 else None,
@@ -251,7 +323,8 @@ def format_summary(s: dict) -> str:
     lines = [
         "",
         "=== teacher generation finished ===",
-        f"  conversations: {s['rows']} ({s['rows_generated_now']} generated now, {s['rejected_now']} rejected)",
+        f"  conversations: {s['rows']} ({s['rows_generated_now']} generated now, {s.get('rows_reused_now', 0)} "
+        f"reused from earlier shards, {s['rejected_now']} rejected)",
         f"  answer tokens: {s['answer_tokens']}",
     ]
     for kind, what in (("replay", "replay"), ("recite", "recital")):
