@@ -73,12 +73,7 @@ def test_text_init_cartridge_learns_from_teacher_data(tmp_path, ray_cluster, tea
     assert torch.equal(cache["frozen_keys"][0], step18["frozen_keys"][0])  # frozen tokens never move
 
 
-def _train_cfg(tmp_path, teacher_jsonl, memory, workers, name, **training):
-    return small_train_config(tmp_path, teacher_jsonl, memory, workers, name, **training)
-
-
-def _tiny_cfg(tiny_model_dir, tmp_path, teacher_jsonl, memory, workers, name, **training):
-    return small_train_config(tmp_path, teacher_jsonl, memory, workers, name, model_name=tiny_model_dir, **training)
+_train_cfg = small_train_config
 
 
 def test_global_batch_that_does_not_divide_is_a_clear_error(tmp_path, ray_cluster, teacher_jsonl, memory):
@@ -100,7 +95,7 @@ def test_killed_worker_resumes_from_checkpoint_to_the_same_cartridge(
     from ray_cartridges.cartridge import load_cache_pt
     from ray_cartridges.train import run_training
 
-    _train_cfg = partial(_tiny_cfg, tiny_model_dir)
+    _train_cfg = partial(small_train_config, model_name=tiny_model_dir)
 
     data = tmp_path / "teacher.jsonl"  # a copy: regenerated below at the same path
     data.write_text(teacher_jsonl.read_text())
@@ -143,7 +138,7 @@ def test_deepspeed_zero2_and_zero3_match_ddp(tmp_path, ray_cluster, teacher_json
     from ray_cartridges.models import load_model
     from ray_cartridges.train import run_training
 
-    _train_cfg = partial(_tiny_cfg, tiny_model_dir)
+    _train_cfg = partial(small_train_config, model_name=tiny_model_dir)
     model = load_model(str(tiny_model_dir))
 
     def losses(name):
