@@ -51,21 +51,24 @@ def cpu_engine_env() -> dict[str, str]:
     return env
 
 
+# settings that never change a shard's content: where files go, how work is spread, what training expects
+_NOT_IN_SHARD_NAME = {
+    "output_dir",
+    "num_threads",
+    "actor_num_cpus",
+    "hf_repo_id",
+    "hf_private",
+    "training_top_k",
+    "max_samples",
+    "shard_size",
+}
+# nor what the teacher writes for a prompt: the conversion to parquet, done again from the record
+_NOT_IN_PROMPT_KEY = _NOT_IN_SHARD_NAME | {"min_prob_mass", "student_system_prompt"}
+
+
 def shard_names(prompts: list[list[dict]], cfg: GenerateConfig) -> list[str]:
     """Shard file stems; the hash covers everything that changes a shard's content."""
-    settings = cfg.model_dump(
-        mode="json",
-        exclude={
-            "output_dir",
-            "num_threads",
-            "actor_num_cpus",
-            "hf_repo_id",
-            "hf_private",
-            "training_top_k",
-            "max_samples",
-            "shard_size",
-        },
-    )
+    settings = cfg.model_dump(mode="json", exclude=_NOT_IN_SHARD_NAME)
     if not cfg.enforce_eager:  # the field came later: shards written before it keep their names
         settings.pop("enforce_eager")
     score_engine = settings.pop("score_engine")  # (came later too) named only where a shard has rescored answers
@@ -78,20 +81,6 @@ def shard_names(prompts: list[list[dict]], cfg: GenerateConfig) -> list[str]:
     return names
 
 
-# settings that never change what the teacher writes for a prompt: where files go, how work is spread, what
-# training expects, and the conversion to parquet (min_prob_mass, student_system_prompt), done again from the record
-_NOT_IN_PROMPT_KEY = {
-    "output_dir",
-    "num_threads",
-    "actor_num_cpus",
-    "hf_repo_id",
-    "hf_private",
-    "training_top_k",
-    "max_samples",
-    "shard_size",
-    "min_prob_mass",
-    "student_system_prompt",
-}
 _STRATEGY_FIELDS = ("replay", "self_study", "recite", "general")
 
 
