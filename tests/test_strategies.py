@@ -272,3 +272,47 @@ def test_shard_names_change_with_what_changes_a_shards_content_only():
     by_vllm = shard_names(sshards, scored.model_copy(update={"score_engine": "vllm"}))
     by_hf = shard_names(sshards, scored.model_copy(update={"score_engine": "transformers"}))
     assert [a != b for a, b in zip(by_vllm, by_hf)] == has
+
+
+def test_prompt_keys_follow_each_prompts_own_strategy_and_index_earlier_records(tmp_path):
+    import json
+
+    from ray_cartridges.generate.actor import read_earlier
+    from ray_cartridges.generate.pipeline import earlier_records, prompt_keys
+
+    cfg = validate_config(
+        GenerateConfig,
+        {"checkpoint_dir": str(EXAMPLE_CHECKPOINT), "self_study": {"num_samples": 4}, "recite": {"enabled": True}},
+    )
+    prompts = build_prompts(read_memory(EXAMPLE_CHECKPOINT), cfg)
+    family = [p["strategy"].split("/")[0] for p in prompts]
+    assert {"replay", "self_study", "recite"} <= set(family)
+    keys = prompt_keys(prompts, cfg)
+    assert len(set(keys)) == len(keys)
+
+    def changed(**update):
+        return [a != b for a, b in zip(keys, prompt_keys(prompts, cfg.model_copy(update=update)))]
+
+    # a strategy's setting re-keys its own prompts only; the teacher's sampling re-keys all; conversion none
+    study = cfg.self_study.model_copy(update={"question_temperature": 0.3})
+    assert changed(self_study=study) == [f == "self_study" for f in family]
+    assert all(changed(temperature=0.7)) and all(changed(model_name="other"))
+    assert not any(changed(min_prob_mass=0.5, student_system_prompt="Hi.", shard_size=3, num_threads=4))
+
+    # the index points at each wanted record's line; a record changed since is not read back under its key
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    recs = [
+        {"messages": [{"role": "user", "content": f"q{i}"}], "metadata": {"prompt_key": k}}
+        for i, k in enumerate(keys[:5])
+    ]
+    (shards / "shard-00000-a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs[:3]))
+    (shards / "shard-00001-b.jsonl").write_text(json.dumps({"metadata": {}}) + "\n" + json.dumps(recs[3]) + "\n")
+    (shards / "other.jsonl").write_text(json.dumps(recs[4]) + "\n")  # not a shard
+    where = earlier_records(shards, set(keys[1:5]))
+    assert set(where) == set(keys[1:4])
+    assert read_earlier(where) == {k: r for k, r in zip(keys[1:4], recs[1:4])}
+    text = (shards / "shard-00000-a.jsonl").read_text()
+    (shards / "shard-00000-a.jsonl").write_text(text.replace(keys[2], "0" * 16))
+    assert set(read_earlier(where)) == {keys[1], keys[3]}
+    assert earlier_records(shards, set()) == {}

@@ -3,10 +3,10 @@
 Used as ``ds.map_batches(TeacherActor, compute=ActorPoolStrategy(size=n), batch_size=1, ...)`` over rows
 ``{shard, name, prompts, keys, earlier}``: one row is one shard of prompts, answered in one batched engine call
 (the memory is the shared prefix of every prompt, so prefix caching turns N prefills into one); ``keys`` are the
-prompts' keys and ``earlier`` the records earlier shards hold under some of them, which are kept, not answered
-again (both optional). Each shard
-is written as ``shards/<name>.jsonl`` (seed format) and ``shards/<name>.parquet`` (flat top-k), each
-atomically (write then rename, parquet last), so a shard is either complete or absent.
+prompts' keys and ``earlier`` where earlier shards hold records under some of them (file, byte offset), which
+are kept, not answered again (both optional). Each shard is written as ``shards/<name>.jsonl`` (seed format)
+and ``shards/<name>.parquet`` (flat top-k), each atomically (write then rename, parquet last), so a shard is
+either complete or absent.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ class TeacherActor:
         ):
             prompts = json.loads(prompts_json)
             keys = json.loads(kj) or [None] * len(prompts)
-            earlier = {k: json.loads(line) for k, line in json.loads(ej).items()}
+            earlier = read_earlier(json.loads(ej))
             key_of = {p["prompt_id"]: k for p, k in zip(prompts, keys)}
             todo = [p for p, k in zip(prompts, keys) if k not in earlier]
             if todo:
@@ -143,3 +143,19 @@ class TeacherActor:
             out["seconds"].append(time.perf_counter() - t0)
             out["problems"].append(json.dumps(problems))
         return out
+
+
+def read_earlier(where: dict[str, list]) -> dict[str, dict]:
+    """The records at ``{prompt_key: (file, byte offset)}``; one that cannot be read back under its key (its
+    file gone or changed since the index was made) is left out, and its prompt answered again."""
+    found = {}
+    for key, (path, offset) in where.items():
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(offset)
+                rec = json.loads(fh.readline())
+        except (OSError, ValueError):
+            continue
+        if isinstance(rec, dict) and rec.get("metadata", {}).get("prompt_key") == key:
+            found[key] = rec
+    return found

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -101,17 +102,24 @@ def prompt_keys(prompts: list[dict], cfg: GenerateConfig) -> list[str]:
     return keys
 
 
-def earlier_records(shards_dir: Path) -> dict[str, str]:
-    """The records (JSON lines) that finished shards in ``shards_dir`` hold, by prompt key (shards written
-    before prompt keys existed hold none)."""
-    found: dict[str, str] = {}
+_KEY_IN_LINE = re.compile(rb'"prompt_key": "([0-9a-f]{16})"')
+
+
+def earlier_records(shards_dir: Path, wanted: set[str]) -> dict[str, tuple[str, int]]:
+    """Where the shards in ``shards_dir`` hold a record under one of the ``wanted`` prompt keys: its file and
+    the byte offset of its line. Only this index is kept (a large dataset's records would not fit the driver's
+    memory); the actors read the records they reuse. Shards written before prompt keys existed hold none."""
+    found: dict[str, tuple[str, int]] = {}
+    if not wanted:
+        return found
     for f in sorted(shards_dir.glob("shard-*.jsonl")):
-        for line in f.read_text(encoding="utf-8").splitlines():
-            if '"prompt_key"' not in line:
-                continue
-            key = json.loads(line).get("metadata", {}).get("prompt_key")
-            if key:
-                found[key] = line
+        offset = 0
+        with open(f, "rb") as fh:
+            for line in fh:
+                m = _KEY_IN_LINE.search(line)
+                if m and (key := m.group(1).decode()) in wanted:
+                    found[key] = (str(f), offset)
+                offset += len(line)
     return found
 
 
@@ -150,7 +158,7 @@ def run_generation(cfg: GenerateConfig, progress: bool = True) -> dict:
     names = shard_names(shards, cfg)
     todo = [k for k, n in enumerate(names) if not _is_done(shards_dir, n)]
     keys = [prompt_keys(shard, cfg) for shard in shards]
-    earlier = earlier_records(shards_dir) if todo else {}
+    earlier = earlier_records(shards_dir, {key for k in todo for key in keys[k]})
     reusable = {k: {key: earlier[key] for key in keys[k] if key in earlier} for k in todo}
     logger.info(
         "%d prompts in %d shards; %d shards already done; of the %d prompts in the others, %d answered before",
