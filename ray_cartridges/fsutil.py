@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory and a rename: a reader (or a
-    re-run after a crash) sees the old file or the new one, never half of one."""
+@contextmanager
+def atomic_writer(path: str | Path):
+    """A text file handle whose content appears at ``path`` only when the block ends without an error (written
+    to a temporary file in the same directory, then renamed): a reader, or a re-run after a crash, sees the old
+    file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            yield fh
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (see ``atomic_writer``)."""
+    with atomic_writer(path) as fh:
+        fh.write(text)

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from ..config import GenerateConfig, dump_config
-from ..fsutil import write_text_atomic
+from ..fsutil import atomic_writer, write_text_atomic
 from ..memory import read_memory
 from .strategies import build_prompts, render_context
 from .teacher import resolve_score_engine, scored_by_another
@@ -228,15 +228,26 @@ def run_generation(cfg: GenerateConfig, progress: bool = True) -> dict:
     for f in shards_dir.iterdir():
         if f.name.startswith("shard-") and f.name.rsplit(".", 1)[0] not in keep:
             f.unlink()
-    lines, records = [], []
-    for n in names:
-        text = (shards_dir / f"{n}.jsonl").read_text(encoding="utf-8")
-        for line in text.splitlines():
-            if line.strip():
-                lines.append(line)
-                records.append(json.loads(line))
-    total_rows, total_tokens = len(records), sum(len(r["messages"][-1]["token_ids"]) for r in records)
-    write_text_atomic(out / "dataset.jsonl", "".join(line + "\n" for line in lines))
+    # streamed, one record at a time (a large dataset need not fit in memory); of each record only what the
+    # fact-answer share reads is kept
+    total_rows, total_tokens, answers = 0, 0, []
+    with atomic_writer(out / "dataset.jsonl") as fh:
+        for n in names:
+            with open(shards_dir / f"{n}.jsonl", encoding="utf-8") as shard:
+                for line in shard:
+                    if not line.strip():
+                        continue
+                    fh.write(line if line.endswith("\n") else line + "\n")
+                    rec = json.loads(line)
+                    total_rows += 1
+                    total_tokens += len(rec["messages"][-1]["token_ids"])
+                    meta = rec.get("metadata", {})
+                    answers.append(
+                        {
+                            "metadata": {k: meta.get(k) for k in ("strategy", "memory_entry")},
+                            "messages": [{"content": rec["messages"][-1]["content"]}],
+                        }
+                    )
     # the whole memory as the teacher reads it (history_template / history_instructions applied): the text init
     # and the in-context reference of `eval`
     write_text_atomic(out / "memory.txt", render_context(memory, cfg))
@@ -258,8 +269,8 @@ def run_generation(cfg: GenerateConfig, progress: bool = True) -> dict:
         "engine_seconds_now": stats["actor_seconds"],  # time inside engine calls (no Ray or engine start-up)
         "memory_entries": len(memory.entries),
         "memory_lines_skipped": memory.skipped_lines,
-        "replay_answers_with_fact": fact_answer_share(records, memory),
-        "recite_answers_with_fact": fact_answer_share(records, memory, "recite"),
+        "replay_answers_with_fact": fact_answer_share(answers, memory),
+        "recite_answers_with_fact": fact_answer_share(answers, memory, "recite"),
         "problems": stats["problems"][:20],
     }
     write_text_atomic(
