@@ -7,7 +7,9 @@ One run, same prompts (replay questions over a ~2,000-token memory), same model 
       vs a naive per-request transformers `generate` loop that re-reads the memory for every prompt
       (measured on --naive-prompts prompts; its rate does not depend on how many). Target >= 10x.
   (b) ours vs calling `vllm.LLM.generate` directly on the same prompts in this process. Target >= 0.8x.
-Rates are answer tokens per second of generation; start-up (Ray, engine load) is reported apart.
+Rates are answer tokens per second of generation; start-up (Ray, engine load) is reported apart. (a) and (b)
+run in --repeats interleaved rounds, each with fresh engines on both sides; rates are medians over the rounds,
+the ratio to plain vLLM the median of the rounds' paired ratios.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -74,6 +77,7 @@ def main() -> None:
     ap.add_argument("--naive-prompts", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--shard-size", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds of ours and plain vLLM; medians")
     args = ap.parse_args()
 
     from ray_cartridges.cli import setup_env
@@ -115,31 +119,54 @@ def main() -> None:
     prompts = build_prompts(memory, cfg)
     ids = [chat_ids(tok, p["context"], p["user"]) for p in prompts]
 
-    # (a) ours, end to end through Ray Data
-    t0 = time.perf_counter()
-    summary = run_generation(cfg, progress=False)
-    ours_wall = time.perf_counter() - t0
-    ours_tokens = summary["answer_tokens_now"]
-    ours_engine_s = summary["engine_seconds_now"]
+    # (a) ours through Ray Data and (b) plain vLLM in this process, interleaved rounds, fresh engines in both
+    # every round (and a fresh output dir for ours: nothing resumed or reused)
+    import gc
+
     import ray
 
-    ray.shutdown()
-
-    # (b) plain vLLM in this process, same prompts, same sampling
-    for k, v in cpu_engine_env().items():
-        if k != "RAY_kill_child_processes_on_worker_exit":
-            os.environ.setdefault(k, v)
     from ray_cartridges.generate.engines import Sampling, VLLMEngine
 
-    t0 = time.perf_counter()
-    engine = VLLMEngine(resolve_model(args.model, args.dtype), dtype=args.dtype, max_model_len=4096)
-    vllm_start = time.perf_counter() - t0
     sampling = Sampling(0.0, 1.0, args.max_tokens, 20)
-    t0 = time.perf_counter()
-    outs = engine.complete(ids, sampling, [0] * len(ids))
-    vllm_s = time.perf_counter() - t0
-    vllm_tokens = sum(len(o[0]) for o in outs)
-    del engine
+    rounds = []
+    for r in range(args.repeats):
+        print(f"[bench] round {r + 1}/{args.repeats}: ours (Ray Data + vLLM actor)", flush=True)
+        t0 = time.perf_counter()
+        summary = run_generation(cfg.model_copy(update={"output_dir": str(work / f"out-{r}")}), progress=False)
+        ours_wall = time.perf_counter() - t0
+        ray.shutdown()
+        for k, v in cpu_engine_env().items():
+            if k != "RAY_kill_child_processes_on_worker_exit":
+                os.environ.setdefault(k, v)
+        print(f"[bench] round {r + 1}/{args.repeats}: plain vllm.LLM.generate", flush=True)
+        t0 = time.perf_counter()
+        engine = VLLMEngine(resolve_model(args.model, args.dtype), dtype=args.dtype, max_model_len=4096)
+        vllm_start = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        outs = engine.complete(ids, sampling, [0] * len(ids))
+        vllm_s = time.perf_counter() - t0
+        del engine
+        gc.collect()
+        rounds.append(
+            {
+                "ours_tokens": summary["answer_tokens_now"],
+                "ours_engine_s": summary["engine_seconds_now"],
+                "ours_wall_s": ours_wall,
+                "vllm_tokens": sum(len(o[0]) for o in outs),
+                "vllm_s": vllm_s,
+                "vllm_start_s": vllm_start,
+            }
+        )
+    for x in rounds:
+        x["ours_tokens_per_s"] = x["ours_tokens"] / x["ours_engine_s"]
+        x["vllm_tokens_per_s"] = x["vllm_tokens"] / x["vllm_s"]
+        x["ratio_vs_vllm"] = x["ours_tokens_per_s"] / x["vllm_tokens_per_s"]
+
+    def med(key):
+        return statistics.median(x[key] for x in rounds)
+
+    ours_tokens, ours_engine_s, ours_wall = med("ours_tokens"), med("ours_engine_s"), med("ours_wall_s")
+    vllm_tokens, vllm_s, vllm_start = med("vllm_tokens"), med("vllm_s"), med("vllm_start_s")
 
     # (c) naive transformers loop: generate() per prompt, memory re-read every time
     torch.set_num_threads(os.cpu_count() or 1)
@@ -159,9 +186,9 @@ def main() -> None:
         naive_tokens += out.sequences.shape[1] - len(p)
     naive_s = time.perf_counter() - t0
 
-    r_ours = ours_tokens / ours_engine_s
-    r_ours_e2e = ours_tokens / ours_wall
-    r_vllm = vllm_tokens / vllm_s
+    r_ours = med("ours_tokens_per_s")
+    r_ours_e2e = statistics.median(x["ours_tokens"] / x["ours_wall_s"] for x in rounds)
+    r_vllm = med("vllm_tokens_per_s")
     r_naive = naive_tokens / naive_s
     rows = [
         [
@@ -193,13 +220,16 @@ def main() -> None:
             f"{r_naive / r_ours:.2f}x",
         ],
     ]
+    paired = ", ".join(f"{x['ratio_vs_vllm']:.2f}" for x in rounds)
     print_table(
-        f"generation: {args.model} {args.dtype}, memory {mem_tokens} tokens, {len(ids)} prompts, {args.max_tokens} max answer tokens",
+        f"generation: {args.model} {args.dtype}, memory {mem_tokens} tokens, {len(ids)} prompts, {args.max_tokens} "
+        f"max answer tokens; ours and plain vLLM: medians over {args.repeats} interleaved rounds "
+        f"(paired ratios: {paired})",
         ["approach", "answer tokens", "seconds", "tokens/s", "vs ours"],
         rows,
     )
     a = r_ours / r_naive
-    b = r_ours / r_vllm
+    b = med("ratio_vs_vllm")  # the median of the rounds' paired ratios
     print(f"(a) ours / naive transformers: {a:.1f}x (target >= 10x) -> {'MET' if a >= 10 else 'NOT MET'}")
     print(f"(b) ours / plain vLLM: {b:.2f}x (target >= 0.8x) -> {'MET' if b >= 0.8 else 'NOT MET'}")
     print(
@@ -218,6 +248,7 @@ def main() -> None:
                 "e2e_tokens_per_s": r_ours_e2e,
             },
             "plain_vllm": {"tokens": vllm_tokens, "s": vllm_s, "tokens_per_s": r_vllm, "engine_start_s": vllm_start},
+            "rounds": rounds,
             "naive_transformers": {
                 "tokens": naive_tokens,
                 "s": naive_s,
