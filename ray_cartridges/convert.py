@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import math
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +49,25 @@ def row_id_of(record: dict) -> str:
     return hashlib.sha256(canon.encode()).hexdigest()[:24]
 
 
-def _token_id(entry: dict, vocab: dict[str, int], where: str) -> int:
+_VOCABS: dict[int, tuple[weakref.ref, dict[str, int]]] = {}
+
+
+def _vocab(tokenizer) -> dict[str, int]:
+    """The tokenizer's vocabulary, built once per tokenizer object (``get_vocab`` builds a new dict of the whole
+    vocabulary on every call: ~50 ms for a 49k vocabulary, which was most of a record's conversion)."""
+    hit = _VOCABS.get(id(tokenizer))
+    if hit is None or hit[0]() is not tokenizer:
+        try:
+            hit = (weakref.ref(tokenizer), tokenizer.get_vocab())
+        except TypeError:  # an object without weak references: not cached
+            return tokenizer.get_vocab()
+        _VOCABS[id(tokenizer)] = hit
+    return hit[1]
+
+
+def _token_id(entry: dict, tokenizer, where: str) -> int:
+    """An entry's token id: its ``token_id``, a ``token_id:N`` token, or an exact vocabulary entry (the
+    vocabulary is read only for entries that carry no id)."""
     if isinstance(entry.get("token_id"), int):
         return entry["token_id"]
     tok = entry.get("token")
@@ -58,7 +77,7 @@ def _token_id(entry: dict, vocab: dict[str, int], where: str) -> int:
                 return int(tok.split(":", 1)[1])
             except ValueError:
                 pass
-        elif tok in vocab:
+        elif tok in (vocab := _vocab(tokenizer)):
             return vocab[tok]
     raise ConversionError(f"{where}: token {tok!r} has no token id and does not map to exactly one vocabulary entry")
 
@@ -140,7 +159,6 @@ def convert_record(
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise ConversionError(f"{where}: messages[{i}] needs string 'role' and 'content'")
-    vocab = tokenizer.get_vocab()
     kept_src = [m for m in messages if m["role"] != "system"]
     msgs = student_messages(messages, student_system_prompt)
     offset = len(msgs) - len(kept_src)
@@ -159,7 +177,7 @@ def convert_record(
                 raise ConversionError(f"{mw}: token position {j}: entry needs a numeric 'logprob'")
             if "token_id" not in e and isinstance(msg_ids, list) and j < len(msg_ids):
                 e = {**e, "token_id": msg_ids[j]}
-            teacher.append(_token_id(e, vocab, f"{mw}: token position {j}"))
+            teacher.append(_token_id(e, tokenizer, f"{mw}: token position {j}"))
         prefix = _template_ids(tokenizer, msgs[: i + offset], add_generation_prompt=True)
         if canon[: len(prefix)] != prefix:
             raise ConversionError(f"{mw}: the chat template's prompt is not a prefix of the whole conversation")
@@ -174,7 +192,9 @@ def convert_record(
             for r, t in enumerate(top):
                 if not isinstance(t, dict) or not isinstance(t.get("logprob"), (int, float)):
                     raise ConversionError(f"{mw}: token position {j}: top_logprobs[{r}] needs a numeric 'logprob'")
-                cand.append((_token_id(t, vocab, f"{mw}: token position {j}: top_logprobs[{r}]"), float(t["logprob"])))
+                cand.append(
+                    (_token_id(t, tokenizer, f"{mw}: token position {j}: top_logprobs[{r}]"), float(t["logprob"]))
+                )
             if not cand:  # no alternatives recorded: the sampled token alone
                 cand = [(teacher[j], float(e["logprob"]))]
             for tid, lp in keep_top(cand, min_prob_mass, top_k):
