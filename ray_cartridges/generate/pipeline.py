@@ -157,7 +157,7 @@ def run_generation(cfg: GenerateConfig, progress: bool = True) -> dict:
     shards = [prompts[i : i + cfg.shard_size] for i in range(0, len(prompts), cfg.shard_size)]
     names = shard_names(shards, cfg)
     todo = [k for k, n in enumerate(names) if not _is_done(shards_dir, n)]
-    keys = [prompt_keys(shard, cfg) for shard in shards]
+    keys = {k: prompt_keys(shards[k], cfg) for k in todo}  # finished shards are not read again
     earlier = earlier_records(shards_dir, {key for k in todo for key in keys[k]})
     reusable = {k: {key: earlier[key] for key in keys[k] if key in earlier} for k in todo}
     logger.info(
