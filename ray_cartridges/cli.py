@@ -120,11 +120,10 @@ def _cmd_chat(args) -> int:
         KVMemoryAgentConfig(
             memory_config=KVCacheMemoryConfig(artifact=KVArtifact(args.cartridge, source=src)),
             system_prompt=args.system_prompt,
+            engine=args.engine,
         )
     )
-    print(
-        f"cartridge {args.cartridge} ({agent.memory.num_tokens} tokens) on {agent.memory.meta.model_name}; empty line quits"
-    )
+    print(f"cartridge {args.cartridge} ({agent.num_tokens} tokens) on {agent.meta.model_name}; empty line quits")
     history: list[dict] = []
     while True:
         try:
@@ -216,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--system-prompt", default=None, help="system prompt (default: the one it was trained with)")
     s.add_argument("--temperature", type=float, default=0.0, help="sampling temperature")
     s.add_argument("--max-tokens", type=int, default=256, help="max answer tokens")
+    s.add_argument(
+        "--engine",
+        choices=["vllm", "transformers"],
+        default="vllm",
+        help="vllm (cartridge read through its KV connector) or the transformers reference loop",
+    )
     s.set_defaults(func=_cmd_chat)
 
     s = sub.add_parser("eval", help="Evaluate a cartridge: fidelity (KL to ICL), recall of memory facts, no harm.")

@@ -1,4 +1,8 @@
-"""What both agents share: a frozen model, its tokenizer, chat formatting and batched decoding."""
+"""What both agents share: a frozen model, its tokenizer, chat formatting and batched decoding.
+
+Decoding runs on one of two engines: a ``CartridgeLLM`` (vLLM; the cartridge, if any, is read through its KV
+connector) or, as the reference, the transformers loop of ``decoding.generate`` on ``model``.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,14 @@ from .decoding import Completion, SamplingParams, generate
 
 
 class ChatModel:
-    """A frozen model that answers chat messages, optionally after a shared KV prefix."""
+    """A frozen model that answers chat messages, optionally after a cartridge."""
 
-    def __init__(self, model, tokenizer, system_prompt: str | None = None):
-        self.model = model
+    def __init__(self, model, tokenizer, system_prompt: str | None = None, engine=None, cartridge=None):
+        self.model = model  # transformers model (reference engine); None on vLLM
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
+        self.engine = engine  # a CartridgeLLM, or None for the transformers reference
+        self.cartridge = cartridge  # the engine's LoadedCartridge, or None
 
     def prefix_kv(self):
         return None
@@ -29,6 +35,10 @@ class ChatModel:
         """Answer several conversations in one batched forward pass (the prefix is shared, not copied)."""
         sampling = sampling or SamplingParams()
         prompts = [self.prompt_ids(c) for c in conversations]
+        if self.engine is not None:
+            if on_token is not None:
+                raise ValueError("token callbacks are a transformers-engine feature; vLLM streams in the Serve app")
+            return self.engine.generate([(self.cartridge, p) for p in prompts], sampling)
         return generate(self.model, self.tokenizer, prompts, sampling, prefix_kv=self.prefix_kv(), on_token=on_token)
 
     def chat(
@@ -39,8 +49,15 @@ class ChatModel:
 
     def kv_bytes(self, prompt_tokens: int, answer_tokens: int) -> int:
         """KV-cache bytes one conversation holds: its own tokens (the shared prefix is counted apart)."""
-        cfg = self.model.config
-        heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        per_token = 2 * cfg.num_hidden_layers * heads * head_dim * next(self.model.parameters()).element_size()
-        return per_token * (prompt_tokens + answer_tokens)
+        return kv_bytes_per_token(self) * (prompt_tokens + answer_tokens)
+
+
+def kv_bytes_per_token(agent: ChatModel) -> int:
+    """KV-cache bytes of one token of the agent's model (keys and values of every layer)."""
+    if agent.engine is not None:
+        cfg, size = agent.engine.hf_config, agent.engine.kv_element_size
+    else:
+        cfg, size = agent.model.config, next(agent.model.parameters()).element_size()
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * heads * head_dim * size

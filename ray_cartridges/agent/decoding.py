@@ -32,6 +32,7 @@ class Completion:
     logprobs: list[dict] | None = None  # per token: {token_id, logprob, top: [(id, logprob)]}
     prompt_tokens: int = 0
     ttft_s: float = 0.0
+    cartridge_tokens_loaded: int | None = None  # vLLM engine: placeholder tokens read from the cartridge file
 
 
 def place_kv(model, prefix_kv):

@@ -70,26 +70,70 @@ class KVCacheMemory:
         return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.kv)
 
 
+EngineName = Literal["auto", "vllm", "transformers"]
+
+
+def pick_engine(engine: EngineName, model=None) -> str:
+    """``auto``: vLLM, unless a transformers model object was handed in (then the transformers reference)."""
+    if engine not in ("auto", "vllm", "transformers"):
+        raise ValueError(f"engine must be 'auto', 'vllm' or 'transformers', got {engine!r}")
+    if engine == "auto":
+        return "transformers" if model is not None else "vllm"
+    if engine == "vllm" and model is not None:
+        raise ValueError("engine='vllm' reads the model itself: pass engine=CartridgeLLM(...) instead of model=")
+    return engine
+
+
+def open_engine(model_name: str, dtype: str, engine_args: dict):
+    """A new CartridgeLLM for ``model_name`` (vLLM; prefix caching and the cartridge connector on)."""
+    from ..vllm_cartridges import CartridgeLLM
+
+    return CartridgeLLM(model_name, dtype=dtype, **engine_args)
+
+
 @dataclass
 class KVMemoryAgentConfig:
     memory_config: KVCacheMemoryConfig
     system_prompt: str | None = None  # default: the student system prompt the cartridge was trained with
     lm_config: dict = field(default_factory=dict)  # {"model": ..., "temperature": ..., "max_tokens": ...}
+    engine: EngineName = "auto"  # vllm (auto, unless a model object is given) or the transformers reference
+    engine_args: dict = field(default_factory=dict)  # CartridgeLLM options: max_model_len, block_size, ...
 
 
 class KVMemoryAgent(ChatModel):
-    """Chats with the cartridge as its memory: p cached tokens instead of the whole memory in the prompt."""
+    """Chats with the cartridge as its memory: p cached tokens instead of the whole memory in the prompt.
 
-    def __init__(self, config: KVMemoryAgentConfig, model=None, tokenizer=None):
+    On vLLM (the default) the cartridge is read through the engine's KV connector; ``engine=`` shares one
+    CartridgeLLM between agents (their cartridges then decode in one continuous batch). With a transformers
+    ``model`` the reference loop decodes.
+    """
+
+    def __init__(self, config: KVMemoryAgentConfig, model=None, tokenizer=None, engine=None):
         mc = config.memory_config
         if config.lm_config.get("model") and not mc.model_name:
             mc.model_name = config.lm_config["model"]
-        self.memory = KVCacheMemory(mc, model=model, tokenizer=tokenizer)
-        system = config.system_prompt if config.system_prompt is not None else self.memory.meta.student_system_prompt
-        super().__init__(self.memory.model, self.memory.tokenizer, system)
         self.config = config
         self.defaults = {k: v for k, v in config.lm_config.items() if k in ("temperature", "top_p", "max_tokens")}
-        self._kv = place_kv(self.model, self.memory.kv)  # once, so that decoding finds it in place
+        if engine is not None or pick_engine(config.engine, model) == "vllm":
+            directory = mc.artifact.local_dir()
+            self.meta = read_meta(directory)
+            engine = engine or open_engine(mc.model_name or self.meta.model_name, mc.dtype, config.engine_args)
+            cartridge = engine.add_cartridge(mc.artifact.id, directory)  # checks the fit, names each mismatch
+            self.memory = None
+            super().__init__(None, engine.tokenizer, self._system(config), engine=engine, cartridge=cartridge)
+            self._kv = None
+        else:
+            self.memory = KVCacheMemory(mc, model=model, tokenizer=tokenizer)
+            self.meta = self.memory.meta
+            super().__init__(self.memory.model, self.memory.tokenizer, self._system(config))
+            self._kv = place_kv(self.model, self.memory.kv)  # once, so that decoding finds it in place
+
+    def _system(self, config: KVMemoryAgentConfig) -> str | None:
+        return config.system_prompt if config.system_prompt is not None else self.meta.student_system_prompt
+
+    @property
+    def num_tokens(self) -> int:
+        return self.meta.num_tokens
 
     def prefix_kv(self):
         return self._kv

@@ -1,0 +1,241 @@
+"""Cartridges on vLLM's engine: any number of cartridges per engine, requests of many in one continuous batch.
+
+``CartridgeLLM`` wraps a synchronous ``vllm.LLM`` (batch use, evaluation, the agent); ``AsyncCartridgeEngine``
+an ``AsyncLLM`` (the Serve app). Both register cartridge directories (checked against the model: layers, kv
+heads, head_dim, vocab, tokenizer) and turn (cartridge, conversation ids) into a vLLM request whose prompt
+is p placeholder ids + the conversation, whose ``cache_salt`` names the cartridge and its content hash (two
+cartridges' identical placeholder blocks never meet in the prefix cache) and whose ``kv_transfer_params``
+tell :mod:`.connector` which file to read. A placeholder prompt is built only together with its cartridge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+from ..agent.decoding import Completion, SamplingParams
+from ..cartridge import CartridgeMeta, check_compatible, read_meta
+from .connector import CartridgeParams, adapter_file, connector_config
+
+PLACEHOLDER_ID = 0  # never embedded: the connector supplies these positions' K/V
+
+
+class UnknownCartridge(KeyError):
+    """A request named a cartridge the engine does not hold."""
+
+
+@dataclass(frozen=True)
+class LoadedCartridge:
+    name: str
+    dir: Path
+    meta: CartridgeMeta
+    params: CartridgeParams
+
+    @property
+    def num_tokens(self) -> int:
+        return self.params.num_tokens
+
+    @property
+    def cache_salt(self) -> str:
+        return f"cartridge:{self.name}:{self.params.sha256}"
+
+
+@dataclass
+class EngineStats:
+    """What the tests and the benchmark read: how many requests loaded their cartridge from its file."""
+
+    cartridge_requests: int = 0
+    tokens_loaded: int = 0
+    requests_fully_cached: int = 0  # cartridge requests whose p tokens were all in the prefix cache
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def record(self, loaded: int | None) -> None:
+        if loaded is None:
+            return
+        with self.lock:
+            self.cartridge_requests += 1
+            self.tokens_loaded += loaded
+            self.requests_fully_cached += loaded == 0
+
+
+def cpu_vllm_env() -> None:
+    """The env vLLM's CPU engine wants in this process (values the user set win); see ENVIRONMENT notes."""
+    from ..generate.pipeline import cpu_engine_env
+
+    for k, v in cpu_engine_env().items():
+        if k != "RAY_kill_child_processes_on_worker_exit":
+            os.environ.setdefault(k, v)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:32]
+
+
+def engine_kwargs(
+    model_path: str,
+    *,
+    dtype: str = "fp32",
+    max_model_len: int = 4096,
+    block_size: int | None = None,
+    max_resident_cartridges: int = 8,
+    enforce_eager: bool = False,
+    seed: int = 0,
+    max_num_seqs: int | None = None,
+) -> dict:
+    """Engine arguments of a cartridge engine: prefix caching on, the cartridge connector registered."""
+    from vllm.platforms import current_platform
+
+    kw = dict(
+        model=model_path,
+        tokenizer=model_path,
+        dtype={"fp32": "float32", "bf16": "bfloat16"}[dtype],
+        max_model_len=max_model_len,
+        enable_prefix_caching=True,
+        kv_transfer_config=connector_config(max_resident_cartridges),
+        seed=seed,
+        enforce_eager=enforce_eager,
+    )
+    if block_size:
+        kw["block_size"] = block_size
+    if max_num_seqs:
+        kw["max_num_seqs"] = max_num_seqs
+    if current_platform.is_cpu():
+        cpu_vllm_env()
+        # seeded sampling on vLLM CPU fails when a prefill is split over steps (see generate/engines.py)
+        kw.update(enable_chunked_prefill=False, max_num_batched_tokens=max(4096, max_model_len))
+    return kw
+
+
+class CartridgeSet:
+    """Cartridges registered with one engine, each checked against the engine's model and tokenizer."""
+
+    def __init__(self, hf_config, tokenizer, block_size: int):
+        self._model = SimpleNamespace(config=hf_config)  # what check_compatible reads
+        self.tokenizer = tokenizer
+        self.block_size = block_size
+        self._by_name: dict[str, LoadedCartridge] = {}
+
+    def add(self, name: str, cartridge_dir: str | Path) -> LoadedCartridge:
+        d = Path(cartridge_dir)
+        if not d.is_dir():
+            raise FileNotFoundError(f"cartridge {name!r}: directory not found: {d}")
+        meta = read_meta(d)
+        check_compatible(meta, self._model, self.tokenizer, source=str(d))
+        weights = adapter_file(d)
+        if not weights.is_file():
+            raise FileNotFoundError(f"cartridge {name!r}: {weights} is missing")
+        from .connector import read_cartridge_kv
+
+        shape = meta.shape
+        kv = read_cartridge_kv(str(weights), shape.num_layers, shape.num_kv_heads, shape.head_dim)  # fails early
+        if kv[0].shape[1] != meta.num_tokens:
+            raise ValueError(f"{weights}: {kv[0].shape[1]} tokens, {d / 'cartridge.json'} says {meta.num_tokens}")
+        cart = LoadedCartridge(
+            name, d, meta, CartridgeParams(str(weights.resolve()), file_sha256(weights), meta.num_tokens)
+        )
+        self._by_name[name] = cart
+        return cart
+
+    def get(self, name: str) -> LoadedCartridge:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise UnknownCartridge(name) from None
+
+    def names(self) -> list[str]:
+        return list(self._by_name)
+
+
+def vllm_sampling(sp: SamplingParams, cart: LoadedCartridge | None):
+    """vLLM's SamplingParams for ours, carrying the cartridge's transfer params."""
+    from vllm import SamplingParams as VSP
+
+    return VSP(
+        temperature=sp.temperature,
+        top_p=sp.top_p,
+        max_tokens=sp.max_tokens,
+        stop=list(sp.stop) or None,
+        logprobs=sp.top_logprobs or None,
+        seed=sp.seed,
+        extra_args={"kv_transfer_params": cart.params.to_dict()} if cart is not None else None,
+    )
+
+
+def vllm_prompt(cart: LoadedCartridge | None, ids: list[int]):
+    """The prompt of one request: the cartridge's placeholders, then the conversation."""
+    from vllm.inputs import TokensPrompt
+
+    if cart is None:
+        return TokensPrompt(prompt_token_ids=list(ids))
+    return TokensPrompt(prompt_token_ids=[PLACEHOLDER_ID] * cart.num_tokens + list(ids), cache_salt=cart.cache_salt)
+
+
+def to_completion(output, prompt_tokens: int, eos_id: int, top_k: int, ttft: float) -> Completion:
+    """Our Completion from a finished vLLM RequestOutput (the end-of-turn token is not part of the answer)."""
+    c = output.outputs[0]
+    ids = list(c.token_ids)
+    lps = None
+    if c.logprobs is not None:  # per position: vLLM's top-k (rank <= k), plus the sampled token where outside
+        lps = [
+            {
+                "token_id": t,
+                "logprob": c.logprobs[j][t].logprob,
+                "top": sorted(
+                    ((i, lp.logprob) for i, lp in c.logprobs[j].items() if lp.rank is not None and lp.rank <= top_k),
+                    key=lambda x: -x[1],
+                ),
+            }
+            for j, t in enumerate(ids)
+        ]
+    if ids and ids[-1] == eos_id:
+        ids, lps = ids[:-1], (lps[:-1] if lps else lps)
+    finish = "stop" if c.finish_reason == "stop" else "length"
+    loaded = (output.kv_transfer_params or {}).get("cartridge_tokens_loaded")
+    return Completion(ids, c.text, finish, lps, prompt_tokens, ttft, cartridge_tokens_loaded=loaded)
+
+
+class CartridgeLLM:
+    """A synchronous vLLM engine that reads cartridges (batch use, evaluation, the agent)."""
+
+    def __init__(self, model: str, **kwargs):
+        from vllm import LLM
+
+        from ..models import resolve_model
+
+        path = resolve_model(model, kwargs.get("dtype", "fp32"))
+        self.llm = LLM(**engine_kwargs(path, **kwargs))
+        self.tokenizer = self.llm.get_tokenizer()
+        cfg = self.llm.llm_engine.vllm_config
+        self.hf_config = cfg.model_config.hf_config
+        self.kv_element_size = cfg.model_config.dtype.itemsize
+        self.cartridges = CartridgeSet(self.hf_config, self.tokenizer, cfg.cache_config.block_size)
+        self.stats = EngineStats()
+        self.model_name = model
+
+    def add_cartridge(self, name: str, cartridge_dir: str | Path) -> LoadedCartridge:
+        return self.cartridges.add(name, cartridge_dir)
+
+    def generate(
+        self, requests: list[tuple[LoadedCartridge | None, list[int]]], sampling: SamplingParams | list[SamplingParams]
+    ) -> list[Completion]:
+        """Answer each (cartridge or None, conversation ids) request; all in one continuous batch."""
+        sps = sampling if isinstance(sampling, list) else [sampling] * len(requests)
+        prompts = [vllm_prompt(c, ids) for c, ids in requests]
+        params = [vllm_sampling(sp, c) for sp, (c, _) in zip(sps, requests)]
+        t0 = time.perf_counter()
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        wall = time.perf_counter() - t0
+        eos = self.tokenizer.eos_token_id
+        done = [to_completion(o, len(ids), eos, sp.top_logprobs, wall) for o, sp, (_, ids) in zip(outs, sps, requests)]
+        for d in done:
+            self.stats.record(d.cartridge_tokens_loaded)
+        return done
