@@ -1,4 +1,4 @@
-"""The CUDA paths: NCCL DDP, DeepSpeed ZeRO on GPU, bf16 training, and the agent on a GPU.
+"""The CUDA paths: NCCL DDP, DeepSpeed ZeRO on GPU, bf16 training, the agent on a GPU, cartridges in vLLM CUDA.
 
 Skipped where torch sees no CUDA GPU (CI has none). Each test compares the GPU result with the same work done
 on the CPU or under another backend, so a wrong device placement, a lost gradient or a broken cache fails it.
@@ -101,19 +101,23 @@ def test_agent_on_gpu_answers_like_the_cpu_agent(tmp_path, ray_cluster, teacher_
     sp = SamplingParams(max_tokens=12, top_logprobs=5)
     out = {}
     for dev in ("cpu", "cuda"):
-        agent = KVMemoryAgent(KVMemoryAgentConfig(KVCacheMemoryConfig(KVArtifact(str(tmp_path / "cart")), device=dev)))
+        mc = KVCacheMemoryConfig(KVArtifact(str(tmp_path / "cart")), device=dev)
+        agent = KVMemoryAgent(KVMemoryAgentConfig(mc, engine="transformers"))
         assert next(agent.model.parameters()).device.type == dev
         assert all(k.device.type == dev for k, _ in agent.prefix_kv())
         out[dev] = agent.complete(convs, sp)
     _same_greedy(out["cpu"], out["cuda"])
 
-    # a Serve replica given a GPU runs its model there, and answers as the agent does
-    from ray_cartridges.serve.config import ServeConfig
-    from ray_cartridges.serve.engine import CartridgeEngine
+    # the cartridge inside vLLM's CUDA engine (KV connector) answers as the transformers reference does
+    from ray_cartridges.vllm_cartridges import CartridgeLLM
 
-    engine = CartridgeEngine(ServeConfig(cartridges={"c": str(tmp_path / "cart")}, num_gpus_per_replica=1))
-    assert engine.device == "cuda" and next(engine.model.parameters()).device.type == "cuda"
-    _same_greedy(out["cuda"], engine.complete_many(engine.load("c"), convs, [sp] * len(convs)))
+    engine = CartridgeLLM("smollm2-135m-instruct", dtype="fp32", max_model_len=2048, gpu_memory_utilization=0.3)
+    vllm_agent = KVMemoryAgent(
+        KVMemoryAgentConfig(KVCacheMemoryConfig(KVArtifact(str(tmp_path / "cart")))), engine=engine
+    )
+    first = vllm_agent.complete(convs, sp)
+    _same_greedy(out["cuda"], first)
+    assert all(c.cartridge_tokens_loaded is not None for c in first)
 
 
 def _same_greedy(first, second):

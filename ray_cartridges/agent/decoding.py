@@ -22,6 +22,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     top_logprobs: int = 0
     seed: int | None = None
+    logit_bias: dict[int, float] | None = None  # added to the logits before sampling (OpenAI's logit_bias)
 
 
 @dataclass
@@ -57,6 +58,10 @@ def build_cache(model, prefix_kv, batch: int):
 
 def _sample(logits: torch.Tensor, sp: SamplingParams, gen: torch.Generator | None) -> torch.Tensor:
     """logits [B, V] -> token ids [B]."""
+    if sp.logit_bias:
+        logits = logits.clone()
+        for t, b in sp.logit_bias.items():
+            logits[:, t] += b
     if sp.temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / sp.temperature, -1)

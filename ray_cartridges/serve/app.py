@@ -1,21 +1,23 @@
-"""Ray Serve app: an OpenAI-compatible chat endpoint over cartridges (FastAPI ingress).
+"""Ray Serve app: an OpenAI-compatible chat endpoint over cartridges, on vLLM's engine.
 
     ray-cartridges serve --config configs/serve.yaml
     serve run ray_cartridges.serve.app:build_app config=configs/serve.yaml
 
 Routes: POST /v1/chat/completions (JSON or SSE stream), GET /v1/models, GET /health. ``model`` names a
-cartridge; one deployment serves many through ``serve.multiplexed`` (bounded LRU). Concurrent requests
-are batched with ``serve.batch``. Every error is an OpenAI-style JSON error with its status code.
+cartridge; every replica holds all configured cartridges on one ``AsyncLLM`` with the cartridge KV connector,
+so requests of different cartridges decode in one continuous batch. A client that goes away aborts its
+request in the engine. Every error is an OpenAI-style JSON body with its status code.
+
+Why not Ray Serve LLM (``ray.serve.llm``): its engine kwargs do carry a ``kv_transfer_config``, but it renders
+chat messages into prompts inside vLLM's OpenAI layer, with no hook to put a cartridge's p placeholder ids in
+front of the rendered prompt or to set the request's ``cache_salt`` and transfer params per ``model``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import os
-import queue
-import threading
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,240 +26,209 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..agent.decoding import SamplingParams
+from ..vllm_cartridges.engine import logprob_entries, strip_eos
 from .config import ServeConfig
-from .engine import CartridgeEngine, RequestTooLarge, UnknownModel, torch_threads
-from .protocol import ChatCompletionRequest, chunk, completion_id, completion_response, error_body, logprobs_content
+from .engine import Prepared, RequestTooLarge, ServeEngine, UnknownCartridge
+from .protocol import (
+    ChatCompletionRequest,
+    chunk,
+    completion_id,
+    completion_response,
+    error_body,
+    sse,
+    token_logprobs,
+)
+
+# no /docs or /openapi.json: they would be the one route the API key does not cover
+app = FastAPI(title="ray_cartridges", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+class BodyTooLarge(ValueError):
+    pass
 
 
 def _err(status: int, message: str, type_: str, code: str | None = None, param: str | None = None) -> JSONResponse:
     return JSONResponse(error_body(message, type_, code, param), status_code=status)
 
 
-def server_class(max_models: int = 4, max_batch: int = 8, batch_wait: float = 0.02):
-    """The Serve deployment class with its FastAPI app; bounds of multiplexing and batching are fixed here."""
-    app = FastAPI(title="ray_cartridges", description="OpenAI-compatible chat over trained cartridges.")
+def _invalid(errors: list) -> JSONResponse:
+    first = errors[0] if errors else {}
+    loc = ".".join(str(x) for x in first.get("loc", []) if x != "body")
+    msg = first.get("msg", "invalid")
+    return _err(422, f"invalid request: {loc}: {msg}", "invalid_request_error", "invalid_value", loc or None)
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_req, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        loc = ".".join(str(x) for x in first.get("loc", []) if x != "body")
-        return _err(
-            422,
-            f"invalid request: {loc}: {first.get('msg', 'invalid')}",
-            "invalid_request_error",
-            "invalid_value",
-            loc or None,
-        )
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_req, exc: StarletteHTTPException):
-        return _err(exc.status_code, str(exc.detail), "invalid_request_error")
+@app.exception_handler(RequestValidationError)
+async def _validation(_req, exc: RequestValidationError):
+    return _invalid(exc.errors())
 
-    @app.exception_handler(Exception)
-    async def _internal(_req, exc: Exception):  # never a stack trace on the wire
-        return _err(500, f"internal error ({type(exc).__name__})", "server_error")
 
-    @serve.deployment(name="CartridgeServer")
-    @serve.ingress(app)
-    class CartridgeServer:
-        def __init__(self, config: dict):
-            self.cfg = ServeConfig.model_validate(config)
-            torch_threads(self.cfg.num_cpus_per_replica)
-            self.engine = CartridgeEngine(self.cfg)
-            key = self.cfg.api_key or (os.environ.get(self.cfg.api_key_env) if self.cfg.api_key_env else None)
-            self.api_key = key or None
-            self.inflight = 0
+@app.exception_handler(StarletteHTTPException)
+async def _http(_req, exc: StarletteHTTPException):
+    return _err(exc.status_code, str(exc.detail), "invalid_request_error")
 
-        # --- plumbing ---------------------------------------------------------------------------------------
-        def _auth(self, request: Request) -> JSONResponse | None:
-            if self.api_key is None:
-                return None
-            header = request.headers.get("authorization", "")
-            token = header[7:] if header.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(token.encode(), self.api_key.encode()):
-                return _err(
-                    401,
-                    "invalid or missing API key (Authorization: Bearer ...)",
-                    "authentication_error",
-                    "invalid_api_key",
-                )
+
+@app.exception_handler(Exception)
+async def _internal(_req, exc: Exception):  # never a stack trace on the wire
+    return _err(500, f"internal error ({type(exc).__name__})", "server_error")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused as soon as it passes ``limit`` bytes (a chunked upload is not read whole first)."""
+    if int(request.headers.get("content-length") or 0) > limit:
+        raise BodyTooLarge
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise BodyTooLarge
+    return bytes(body)
+
+
+def sampling_of(req: ChatCompletionRequest, default_max_tokens: int) -> SamplingParams:
+    return SamplingParams(
+        temperature=req.temperature,
+        top_p=req.top_p,
+        max_tokens=req.max_completion_tokens or req.max_tokens or default_max_tokens,
+        stop=req.stop_list(),
+        top_logprobs=(req.top_logprobs or 1) if req.logprobs else 0,
+        seed=req.seed,
+        logit_bias=req.logit_bias,
+    )
+
+
+@serve.deployment(name="CartridgeServer")
+@serve.ingress(app)
+class CartridgeServer:
+    def __init__(self, config: dict, api_key: str | None = None):
+        self.cfg = ServeConfig.model_validate(config)
+        self.engine = ServeEngine(self.cfg)  # fails the deployment, naming the cartridge, when one cannot load
+        self.api_key = api_key or None
+        self.inflight = 0  # requests admitted and not finished, streams included
+
+    # --- plumbing -------------------------------------------------------------------------------------------
+    def _auth(self, request: Request) -> JSONResponse | None:
+        if self.api_key is None:
             return None
+        header = request.headers.get("authorization", "")
+        token = header[7:] if header.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(token.encode(), self.api_key.encode()):
+            msg = "invalid or missing API key (Authorization: Bearer ...)"
+            return _err(401, msg, "authentication_error", "invalid_api_key")
+        return None
 
-        @serve.multiplexed(max_num_models_per_replica=max_models)
-        async def get_cartridge(self, model_id: str):
-            return await asyncio.to_thread(self.engine.load, model_id)
+    async def _parse(self, request: Request) -> ChatCompletionRequest | JSONResponse:
+        lim = self.cfg.limits
+        try:
+            body = await read_body(request, lim.max_body_bytes)
+        except BodyTooLarge:
+            msg = f"request body larger than {lim.max_body_bytes} bytes"
+            return _err(413, msg, "invalid_request_error", "request_too_large")
+        try:
+            data = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return _err(400, "request body is not valid JSON", "invalid_request_error", "invalid_json")
+        try:
+            return ChatCompletionRequest.model_validate(data)
+        except Exception as e:  # pydantic.ValidationError
+            return _invalid(getattr(e, "errors", lambda: [])())
 
-        @serve.batch(max_batch_size=max_batch, batch_wait_timeout_s=batch_wait)
-        async def _batched(self, items: list[tuple]):
-            # items: (agent, messages, sampling); group by cartridge, decode each group as one batch
-            out = [None] * len(items)
-            by_agent: dict[int, list[int]] = {}
-            for i, (agent, _, _) in enumerate(items):
-                by_agent.setdefault(id(agent), []).append(i)
-            for idx in by_agent.values():
-                agent = items[idx[0]][0]
-                res = await asyncio.to_thread(
-                    self.engine.complete_many, agent, [items[i][1] for i in idx], [items[i][2] for i in idx]
-                )
-                for i, r in zip(idx, res):
-                    out[i] = r
-            return out
+    def _prepare(self, req: ChatCompletionRequest) -> Prepared | JSONResponse:
+        sp = sampling_of(req, min(256, self.cfg.limits.max_tokens))
+        try:
+            return self.engine.prepare(req.model, [m.as_dict() for m in req.messages], sp)
+        except UnknownCartridge:
+            msg = f"model {req.model!r} not found; available: {self.engine.models()}"
+            return _err(404, msg, "invalid_request_error", "model_not_found", "model")
+        except RequestTooLarge as e:
+            return _err(400, str(e), "invalid_request_error", "context_length_exceeded")
 
-        # --- routes -----------------------------------------------------------------------------------------
-        @app.get("/health")
-        async def health(self):
-            return {"status": "ok", "base_model": self.engine.base, "cartridges": self.engine.models()}
+    # --- routes ---------------------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health(self):
+        return {
+            "status": "ok",
+            "base_model": self.engine.base,
+            "cartridges": self.engine.models(),
+            "admitted": self.inflight,
+            "running": self.engine.running(),
+        }
 
-        @app.get("/v1/models")
-        async def models(self, request: Request):
-            if (denied := self._auth(request)) is not None:
-                return denied
-            return {
-                "object": "list",
-                "data": [{"id": m, "object": "model", "owned_by": "ray_cartridges"} for m in self.engine.models()],
-            }
+    @app.get("/v1/models")
+    async def models(self, request: Request):
+        if (denied := self._auth(request)) is not None:
+            return denied
+        data = [{"id": m, "object": "model", "owned_by": "ray_cartridges"} for m in self.engine.models()]
+        return {"object": "list", "data": data}
 
-        @app.post("/v1/chat/completions")
-        async def chat_completions(self, request: Request):
-            if (denied := self._auth(request)) is not None:
-                return denied
-            lim = self.cfg.limits
-            if int(request.headers.get("content-length") or 0) > lim.max_body_bytes:
-                return _err(
-                    413,
-                    f"request body larger than {lim.max_body_bytes} bytes",
-                    "invalid_request_error",
-                    "request_too_large",
-                )
-            body = await request.body()
-            if len(body) > lim.max_body_bytes:
-                return _err(
-                    413,
-                    f"request body larger than {lim.max_body_bytes} bytes",
-                    "invalid_request_error",
-                    "request_too_large",
-                )
-            try:
-                data = json.loads(body)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                return _err(400, "request body is not valid JSON", "invalid_request_error", "invalid_json")
-            try:
-                req = ChatCompletionRequest.model_validate(data)
-            except Exception as e:  # pydantic.ValidationError
-                errs = getattr(e, "errors", lambda: [])()
-                first = errs[0] if errs else {}
-                loc = ".".join(str(x) for x in first.get("loc", []))
-                return _err(
-                    422,
-                    f"invalid request: {loc}: {first.get('msg', str(e))}",
-                    "invalid_request_error",
-                    "invalid_value",
-                    loc or None,
-                )
-            if req.model not in self.engine.models():
-                return _err(
-                    404,
-                    f"model {req.model!r} not found; available: {self.engine.models()}",
-                    "invalid_request_error",
-                    "model_not_found",
-                    "model",
-                )
-            if self.inflight >= lim.max_queued_requests:
-                return _err(
-                    429,
-                    "too many requests queued on this replica; retry later",
-                    "rate_limit_error",
-                    "rate_limit_exceeded",
-                )
-            self.inflight += 1
-            try:
-                try:
-                    agent = await self.get_cartridge(req.model)
-                except Exception as e:
-                    return _err(
-                        503, f"cartridge {req.model!r} could not be loaded: {e}", "server_error", "model_unavailable"
-                    )
-                messages = [m.model_dump() for m in req.messages]
-                max_tokens = req.max_completion_tokens or req.max_tokens or min(256, lim.max_tokens)
-                try:
-                    prompt = await asyncio.to_thread(self.engine.check_request, agent, messages, max_tokens)
-                except RequestTooLarge as e:
-                    return _err(400, str(e), "invalid_request_error", "context_length_exceeded")
-                sp = SamplingParams(
-                    temperature=req.temperature,
-                    top_p=req.top_p,
-                    max_tokens=max_tokens,
-                    stop=req.stop_list(),
-                    top_logprobs=(req.top_logprobs or 1) if req.logprobs else 0,
-                    seed=req.seed,
-                )
-                if req.stream:
-                    return StreamingResponse(
-                        self._stream(agent, req, messages, sp, len(prompt)), media_type="text/event-stream"
-                    )
-                comp = await self._batched((agent, messages, sp))
-                lp = logprobs_content(self.engine.tokenizer, comp.logprobs) if req.logprobs else None
-                return completion_response(
-                    req.model, comp.text, comp.finish_reason, len(prompt), len(comp.token_ids), lp
-                )
-            except UnknownModel:
-                return _err(404, f"model {req.model!r} not found", "invalid_request_error", "model_not_found", "model")
-            finally:
-                self.inflight -= 1
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        if (denied := self._auth(request)) is not None:
+            return denied
+        req = await self._parse(request)
+        if isinstance(req, JSONResponse):
+            return req
+        prep = self._prepare(req)
+        if isinstance(prep, JSONResponse):
+            return prep
+        if self.inflight >= self.cfg.limits.max_queued_requests:
+            msg = "too many requests queued on this replica; retry later"
+            return _err(429, msg, "rate_limit_error", "rate_limit_exceeded")
+        self.inflight += 1
+        if req.stream:  # the stream gives its slot back when it ends, however it ends
+            return StreamingResponse(self._stream(req, prep), media_type="text/event-stream")
+        try:
+            comp = await self.engine.engine.complete(prep.cartridge, prep.ids, prep.sampling)
+        finally:
+            self.inflight -= 1
+        lp = token_logprobs(self.engine.tokenizer, comp.logprobs) if req.logprobs else None
+        resp = completion_response(
+            completion_id(), req.model, comp.text, comp.finish_reason, len(prep.ids), len(comp.token_ids), lp
+        )
+        return JSONResponse(resp.model_dump(mode="json", exclude_none=True))
 
-        async def _stream(self, agent, req: ChatCompletionRequest, messages, sp: SamplingParams, prompt_tokens: int):
-            cid = completion_id()
-            q: queue.Queue = queue.Queue()
-            tok = self.engine.tokenizer
-
-            def run():
-                try:
-                    res = self.engine.complete_many(agent, [messages], [sp], on_token=lambda _row, t: q.put(("tok", t)))
-                    q.put(("done", res[0]))
-                except Exception as e:  # reported as an error event, never a trace
-                    q.put(("error", f"{type(e).__name__}: {e}"))
-
-            threading.Thread(target=run, daemon=True).start()
-            yield f"data: {json.dumps(chunk(cid, req.model, {'role': 'assistant', 'content': ''}))}\n\n"
-            ids: list[int] = []
-            sent = ""
-            while True:
-                kind, val = await asyncio.to_thread(q.get)
-                if kind == "tok":
-                    ids.append(val)
-                    text = tok.decode(ids, skip_special_tokens=True)
-                    if any(s in text for s in sp.stop):
-                        continue  # the final text (cut at the stop string) is settled below
-                    if not text.endswith("\ufffd") and len(text) > len(sent):
-                        yield f"data: {json.dumps(chunk(cid, req.model, {'content': text[len(sent) :]}))}\n\n"
-                        sent = text
-                elif kind == "done":
-                    if len(val.text) > len(sent) and val.text.startswith(sent):
-                        yield f"data: {json.dumps(chunk(cid, req.model, {'content': val.text[len(sent) :]}))}\n\n"
-                    yield f"data: {json.dumps(chunk(cid, req.model, {}, val.finish_reason))}\n\n"
-                    break
-                else:
-                    yield f"data: {json.dumps(error_body(val, 'server_error'))}\n\n"
-                    break
+    async def _stream(self, req: ChatCompletionRequest, prep: Prepared):
+        cid, tok = completion_id(), self.engine.tokenizer
+        eos, k = tok.eos_token_id, prep.sampling.top_logprobs
+        try:
+            yield sse(chunk(cid, req.model, content="", role=True))
+            async for out in self.engine.engine.stream(prep.cartridge, prep.ids, prep.sampling):
+                c = out.outputs[0]
+                ids, entries = list(c.token_ids), logprob_entries(c.token_ids, c.logprobs, k)
+                if out.finished:
+                    ids, entries = strip_eos(ids, entries, eos)
+                lp = token_logprobs(tok, entries) if req.logprobs and entries else None
+                if c.text or lp:
+                    yield sse(chunk(cid, req.model, content=c.text, logprobs=lp))
+                if out.finished:
+                    finish = "stop" if c.finish_reason == "stop" else "length"
+                    yield sse(chunk(cid, req.model, finish=finish))
             yield "data: [DONE]\n\n"
+        except Exception as e:  # reported as an error event, never a trace
+            yield sse(error_body(f"{type(e).__name__}: {e}", "server_error"))
+        finally:
+            self.inflight -= 1
 
-    return CartridgeServer
+
+def resolve_api_key(cfg: ServeConfig) -> str | None:
+    """The key, read where `serve` runs (the replicas' own environment may not have it)."""
+    return cfg.api_key or (os.environ.get(cfg.api_key_env) if cfg.api_key_env else None) or None
 
 
 def deployment(cfg: ServeConfig):
-    """The bound Serve application for ``cfg`` (replicas, autoscaling, resources, multiplexing, batching)."""
-    opts = {
-        "ray_actor_options": {"num_cpus": cfg.num_cpus_per_replica, "num_gpus": cfg.num_gpus_per_replica},
-        "max_ongoing_requests": cfg.limits.max_queued_requests + cfg.batching.max_batch_size,
-    }
+    """The bound Serve application for ``cfg`` (replicas, autoscaling, resources)."""
+    from ..generate.pipeline import cpu_engine_env
+
+    actor = {"num_cpus": cfg.num_cpus_per_replica, "num_gpus": cfg.num_gpus_per_replica}
+    if cfg.num_gpus_per_replica == 0:
+        actor["runtime_env"] = {"env_vars": cpu_engine_env()}
+    # Serve hands the replica a few more than it admits, so that it can refuse them with a 429 itself
+    opts = {"ray_actor_options": actor, "max_ongoing_requests": cfg.limits.max_queued_requests + 8}
     if cfg.autoscaling:
         opts["autoscaling_config"] = cfg.autoscaling
     else:
         opts["num_replicas"] = cfg.num_replicas
-    cls = server_class(cfg.max_cartridges_per_replica, cfg.batching.max_batch_size, cfg.batching.batch_wait_timeout_s)
-    dep = cls.options(**opts)
-    bound = dep.bind(cfg.model_dump(mode="json"))
-    return bound
+    return CartridgeServer.options(**opts).bind(cfg.model_dump(mode="json", exclude={"api_key"}), resolve_api_key(cfg))
 
 
 def build_app(args: dict):

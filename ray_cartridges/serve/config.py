@@ -19,13 +19,6 @@ class LimitsConfig(StrictModel):
     max_queued_requests: int = Field(256, gt=0, description="Requests waiting per replica before 429.")
 
 
-class BatchingConfig(StrictModel):
-    """Batching of concurrent requests on one replica (serve.batch)."""
-
-    max_batch_size: int = Field(8, gt=0, description="Concurrent non-streaming requests decoded in one batch.")
-    batch_wait_timeout_s: float = Field(0.02, ge=0, description="How long a batch waits to fill.")
-
-
 class ServeConfig(StrictModel):
     """Serve one or more cartridges behind an OpenAI-compatible endpoint."""
 
@@ -33,7 +26,7 @@ class ServeConfig(StrictModel):
         description="model name -> cartridge (local dir, or hf://org/repo for a hub cartridge)."
     )
     base_model: str | None = Field(None, description="Frozen model (default: the cartridges' model).")
-    dtype: str = Field("fp32", description="dtype of the frozen model (fp32 or bf16).")
+    dtype: Literal["fp32", "bf16"] = Field("fp32", description="dtype of the frozen model.")
     api_key: str | None = Field(None, description="Bearer key required when set (prefer api_key_env).")
     api_key_env: str | None = Field("RAY_CARTRIDGES_API_KEY", description="Env var that holds the API key.")
     host: str = Field("127.0.0.1", description="HTTP host.")
@@ -45,6 +38,15 @@ class ServeConfig(StrictModel):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where a replica runs the model (auto: its GPU when num_gpus_per_replica > 0, else CPU)."
     )
-    max_cartridges_per_replica: int = Field(4, gt=0, description="Multiplexed cartridges kept per replica (LRU).")
+    max_cartridges_per_replica: int = Field(
+        8, gt=0, description="Cartridges whose K/V a replica keeps on its device for loading (LRU); all are served."
+    )
+    block_size: int | None = Field(
+        None,
+        gt=0,
+        description="vLLM KV block size (default: vLLM's). A cartridge whose p is a multiple of it stays in the "
+        "prefix cache between requests; otherwise it is written again for each request.",
+    )
+    enforce_eager: bool = Field(False, description="Run vLLM without torch.compile: starts sooner, decodes slower.")
+    max_num_seqs: int | None = Field(None, gt=0, description="Most requests in vLLM's running batch (default: vLLM's).")
     limits: LimitsConfig = LimitsConfig()
-    batching: BatchingConfig = BatchingConfig()

@@ -1,122 +1,122 @@
-"""Replica-side serving logic, independent of HTTP: cartridges on one shared frozen model, batched decoding."""
+"""Replica-side serving logic, independent of HTTP: every configured cartridge on one vLLM engine.
+
+All cartridges are registered when the replica starts, so one that cannot be read (missing directory,
+truncated weights, another model's shapes) fails the deployment then, naming the file and the reason,
+instead of a healthy replica that answers 503. Requests of every cartridge join vLLM's running batch.
+"""
 
 from __future__ import annotations
 
-import os
-import threading
-from collections import OrderedDict
+from dataclasses import dataclass
 
-from ..agent.base import ChatModel
-from ..agent.decoding import Completion, SamplingParams, place_kv
-from ..agent.kv_memory import KVArtifact, KVCacheMemory, KVCacheMemoryConfig
-from ..cartridge import read_meta
-from ..models import load_model, load_tokenizer
+from ..agent.decoding import SamplingParams
+from ..hub import pull_snapshot
+from ..vllm_cartridges.engine import AsyncCartridgeEngine, LoadedCartridge, UnknownCartridge
 from .config import ServeConfig
-
-
-class UnknownModel(KeyError):
-    pass
 
 
 class RequestTooLarge(ValueError):
     pass
 
 
-def artifact_of(ref: str) -> KVArtifact:
+def cartridge_dir(ref: str):
+    """A configured cartridge: a local directory, or ``hf://org/repo`` fetched from the hub."""
+    from pathlib import Path
+
     if ref.startswith("hf://"):
-        return KVArtifact(ref[len("hf://") :], source="huggingface")
-    return KVArtifact(ref, source="local")
+        return pull_snapshot(ref[len("hf://") :], repo_type="model")
+    path = Path(ref)
+    if not path.is_dir():
+        raise FileNotFoundError(f"cartridge directory not found: {path}")
+    return path
 
 
-class CartridgeEngine:
-    """One frozen model per replica; cartridges are loaded on demand and kept in a bounded LRU."""
+def check_cartridges(base: str, dirs: dict) -> None:
+    """Every cartridge read and checked against ``base`` (shapes, tokenizer, weights), naming the first bad one."""
+    from transformers import AutoConfig
+
+    from ..models import load_tokenizer, resolve_model
+    from ..vllm_cartridges.engine import CartridgeSet
+
+    carts = CartridgeSet(AutoConfig.from_pretrained(resolve_model(base)), load_tokenizer(base), block_size=0)
+    for name, d in dirs.items():
+        try:
+            carts.add(name, d)
+        except Exception as err:
+            raise ValueError(f"cartridge {name!r} ({d}) cannot be served: {err}") from None
+
+
+@dataclass
+class Prepared:
+    """A checked request: the cartridge, the conversation's token ids (without placeholders), sampling."""
+
+    cartridge: LoadedCartridge
+    ids: list[int]
+    sampling: SamplingParams
+
+
+class ServeEngine:
+    """One AsyncCartridgeEngine per replica and the cartridges it serves."""
 
     def __init__(self, cfg: ServeConfig):
-        self.cfg = cfg
         if not cfg.cartridges:
             raise ValueError("serve config: `cartridges` is empty")
-        first = artifact_of(next(iter(cfg.cartridges.values()))).local_dir()
-        base = cfg.base_model or read_meta(first).model_name
-        self.device = cfg.device if cfg.device != "auto" else ("cuda" if cfg.num_gpus_per_replica > 0 else "cpu")
-        self.model = load_model(base, cfg.dtype, self.device)
-        self.tokenizer = load_tokenizer(base)
+        self.cfg = cfg
+        dirs = {}
+        for name, ref in cfg.cartridges.items():
+            try:
+                dirs[name] = cartridge_dir(ref)
+            except Exception as err:
+                raise ValueError(f"cartridge {name!r} ({ref}): {err}") from None
+        from ..cartridge import read_meta
+
+        base = cfg.base_model or read_meta(next(iter(dirs.values()))).model_name
         self.base = base
-        self._cache: OrderedDict[str, ChatModel] = OrderedDict()
-        self._lock = threading.Lock()  # one forward pass at a time per replica (torch uses all cores)
+        check_cartridges(base, dirs)  # before the engine starts: a bad cartridge fails in seconds
+        self.engine = AsyncCartridgeEngine(
+            base,
+            dtype=cfg.dtype,
+            max_model_len=cfg.limits.max_context_tokens + max(read_meta(d).num_tokens for d in dirs.values()),
+            max_resident_cartridges=cfg.max_cartridges_per_replica,
+            block_size=cfg.block_size,
+            enforce_eager=cfg.enforce_eager,
+            max_num_seqs=cfg.max_num_seqs,
+        )
+        self.tokenizer = self.engine.tokenizer
+        for name, d in dirs.items():
+            self.engine.add_cartridge(name, d)
+
+    def running(self) -> int:
+        """Requests the engine is working on (a dropped stream leaves this count)."""
+        return self.engine.llm.output_processor.get_num_unfinished_requests()
 
     def models(self) -> list[str]:
-        return list(self.cfg.cartridges)
+        return self.engine.cartridges.names()
 
-    def load(self, name: str) -> ChatModel:
-        if name not in self.cfg.cartridges:
-            raise UnknownModel(name)
-        if name in self._cache:  # Serve multiplexing keeps its own LRU above this one
-            self._cache.move_to_end(name)
-            return self._cache[name]
-        mem = KVCacheMemory(
-            KVCacheMemoryConfig(artifact_of(self.cfg.cartridges[name]), model_name=self.base, dtype=self.cfg.dtype),
-            model=self.model,
-            tokenizer=self.tokenizer,
-        )
-        kv = place_kv(self.model, mem.kv)  # once per cartridge, not per request
+    def prompt_ids(self, cart: LoadedCartridge, messages: list[dict]) -> list[int]:
+        """The conversation through the chat template, with the cartridge's system prompt unless one is given."""
+        msgs = list(messages)
+        system = cart.meta.student_system_prompt
+        if system and not any(m["role"] == "system" for m in msgs):
+            msgs.insert(0, {"role": "system", "content": system})
+        out = self.tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=False)
+        return list(out)
 
-        class _Agent(ChatModel):
-            def prefix_kv(self):
-                return kv
-
-        agent = _Agent(self.model, self.tokenizer, mem.meta.student_system_prompt)
-        agent.cartridge_bytes = mem.nbytes()
-        self._cache[name] = agent
-        while len(self._cache) > self.cfg.max_cartridges_per_replica:
-            self._cache.popitem(last=False)
-        return agent
-
-    def check_request(self, agent: ChatModel, messages: list[dict], max_tokens: int) -> list[int]:
+    def prepare(self, model: str, messages: list[dict], sampling: SamplingParams) -> Prepared:
+        """Check a request against the limits (raises RequestTooLarge, UnknownCartridge)."""
+        cart = self.engine.cartridges.get(model)
         lim = self.cfg.limits
         if len(messages) > lim.max_messages:
             raise RequestTooLarge(f"{len(messages)} messages; at most {lim.max_messages} are accepted")
-        if max_tokens > lim.max_tokens:
-            raise RequestTooLarge(f"max_tokens={max_tokens} exceeds the limit of {lim.max_tokens}")
-        ids = agent.prompt_ids(messages)
-        if len(ids) + max_tokens > lim.max_context_tokens:
+        if sampling.max_tokens > lim.max_tokens:
+            raise RequestTooLarge(f"max_tokens={sampling.max_tokens} exceeds the limit of {lim.max_tokens}")
+        ids = self.prompt_ids(cart, messages)
+        if len(ids) + sampling.max_tokens > lim.max_context_tokens:
             raise RequestTooLarge(
-                f"prompt of {len(ids)} tokens + max_tokens={max_tokens} exceeds the context limit of {lim.max_context_tokens}"
+                f"prompt of {len(ids)} tokens + max_tokens={sampling.max_tokens} exceeds the context limit of "
+                f"{lim.max_context_tokens}"
             )
-        return ids
-
-    def complete_many(
-        self, agent: ChatModel, conversations: list[list[dict]], sampling: list[SamplingParams], on_token=None
-    ) -> list[Completion]:
-        """Decode several conversations of one cartridge; requests with equal sampling share one batch."""
-        results: list[Completion | None] = [None] * len(conversations)
-        groups: dict[tuple, list[int]] = {}
-        for i, sp in enumerate(sampling):
-            key = (sp.temperature, sp.top_p, tuple(sp.stop), sp.top_logprobs, sp.seed)
-            groups.setdefault(key, []).append(i)
-        for idx in groups.values():
-            max_tok = max(sampling[i].max_tokens for i in idx)
-            sp = sampling[idx[0]]
-            sp = SamplingParams(sp.temperature, sp.top_p, max_tok, sp.stop, sp.top_logprobs, sp.seed)
-            with self._lock:
-                outs = agent.complete([conversations[i] for i in idx], sp, on_token=on_token)
-            for i, o in zip(idx, outs):
-                cap = sampling[i].max_tokens
-                if len(o.token_ids) > cap:  # a shorter request batched with a longer one
-                    o = Completion(
-                        o.token_ids[:cap],
-                        self.tokenizer.decode(o.token_ids[:cap], skip_special_tokens=True),
-                        "length",
-                        o.logprobs[:cap] if o.logprobs else o.logprobs,
-                        o.prompt_tokens,
-                        o.ttft_s,
-                    )
-                results[i] = o
-        return results
+        return Prepared(cart, ids, sampling)
 
 
-def torch_threads(num_cpus: float) -> None:
-    import torch
-
-    torch.set_num_threads(
-        max(1, int(num_cpus)) if os.environ.get("OMP_NUM_THREADS", "1") == "1" else int(os.environ["OMP_NUM_THREADS"])
-    )
+__all__ = ["Prepared", "RequestTooLarge", "ServeEngine", "UnknownCartridge"]

@@ -14,6 +14,7 @@ import hashlib
 import os
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -90,8 +91,10 @@ def engine_kwargs(
     enforce_eager: bool = False,
     seed: int = 0,
     max_num_seqs: int | None = None,
+    **extra,
 ) -> dict:
-    """Engine arguments of a cartridge engine: prefix caching on, the cartridge connector registered."""
+    """Engine arguments of a cartridge engine: prefix caching on, the cartridge connector registered;
+    ``extra``: any other vLLM engine argument (gpu_memory_utilization, tensor_parallel_size, ...)."""
     from vllm.platforms import current_platform
 
     kw = dict(
@@ -103,6 +106,7 @@ def engine_kwargs(
         kv_transfer_config=connector_config(max_resident_cartridges),
         seed=seed,
         enforce_eager=enforce_eager,
+        **extra,
     )
     if block_size:
         kw["block_size"] = block_size
@@ -166,6 +170,7 @@ def vllm_sampling(sp: SamplingParams, cart: LoadedCartridge | None):
         stop=list(sp.stop) or None,
         logprobs=sp.top_logprobs or None,
         seed=sp.seed,
+        logit_bias=sp.logit_bias or None,
         extra_args={"kv_transfer_params": cart.params.to_dict()} if cart is not None else None,
     )
 
@@ -179,31 +184,57 @@ def vllm_prompt(cart: LoadedCartridge | None, ids: list[int]):
     return TokensPrompt(prompt_token_ids=[PLACEHOLDER_ID] * cart.num_tokens + list(ids), cache_salt=cart.cache_salt)
 
 
-def to_completion(output, prompt_tokens: int, eos_id: int, top_k: int, ttft: float) -> Completion:
-    """Our Completion from a finished vLLM RequestOutput (the end-of-turn token is not part of the answer)."""
-    c = output.outputs[0]
-    ids = list(c.token_ids)
-    lps = None
-    if c.logprobs is not None:  # per position: vLLM's top-k (rank <= k), plus the sampled token where outside
-        lps = [
-            {
-                "token_id": t,
-                "logprob": c.logprobs[j][t].logprob,
-                "top": sorted(
-                    ((i, lp.logprob) for i, lp in c.logprobs[j].items() if lp.rank is not None and lp.rank <= top_k),
-                    key=lambda x: -x[1],
-                ),
-            }
-            for j, t in enumerate(ids)
-        ]
+def logprob_entries(token_ids, logprobs, top_k: int) -> list[dict] | None:
+    """Per position: the token's logprob and vLLM's top-k (rank <= k; the sampled token is added beside them
+    when outside it) as ``{token_id, logprob, top: [(id, logprob)]}``."""
+    if logprobs is None:
+        return None
+    return [
+        {
+            "token_id": t,
+            "logprob": logprobs[j][t].logprob,
+            "top": sorted(
+                ((i, lp.logprob) for i, lp in logprobs[j].items() if lp.rank is not None and lp.rank <= top_k),
+                key=lambda x: -x[1],
+            ),
+        }
+        for j, t in enumerate(token_ids)
+    ]
+
+
+def strip_eos(ids: list[int], entries: list[dict] | None, eos_id: int):
+    """The end-of-turn token is not part of the answer."""
     if ids and ids[-1] == eos_id:
-        ids, lps = ids[:-1], (lps[:-1] if lps else lps)
+        return ids[:-1], (entries[:-1] if entries else entries)
+    return ids, entries
+
+
+def to_completion(output, prompt_tokens: int, eos_id: int, top_k: int, ttft: float) -> Completion:
+    """Our Completion from a finished vLLM RequestOutput."""
+    c = output.outputs[0]
+    ids, lps = strip_eos(list(c.token_ids), logprob_entries(c.token_ids, c.logprobs, top_k), eos_id)
     finish = "stop" if c.finish_reason == "stop" else "length"
     loaded = (output.kv_transfer_params or {}).get("cartridge_tokens_loaded")
     return Completion(ids, c.text, finish, lps, prompt_tokens, ttft, cartridge_tokens_loaded=loaded)
 
 
-class CartridgeLLM:
+class _Engine:
+    """What the sync and async engines share: the cartridges they hold, counters, model facts."""
+
+    def _setup(self, model: str, vllm_config, tokenizer) -> None:
+        self.model_name = model
+        self.tokenizer = tokenizer
+        self.hf_config = vllm_config.model_config.hf_config
+        self.kv_element_size = vllm_config.model_config.dtype.itemsize
+        self.block_size = vllm_config.cache_config.block_size
+        self.cartridges = CartridgeSet(self.hf_config, tokenizer, self.block_size)
+        self.stats = EngineStats()
+
+    def add_cartridge(self, name: str, cartridge_dir: str | Path) -> LoadedCartridge:
+        return self.cartridges.add(name, cartridge_dir)
+
+
+class CartridgeLLM(_Engine):
     """A synchronous vLLM engine that reads cartridges (batch use, evaluation, the agent)."""
 
     def __init__(self, model: str, **kwargs):
@@ -211,18 +242,8 @@ class CartridgeLLM:
 
         from ..models import resolve_model
 
-        path = resolve_model(model, kwargs.get("dtype", "fp32"))
-        self.llm = LLM(**engine_kwargs(path, **kwargs))
-        self.tokenizer = self.llm.get_tokenizer()
-        cfg = self.llm.llm_engine.vllm_config
-        self.hf_config = cfg.model_config.hf_config
-        self.kv_element_size = cfg.model_config.dtype.itemsize
-        self.cartridges = CartridgeSet(self.hf_config, self.tokenizer, cfg.cache_config.block_size)
-        self.stats = EngineStats()
-        self.model_name = model
-
-    def add_cartridge(self, name: str, cartridge_dir: str | Path) -> LoadedCartridge:
-        return self.cartridges.add(name, cartridge_dir)
+        self.llm = LLM(**engine_kwargs(resolve_model(model, kwargs.get("dtype", "fp32")), **kwargs))
+        self._setup(model, self.llm.llm_engine.vllm_config, self.llm.get_tokenizer())
 
     def generate(
         self, requests: list[tuple[LoadedCartridge | None, list[int]]], sampling: SamplingParams | list[SamplingParams]
@@ -239,3 +260,46 @@ class CartridgeLLM:
         for d in done:
             self.stats.record(d.cartridge_tokens_loaded)
         return done
+
+
+class AsyncCartridgeEngine(_Engine):
+    """An ``AsyncLLM`` that reads cartridges: requests join the running batch as they come (the Serve app)."""
+
+    def __init__(self, model: str, **kwargs):
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from ..models import resolve_model
+
+        args = AsyncEngineArgs(**engine_kwargs(resolve_model(model, kwargs.get("dtype", "fp32")), **kwargs))
+        args.disable_log_stats = True
+        self.llm = AsyncLLM.from_engine_args(args)
+        self._setup(model, self.llm.vllm_config, self.llm.tokenizer)
+
+    async def stream(self, cartridge: LoadedCartridge | None, ids: list[int], sp: SamplingParams):
+        """vLLM's outputs of one request as they come, each holding only what is new (DELTA). Closing the
+        generator (a client that went away) aborts the request in the engine."""
+        from vllm.sampling_params import RequestOutputKind
+
+        params = vllm_sampling(sp, cartridge)
+        params.output_kind = RequestOutputKind.DELTA
+        async for out in self.llm.generate(vllm_prompt(cartridge, ids), params, request_id=uuid.uuid4().hex):
+            if out.finished and cartridge is not None:
+                self.stats.record((out.kv_transfer_params or {}).get("cartridge_tokens_loaded"))
+            yield out
+
+    async def complete(self, cartridge: LoadedCartridge | None, ids: list[int], sp: SamplingParams) -> Completion:
+        """One whole answer (the same fields as CartridgeLLM.generate's)."""
+        from vllm.sampling_params import RequestOutputKind
+
+        params = vllm_sampling(sp, cartridge)
+        params.output_kind = RequestOutputKind.FINAL_ONLY
+        t0, last = time.perf_counter(), None
+        async for out in self.llm.generate(vllm_prompt(cartridge, ids), params, request_id=uuid.uuid4().hex):
+            last = out
+        comp = to_completion(last, len(ids), self.tokenizer.eos_token_id, sp.top_logprobs, time.perf_counter() - t0)
+        self.stats.record(comp.cartridge_tokens_loaded)
+        return comp
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()
