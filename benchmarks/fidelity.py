@@ -172,6 +172,7 @@ def main() -> None:
             max_tokens=cfg.eval.max_tokens,
             baselines=baselines,
             cache=shared,
+            engine=cfg.eval.engine,
         )
 
     size_rows, step_rows, baselines = [], [], None

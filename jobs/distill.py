@@ -110,6 +110,7 @@ def main(argv=None) -> int:
             split_seed=cfg.train.input_dataset.split_seed,
             max_questions=cfg.eval.max_questions,
             max_tokens=cfg.eval.max_tokens,
+            engine=cfg.eval.engine,
         )
         write_text_atomic(out_dir / "eval.json", json.dumps(evaluation, indent=2))
         report["stages"]["evaluate"] = {"seconds": time.perf_counter() - t, "file": str(out_dir / "eval.json")}

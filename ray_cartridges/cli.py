@@ -155,6 +155,7 @@ def _cmd_eval(args) -> int:
         split_seed=args.split_seed,
         max_questions=args.max_questions,
         max_tokens=args.max_tokens,
+        engine=args.engine,
     )
     out = Path(args.output or Path(args.cartridge) / "eval.json")
     write_text_atomic(out, json.dumps(ev, indent=2))
@@ -232,6 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-questions", type=int, default=30, help="memory facts asked")
     s.add_argument("--max-tokens", type=int, default=40, help="max answer tokens")
     s.add_argument("--output", default=None, help="JSON file to write (default: <cartridge>/eval.json)")
+    s.add_argument(
+        "--engine",
+        choices=["vllm", "transformers"],
+        default="vllm",
+        help="what answers the recall questions (KL is always read by the transformers reference)",
+    )
     s.set_defaults(func=_cmd_eval)
 
     s = sub.add_parser("show-config", help="Print every config field with its type, default and description.")

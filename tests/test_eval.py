@@ -252,6 +252,7 @@ def test_evaluation_reads_the_memory_as_generate_rendered_it(tmp_path, model, to
         max_questions=1,
         max_tokens=2,
         unrelated_text=text,
+        engine="transformers",
     )
     assert ev["memory_context"] == str(data / "memory.txt")
     assert ev["no_harm"]["ppl_icl"] == pytest.approx(perplexity_after_text(model, tokenizer, custom, text), rel=1e-4)

@@ -172,3 +172,22 @@ def test_vllm_agents_share_one_engine_and_the_history_agent_uses_its_prefix_cach
     )
     icl = HistoryAgent(HistoryAgentConfig(checkpoint_dir=str(EXAMPLE_CHECKPOINT)), engine=engine)
     assert "Okafor" in icl.chat([{"role": "user", "content": "Who is the station doctor?"}], max_tokens=24)
+
+
+def test_recall_on_vllm_gives_the_answers_of_the_transformers_reference(engine, cartridges, model, tokenizer, memory):
+    from ray_cartridges.agent.kv_memory import KVCacheMemory
+    from ray_cartridges.eval.evaluate import _recall_agents, recall
+    from ray_cartridges.memory import memory_questions
+
+    mem = KVCacheMemory.from_dir(cartridges["a"], model=model, tokenizer=tokenizer)
+    qs = memory_questions(memory)[:3]
+    context = memory.render()
+    got = {}
+    for name, cache in (("vllm", {"vllm_engine": engine}), ("transformers", {})):
+        agents = {k: make() for k, make in _recall_agents(mem, memory, context, name, cache).items()}
+        got[name] = recall(agents, qs, max_tokens=16)
+    for agent in ("no_memory", "icl", "cartridge"):
+        assert [a["answer"] for a in got["vllm"][agent]["answers"]] == [
+            a["answer"] for a in got["transformers"][agent]["answers"]
+        ], agent
+    assert got["vllm"]["icl"]["answers"] != got["vllm"]["no_memory"]["answers"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -25,6 +26,11 @@ class EvalConfig(StrictModel):
 
     max_questions: int = Field(30, gt=0, description="Memory questions asked in the recall check.")
     max_tokens: int = Field(40, gt=0, description="Max answer tokens in the recall check.")
+    engine: Literal["vllm", "transformers"] = Field(
+        "vllm",
+        description="What answers the recall questions: vLLM (cartridge through its KV connector, memory in context "
+        "as a cached prefix) or the transformers reference. KL is always read by the reference.",
+    )
 
 
 class DistillConfig(StrictModel):

@@ -267,6 +267,7 @@ def evaluate_cartridge(
     baselines: tuple[str, ...] = ("no_memory", "icl"),
     cache: dict | None = None,
     memory_context: str | None = None,
+    engine: str = "vllm",
 ) -> dict:
     """Fidelity on the held-out split of ``dataset_jsonl`` and recall on the memory's facts.
 
@@ -276,9 +277,10 @@ def evaluate_cartridge(
     ``baselines``: which of the no-memory and in-context (ICL) agents answer the recall questions beside the
     cartridge (a sweep over cartridges measures them once, not per cartridge). ``cache``: a dict shared by the
     evaluations of one sweep, so the readings that do not depend on the cartridge are made once.
+    ``engine``: what answers the recall questions: ``vllm`` (the cartridge through vLLM's KV connector, the
+    memory in context as a cached prefix) or the ``transformers`` reference. The KL figures are read by the
+    transformers reference in both cases (vLLM's prompt logprobs do not read a cartridge's external KV).
     """
-    from ..agent.history import HistoryAgent, HistoryAgentConfig
-
     mem = KVCacheMemory.from_dir(cartridge_dir, dtype=dtype)
     model, tok = mem.model, mem.tokenizer
     records = [json.loads(line) for line in Path(dataset_jsonl).read_text().splitlines() if line.strip()]
@@ -304,22 +306,9 @@ def evaluate_cartridge(
         int(k.split("-")[1]) for k in (r["metadata"].get("split_key", "") for r in held) if k.startswith("entry-")
     }
 
-    class _Cartridge(ChatModel):
-        def prefix_kv(self):
-            return mem.kv
-
-    def _icl():
-        agent = HistoryAgent(HistoryAgentConfig(checkpoint_dir=memory.source), model=model, tokenizer=tok)
-        agent.system_prompt = memory_context  # the memory as the teacher read it
-        return agent
-
-    agents = {
-        "no_memory": lambda: ChatModel(model, tok, mem.meta.student_system_prompt),
-        "icl": _icl,
-        "cartridge": lambda: _Cartridge(model, tok, mem.meta.student_system_prompt),
-    }
+    agents = _recall_agents(mem, memory, memory_context, engine, cache if cache is not None else {})
     agents = {k: make() for k, make in agents.items() if k in baselines or k == "cartridge"}
-    rec = recall(agents, qs, max_tokens=max_tokens)
+    rec = recall(agents, qs, max_tokens=max_tokens, batch=len(qs) if engine == "vllm" else 8)
     for name in rec:
         held_scores = [a["correct"] for a in rec[name]["answers"] if a["entry"] in held_entries]
         rec[name]["heldout_accuracy"] = sum(held_scores) / len(held_scores) if held_scores else None
@@ -334,6 +323,49 @@ def evaluate_cartridge(
         "questions": len(qs),
         "memory_context": context_source,
     }
+
+
+def _recall_agents(mem: KVCacheMemory, memory: AgentMemory, memory_context: str, engine: str, cache: dict) -> dict:
+    """Makers of the no-memory, in-context (the memory as the teacher read it) and cartridge agents."""
+    from ..agent.history import HistoryAgent, HistoryAgentConfig
+
+    model, tok, system = mem.model, mem.tokenizer, mem.meta.student_system_prompt
+
+    def icl(**kw):
+        agent = HistoryAgent(HistoryAgentConfig(checkpoint_dir=memory.source), **kw)
+        agent.system_prompt = memory_context
+        return agent
+
+    if engine == "transformers":
+        return {
+            "no_memory": lambda: ChatModel(model, tok, system),
+            "icl": lambda: icl(model=model, tokenizer=tok),
+            "cartridge": lambda: _PrefixModel(model, tok, system, mem.kv),
+        }
+    if engine != "vllm":
+        raise ValueError(f"engine must be 'vllm' or 'transformers', got {engine!r}")
+    from ..vllm_cartridges import CartridgeLLM
+
+    if "vllm_engine" not in cache:  # one engine for a whole sweep
+        cache["vllm_engine"] = CartridgeLLM(mem.meta.model_name, dtype=mem.config.dtype, max_model_len=4096)
+    eng = cache["vllm_engine"]
+    cart = eng.add_cartridge(str(mem.dir), mem.dir)
+    return {
+        "no_memory": lambda: ChatModel(None, tok, system, engine=eng),
+        "icl": lambda: icl(engine=eng),
+        "cartridge": lambda: ChatModel(None, tok, system, engine=eng, cartridge=cart),
+    }
+
+
+class _PrefixModel(ChatModel):
+    """The transformers reference reading a loaded cartridge's K/V."""
+
+    def __init__(self, model, tokenizer, system, kv):
+        super().__init__(model, tokenizer, system)
+        self._kv = kv
+
+    def prefix_kv(self):
+        return self._kv
 
 
 def evaluation_lines(evaluation: dict | None) -> list[str]:
