@@ -180,7 +180,7 @@ def final_summary(out_dir: Path, evaluation: dict | None, report: dict) -> str:
     lines += [
         "",
         "Chat with it:",
-        f"  ray-cartridges chat --cartridge {out_dir}",
+        f"  ray-cartridges chat --cartridge {out_dir}       # on vLLM (--engine transformers: the reference loop)",
         f"  ray-cartridges serve --cartridge {out_dir}      # OpenAI-compatible endpoint on :8000",
         "  curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\",
         f'    -d \'{{"model": "{name}", "messages": [{{"role": "user", "content": "Who is the station doctor?"}}]}}\'',

@@ -35,9 +35,6 @@ class ServeConfig(StrictModel):
     autoscaling: dict | None = Field(None, description="Ray Serve autoscaling_config (min/max replicas, targets).")
     num_cpus_per_replica: float = Field(1.0, gt=0, description="CPUs per replica.")
     num_gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per replica.")
-    device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="Where a replica runs the model (auto: its GPU when num_gpus_per_replica > 0, else CPU)."
-    )
     max_cartridges_per_replica: int = Field(
         8, gt=0, description="Cartridges whose K/V a replica keeps on its device for loading (LRU); all are served."
     )
