@@ -125,6 +125,14 @@ def engine_figures(args, model, tok, mem_text, qs, cart_dir, many_texts, many_di
     cart = engine.add_cartridge("bench", cart_dir)
     many = [engine.add_cartridge(f"m{i}", d) for i, d in enumerate(many_dirs)]
     loop = asyncio.new_event_loop()
+    kinds = {
+        "b": lambda q: (cart, chat_ids(tok, None, q)),
+        "c": lambda q: (None, chat_ids(tok, mem_text, q)),
+        "d": lambda q: (None, chat_ids(tok, None, q)),
+    }
+    warm = SamplingParams(max_tokens=1)
+    for make in kinds.values():  # the memory in the prefix cache, the cartridge loaded: a warm server
+        loop.run_until_complete(run_async(engine, [make("Hello")], warm))
     rows: dict = {}
     for c in args.clients:
         qc = [qs[i % len(qs)] for i in range(c)]
@@ -132,15 +140,8 @@ def engine_figures(args, model, tok, mem_text, qs, cart_dir, many_texts, many_di
         for r in range(args.repeats):
             print(f"[bench] {c} clients, round {r + 1}/{args.repeats}", flush=True)
             rounds["a"].append(run_transformers_loop(agent, [[{"role": "user", "content": q}] for q in qc], sp))
-            rounds["b"].append(
-                loop.run_until_complete(run_async(engine, [(cart, chat_ids(tok, None, q)) for q in qc], sp))
-            )
-            rounds["c"].append(
-                loop.run_until_complete(run_async(engine, [(None, chat_ids(tok, mem_text, q)) for q in qc], sp))
-            )
-            rounds["d"].append(
-                loop.run_until_complete(run_async(engine, [(None, chat_ids(tok, None, q)) for q in qc], sp))
-            )
+            for k, make in kinds.items():
+                rounds[k].append(loop.run_until_complete(run_async(engine, [make(q) for q in qc], sp)))
         rows[c] = {k: {m: statistics.median(x[m] for x in v) for m in v[0]} for k, v in rounds.items()}
     # many agents: every memory asked args.per_agent questions, all at once
     reqs_c, reqs_i = [], []
