@@ -266,4 +266,10 @@ def load_cartridge(model, cartridge_dir: str | Path, tokenizer=None, trainable: 
     cartridge_dir = Path(cartridge_dir)
     meta = read_meta(cartridge_dir)
     check_compatible(meta, model, tokenizer, source=str(cartridge_dir))
-    return PeftModel.from_pretrained(model, str(cartridge_dir), is_trainable=trainable)
+    weights = cartridge_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: missing (a cartridge directory holds the PEFT adapter weights)")
+    try:
+        return PeftModel.from_pretrained(model, str(cartridge_dir), is_trainable=trainable)
+    except Exception as err:  # truncated file, wrong shapes: name the file, not PEFT's frames
+        raise ValueError(f"{weights}: cannot load the cartridge ({type(err).__name__}: {err})") from None

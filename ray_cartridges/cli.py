@@ -79,7 +79,10 @@ def _serve_config(args):
     overrides = list(args.overrides)
     if args.cartridge:
         name = args.name or Path(args.cartridge.rstrip("/")).name
-        ref = args.cartridge if Path(args.cartridge).exists() else f"hf://{args.cartridge}"
+        from .hub import cartridge_source
+
+        local = cartridge_source(args.cartridge) == "local"
+        ref = args.cartridge if local else f"hf://{args.cartridge}"
         overrides.append(f"cartridges={{{name}: {ref}}}")
     if args.port:
         overrides.append(f"port={args.port}")
@@ -111,11 +114,11 @@ def _cmd_serve(args) -> int:
 
 
 def _cmd_chat(args) -> int:
-    from pathlib import Path
 
     from .agent import KVArtifact, KVCacheMemoryConfig, KVMemoryAgent, KVMemoryAgentConfig
+    from .hub import cartridge_source
 
-    src = "local" if Path(args.cartridge).exists() else "huggingface"
+    src = cartridge_source(args.cartridge)
     agent = KVMemoryAgent(
         KVMemoryAgentConfig(
             memory_config=KVCacheMemoryConfig(artifact=KVArtifact(args.cartridge, source=src)),
@@ -255,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     from .flat_topk import FlatTopkError
     from .hub import HubError
     from .memory import CheckpointError
+    from .train.loop import NonFiniteError
 
     args = build_parser().parse_args(argv)
     setup_env()
@@ -268,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         HubError,
         FileNotFoundError,
         ValueError,
+        NonFiniteError,
     ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

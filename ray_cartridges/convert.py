@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .flat_topk import clean_logprob
+
 logger = logging.getLogger(__name__)
 
 
@@ -67,19 +69,31 @@ def _vocab(tokenizer) -> dict[str, int]:
 
 def _token_id(entry: dict, tokenizer, where: str) -> int:
     """An entry's token id: its ``token_id``, a ``token_id:N`` token, or an exact vocabulary entry (the
-    vocabulary is read only for entries that carry no id)."""
-    if isinstance(entry.get("token_id"), int):
-        return entry["token_id"]
+    vocabulary is read only for entries that carry no id); an id outside the tokenizer's vocabulary is an error."""
+    tid = entry.get("token_id") if isinstance(entry.get("token_id"), int) else None
     tok = entry.get("token")
-    if isinstance(tok, str):
+    if tid is None and isinstance(tok, str):
         if tok.startswith("token_id:"):
             try:
-                return int(tok.split(":", 1)[1])
+                tid = int(tok.split(":", 1)[1])
             except ValueError:
                 pass
         elif tok in (vocab := _vocab(tokenizer)):
-            return vocab[tok]
-    raise ConversionError(f"{where}: token {tok!r} has no token id and does not map to exactly one vocabulary entry")
+            tid = vocab[tok]
+    if tid is None:
+        raise ConversionError(
+            f"{where}: token {tok!r} has no token id and does not map to exactly one vocabulary entry"
+        )
+    if not 0 <= tid < len(tokenizer):
+        raise ConversionError(f"{where}: token id {tid} is outside the vocabulary [0, {len(tokenizer)})")
+    return tid
+
+
+def _logprob(value, where: str) -> float:
+    try:
+        return clean_logprob(value, where)
+    except ValueError as err:
+        raise ConversionError(str(err)) from None
 
 
 def _logprob_entries(logprobs, where: str) -> list[dict]:
@@ -192,15 +206,14 @@ def convert_record(
             for r, t in enumerate(top):
                 if not isinstance(t, dict) or not isinstance(t.get("logprob"), (int, float)):
                     raise ConversionError(f"{mw}: token position {j}: top_logprobs[{r}] needs a numeric 'logprob'")
-                cand.append(
-                    (_token_id(t, tokenizer, f"{mw}: token position {j}: top_logprobs[{r}]"), float(t["logprob"]))
-                )
+                here = f"{mw}: token position {j}: top_logprobs[{r}]"
+                cand.append((_token_id(t, tokenizer, here), _logprob(t["logprob"], here)))
             if not cand:  # no alternatives recorded: the sampled token alone
-                cand = [(teacher[j], float(e["logprob"]))]
+                cand = [(teacher[j], _logprob(e["logprob"], f"{mw}: token position {j}"))]
             for tid, lp in keep_top(cand, min_prob_mass, top_k):
                 pos.append(start + j)
                 ids.append(tid)
-                lps.append(min(lp, 0.0))
+                lps.append(lp)
     if not pos:
         raise ConversionError(f"{where}: no assistant message with logprobs")
     meta = record.get("metadata") or {}

@@ -45,6 +45,21 @@ class FlatTopkError(ValueError):
     """A parquet file that is not valid flat top-k data."""
 
 
+# a logprob this far above 0 is rounding (vLLM's and torch's log-softmax give up to ~1e-6) and is clamped to 0;
+# anything larger, or not finite, is not a logprob
+LOGPROB_TOLERANCE = 1e-3
+
+
+def clean_logprob(value, where: str) -> float:
+    """``value`` as a logprob <= 0, or a ValueError naming ``where`` and the value."""
+    lp = float(value)
+    if not np.isfinite(lp):
+        raise ValueError(f"{where}: logprob {lp} is not finite")
+    if lp > LOGPROB_TOLERANCE:
+        raise ValueError(f"{where}: logprob {lp} > 0 (more than the rounding tolerance {LOGPROB_TOLERANCE})")
+    return min(lp, 0.0)
+
+
 def validate_row(row: dict, vocab_size: int | None = None, where: str = "row") -> None:
     """Check one row's invariants; raise :class:`FlatTopkError` naming the field and the value."""
     n = len(row["input_ids"])
@@ -59,10 +74,24 @@ def validate_row(row: dict, vocab_size: int | None = None, where: str = "row") -
         raise FlatTopkError(f"{where}: topk_pos out of range [1, {n}): min {pos.min()}, max {pos.max()}")
     if len(pos) and np.any(np.diff(pos) < 0):
         raise FlatTopkError(f"{where}: topk_pos is not grouped by position")
-    if np.any(lps > 1e-4) or np.any(~np.isfinite(lps)):
-        raise FlatTopkError(f"{where}: topk_logprobs must be finite and <= 0")
-    if vocab_size is not None and len(ids) and (ids.min() < 0 or ids.max() >= vocab_size):
-        raise FlatTopkError(f"{where}: topk_ids outside the vocabulary [0, {vocab_size}): {ids.min()}..{ids.max()}")
+    bad = np.flatnonzero(~np.isfinite(lps) | (lps > LOGPROB_TOLERANCE))
+    if len(bad):
+        i = bad[0]
+        raise FlatTopkError(
+            f"{where}: topk_logprobs[{i}] = {lps[i]} at token position {pos[i]} (must be finite and <= 0)"
+        )
+    if vocab_size is not None and len(ids):
+        bad = np.flatnonzero((ids < 0) | (ids >= vocab_size))
+        if len(bad):
+            i = bad[0]
+            raise FlatTopkError(
+                f"{where}: topk_ids[{i}] = {ids[i]} at token position {pos[i]} is outside the vocabulary "
+                f"[0, {vocab_size})"
+            )
+    unsorted = np.flatnonzero((np.diff(pos) == 0) & (np.diff(lps) > 1e-6))
+    if len(unsorted):
+        i = unsorted[0] + 1
+        raise FlatTopkError(f"{where}: topk_logprobs of token position {pos[i]} are not sorted (entry {i})")
     if int(row["num_positions"]) != len(np.unique(pos)):
         raise FlatTopkError(
             f"{where}: num_positions={row['num_positions']} but {len(np.unique(pos))} distinct positions"
@@ -82,6 +111,7 @@ class FlatTopkWriter:
         self.rows = 0
 
     def write(self, row: dict) -> None:
+        validate_row(row, where=f"{self.path}: row {self.rows + len(self._buf)} (row_id {row.get('row_id')})")
         self._buf.append(row)
         if len(self._buf) >= self.row_group_size:
             self._flush()

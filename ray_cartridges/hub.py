@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -10,6 +11,17 @@ logger = logging.getLogger(__name__)
 
 class HubError(RuntimeError):
     """A push or pull that failed; the local files are untouched and the message says how to retry."""
+
+
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*|[A-Za-z0-9][\w.-]*")
+
+
+def cartridge_source(ref: str) -> str:
+    """``local`` for a directory that exists or anything written as a path (``./x``, ``/x``, ``a/b/c``);
+    ``huggingface`` only for what the hub could call a repo id (``org/name``) that is not a local directory."""
+    if Path(ref).expanduser().exists() or ref.startswith((".", "/", "~")) or not _REPO_ID.fullmatch(ref.rstrip("/")):
+        return "local"
+    return "huggingface"
 
 
 def push_folder(

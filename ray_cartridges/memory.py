@@ -119,11 +119,21 @@ def resolve_episode_dir(path: Path) -> Path:
     return eps[-1]
 
 
+def read_utf8(path: Path) -> str:
+    """A checkpoint file's text; bytes that are not UTF-8 are a CheckpointError naming the file and the offset."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise CheckpointError(
+            f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}: {err.reason})"
+        ) from None
+
+
 def read_memory(checkpoint_dir: str | Path, *, strict: bool = False) -> AgentMemory:
     """Read the memory of a checkpoint (or a text corpus); malformed lines fail (strict) or are skipped and counted."""
     path = Path(checkpoint_dir)
     if path.is_file():
-        text = path.read_text(encoding="utf-8")
+        text = read_utf8(path)
         paras = [p.strip() for p in text.split("\n\n") if p.strip()]
         if not paras:
             raise CheckpointError(f"{path}: corpus is empty")
@@ -134,7 +144,7 @@ def read_memory(checkpoint_dir: str | Path, *, strict: bool = False) -> AgentMem
     if not agent_file.is_file():
         raise CheckpointError(f"{ep}: missing agent.json")
     try:
-        agent = json.loads(agent_file.read_text())
+        agent = json.loads(read_utf8(agent_file))
         acfg = agent.get("agent_config", {})
         system_prompt = acfg.get("system_prompt", "")
         history_k = acfg.get("history_k")
@@ -147,7 +157,7 @@ def read_memory(checkpoint_dir: str | Path, *, strict: bool = False) -> AgentMem
         raise CheckpointError(f"{ep}: no memory_N.jsonl file")
     entries, skipped, warnings = [], 0, []
     for mf in mem_files:
-        for n, line in enumerate(mf.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(read_utf8(mf).splitlines(), 1):
             if not line.strip():
                 continue
             problem = None

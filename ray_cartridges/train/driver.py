@@ -55,6 +55,27 @@ def resolve_dataset(cfg: TrainConfig) -> list[Path]:
     return [out]
 
 
+def preflight(cfg: TrainConfig, files: list[Path]) -> int:
+    """Every training row validated and the step plan checked, before any Ray worker starts (seconds, not the
+    minute a worker group takes to fail); an error names the file, the row and the value. Returns the number of
+    training rows."""
+    from ..batching import split_rows
+    from ..flat_topk import read_flat_topk, validate_row
+    from ..models import load_tokenizer
+    from .loop import plan_steps
+
+    vocab = len(load_tokenizer(cfg.model_name))
+    keys = []
+    for f in files:
+        for i, row in enumerate(read_flat_topk(f).to_pylist()):
+            validate_row(row, vocab_size=vocab, where=f"{f}: row {i} (row_id {row['row_id']})")
+            if len(row["input_ids"]) <= cfg.training.max_seq_len:
+                keys.append({"split_key": row["split_key"]})
+    train, _ = split_rows(keys, cfg.input_dataset.eval_fraction, cfg.input_dataset.split_seed)
+    plan_steps(cfg, len(train))  # raises when global_batch_size exceeds the training rows
+    return len(train)
+
+
 def ensure_ray(address: str | None = None) -> None:
     import ray
 
@@ -133,6 +154,7 @@ def run_training(cfg: TrainConfig, max_failures: int | None = None, fault_at_ste
             raise FileNotFoundError(f"training.no_harm_text_file: {path} does not exist")
         no_harm_text = path.read_text(encoding="utf-8")
     files = resolve_dataset(cfg)
+    preflight(cfg, files)
     if cfg.model_name == BUNDLED_MODEL:
         ensure_bundled_model(dtypes=(cfg.model_dtype,))  # once, here, not racing in every worker
     ensure_ray()
@@ -180,7 +202,15 @@ def run_training(cfg: TrainConfig, max_failures: int | None = None, fault_at_ste
         datasets={"train": ds},
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Exception as err:  # a worker's NaN/inf stop is the user's to read, not a stack of Ray frames
+        text = str(err)
+        if "NonFiniteError: " in text:
+            from .loop import NonFiniteError
+
+            raise NonFiniteError(text.split("NonFiniteError: ", 1)[1].splitlines()[0]) from None
+        raise
     summary_path = out_dir / "train_summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     summary.update({"output_dir": str(out_dir), "data_files": [str(f) for f in files]})

@@ -56,6 +56,18 @@ def init_text(cfg: TrainConfig) -> str | None:
     return Path(cfg.kv_cache.init_text_file).read_text(encoding="utf-8")
 
 
+class NonFiniteError(FloatingPointError):
+    """A NaN or inf in training: the run stops before anything is written from that step."""
+
+
+def check_finite(value: torch.Tensor, what: str, step: int, row_ids: list[str]) -> None:
+    if not bool(torch.isfinite(value).all()):
+        raise NonFiniteError(
+            f"{what} is {float(value)} at step {step + 1}; the rows of this batch: {', '.join(map(str, row_ids))} "
+            "(check their teacher logprobs, or lower training.lr)"
+        )
+
+
 def plan_steps(cfg: TrainConfig, n_train: int) -> tuple[list[list[int]], int]:
     """The global batch plan and the number of optimizer steps."""
     t = cfg.training
@@ -326,6 +338,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 with autocast():
                     logits = student_logits_at(train_model, b)
                 ls = kd_loss_sum(logits, b["topk_ids"], b["topk_logprobs"], kd_tail)
+                check_finite(ls, "KD loss", step, [train_rows[i]["row_id"] for i in chunk])
                 timer.lap("forward")
                 # data parallelism averages gradients over workers: scale so the result is the global per-token mean
                 backend.backward(ls * world / global_positions)
@@ -347,6 +360,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             nh_loss = float(nh)
         lr = sched.get_last_lr()[0]
         grad_norm = backend.step()
+        check_finite(torch.as_tensor(float(grad_norm)), "gradient norm", step, [train_rows[i]["row_id"] for i in mine])
         sched.step()
         timer.lap("optimizer")
         loss_total, nh_total = _all_reduce([loss_sum, nh_loss])
