@@ -5,7 +5,6 @@ PIP := $(PY) -m pip
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 EXTRAS := $(if $(HAS_GPU),gpu,cpu),dev
 export RAY_USAGE_STATS_ENABLED ?= 0
-export RAY_AUTH_MODE ?= disabled
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/ray_cartridges/torch_extensions
 
 .PHONY: setup test test-fast lint format docs demo bench clean

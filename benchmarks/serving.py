@@ -134,6 +134,7 @@ def engine_figures(args, model, tok, mem_text, qs, cart_dir, many_texts, many_di
     for make in kinds.values():  # the memory in the prefix cache, the cartridge loaded: a warm server
         loop.run_until_complete(run_async(engine, [make("Hello")], warm))
     rows: dict = {}
+    partial = {"config": vars(args), "partial": True}
     for c in args.clients:
         qc = [qs[i % len(qs)] for i in range(c)]
         rounds = {"a": [], "b": [], "c": [], "d": []}
@@ -143,6 +144,7 @@ def engine_figures(args, model, tok, mem_text, qs, cart_dir, many_texts, many_di
             for k, make in kinds.items():
                 rounds[k].append(loop.run_until_complete(run_async(engine, [make(q) for q in qc], sp)))
         rows[c] = {k: {m: statistics.median(x[m] for x in v) for m in v[0]} for k, v in rounds.items()}
+        write_json("serving_partial", {**partial, "by_clients": rows})  # kept if a later phase fails
     # many agents: every memory asked args.per_agent questions, all at once
     reqs_c, reqs_i = [], []
     for j in range(args.per_agent):
@@ -153,12 +155,13 @@ def engine_figures(args, model, tok, mem_text, qs, cart_dir, many_texts, many_di
     many_rounds = {"cartridges": [], "icl": []}
     for reqs in (reqs_c[: len(many)], reqs_i[: len(many)]):  # each memory read once before: what fits stays cached
         loop.run_until_complete(run_async(engine, reqs, warm))
-    for r in range(args.repeats):
-        print(f"[bench] {len(many)} agents, round {r + 1}/{args.repeats}", flush=True)
+    for r in range(args.many_repeats):
+        print(f"[bench] {len(many)} agents, round {r + 1}/{args.many_repeats}", flush=True)
         many_rounds["cartridges"].append(loop.run_until_complete(run_async(engine, reqs_c, sp)))
         many_rounds["icl"].append(loop.run_until_complete(run_async(engine, reqs_i, sp)))
     many_fig = {k: {m: statistics.median(x[m] for x in v) for m in v[0]} for k, v in many_rounds.items()}
     many_fig["cartridge_requests_loading"] = engine.stats.cartridge_requests - engine.stats.requests_fully_cached
+    many_fig["requests"] = len(reqs_c)
     engine.shutdown()
     del engine
     loop.close()
@@ -311,7 +314,8 @@ def main() -> None:
     ap.add_argument("--agents", type=int, default=16, help="distinct memories in the many-agents case")
     ap.add_argument("--per-agent", type=int, default=4, help="questions per agent in the many-agents case")
     ap.add_argument("--kv-budget-gib", type=float, default=1.0, help="vLLM KV-cache space (GiB)")
-    ap.add_argument("--repeats", type=int, default=3, help="rounds; figures are medians")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds at each client count; figures are medians")
+    ap.add_argument("--many-repeats", type=int, default=1, help="rounds of the many-agents case (slow for ICL)")
     ap.add_argument("--load-clients", type=int, default=64, help="HTTP load test clients")
     ap.add_argument("--load-seconds", type=float, default=60, help="HTTP load test length")
     ap.add_argument("--load-max-tokens", type=int, default=16, help="HTTP load test answer tokens")
@@ -360,6 +364,7 @@ def main() -> None:
             },
         },
     )
+    (REPO / "benchmarks" / "results" / "serving_partial.json").unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

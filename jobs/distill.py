@@ -68,10 +68,9 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    import ray
+    from ray_cartridges.raycluster import init_ray
 
-    if not ray.is_initialized():
-        ray.init()  # connects to RAY_ADDRESS / a `ray start` cluster when there is one, else starts a local one
+    init_ray()  # joins RAY_ADDRESS / a `ray start` cluster when there is one, else starts one on loopback
     t_start = time.perf_counter()
     report: dict = {"stages": {}}
     out_dir = Path(cfg.train.output.local_dir).resolve()

@@ -17,8 +17,7 @@ import sys
 def setup_env() -> None:
     """Process-wide settings for entry points only (never at import time)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Ray 2.60 turns token auth on by default; a local single-user cluster runs without it (see README).
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Ray's token auth: kept as configured when joining a cluster, off only for a new loopback one (raycluster.py)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("WANDB_SILENT", "true")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -94,14 +93,13 @@ def _serve_config(args):
 def _cmd_serve(args) -> int:
     import time
 
-    import ray
     from ray import serve
 
+    from .raycluster import init_ray
     from .serve.app import deployment
 
     cfg = _serve_config(args)
-    if not ray.is_initialized():
-        ray.init()
+    init_ray()
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(deployment(cfg), name="ray_cartridges", route_prefix="/")
     print(f"serving {list(cfg.cartridges)} on http://{cfg.host}:{cfg.port}/v1 (Ctrl-C to stop)", flush=True)

@@ -26,11 +26,17 @@ def head(tmp_path):
     """A separate Ray head (its own ports and temp dir); killed as a process group, never with `ray stop`."""
     import tempfile
 
+    import secrets
+
     port, dash = _free_port(), _free_port()
     temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's unix socket paths must stay < 108 chars
+    token = tmp_path / "ray_token"  # Ray's token auth on, with a token of this cluster's own
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
     env = {
         **os.environ,
-        "RAY_AUTH_MODE": "disabled",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token),
         "RAY_USAGE_STATS_ENABLED": "0",
         "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
     }
@@ -114,6 +120,13 @@ def test_ray_job_submit_runs_the_distill_job(tmp_path, head, teacher_jsonl):
         time.sleep(5)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert "succeeded" in (r.stdout + r.stderr)
+    # the cluster is closed: a client without its token is refused
+    stranger = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN_PATH"}
+    stranger.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="not-the-token")
+    r2 = subprocess.run(
+        [cmd[0], "job", "list", "--address", address], env=stranger, capture_output=True, text=True, timeout=120
+    )
+    assert r2.returncode != 0 and "Authentication" in r2.stdout + r2.stderr
     # the workers' progress lines reach the job's log, each once (Ray Train's print patch used to double them)
     for k in (1, 2, 3):
         assert (r.stdout + r.stderr).count(f"[train] step {k}/3 ") == 1, (r.stdout + r.stderr)[-3000:]

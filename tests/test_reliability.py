@@ -107,11 +107,11 @@ def test_training_refuses_bad_data_and_too_large_batches_before_ray_starts(
 @pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_a_nan_loss_stops_training_with_no_artifact(tmp_path, ray_cluster, teacher_jsonl, memory, tiny_model_dir):
-    from ray_cartridges.train import run_training
-    from ray_cartridges.train.loop import NonFiniteError
-
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ray_cartridges.train import run_training
+    from ray_cartridges.train.loop import NonFiniteError
 
     broken = tmp_path / "broken-student"  # a student checkpoint with a NaN weight: its loss is NaN from step 1
     m = AutoModelForCausalLM.from_pretrained(tiny_model_dir)

@@ -191,3 +191,22 @@ def test_recall_on_vllm_gives_the_answers_of_the_transformers_reference(engine, 
             a["answer"] for a in got["transformers"][agent]["answers"]
         ], agent
     assert got["vllm"]["icl"]["answers"] != got["vllm"]["no_memory"]["answers"]
+
+
+def test_a_serve_config_with_a_cartridge_that_cannot_load_fails_before_the_engine_starts(cartridges, tmp_path):
+    import shutil
+
+    from ray_cartridges.serve.config import ServeConfig
+    from ray_cartridges.serve.engine import ServeEngine
+
+    broken = tmp_path / "broken"
+    shutil.copytree(cartridges["a"], broken)
+    weights = broken / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    for cart, why in (
+        (broken, rf"cartridge 'x' \({broken}\) cannot be served: {weights}: cannot read the cartridge weights"),
+        (tmp_path / "missing", rf"cartridge 'x' \({tmp_path / 'missing'}\): cartridge directory not found"),
+    ):
+        cfg = ServeConfig(cartridges={"ok": str(cartridges["a"]), "x": str(cart)})
+        with pytest.raises(ValueError, match=why):
+            ServeEngine(cfg)

@@ -181,8 +181,9 @@ def run_generation(cfg: GenerateConfig, progress: bool = True) -> dict:
     if todo:
         if cfg.model_name == BUNDLED_MODEL:
             ensure_bundled_model(dtypes=(cfg.dtype,))
-        if not ray.is_initialized():
-            ray.init(log_to_driver=True)
+        from ..raycluster import init_ray
+
+        init_ray(log_to_driver=True)
         ray.data.DataContext.get_current().enable_progress_bars = False  # one bar over shards below
         items = [
             {

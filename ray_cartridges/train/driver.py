@@ -79,8 +79,10 @@ def preflight(cfg: TrainConfig, files: list[Path]) -> int:
 def ensure_ray(address: str | None = None) -> None:
     import ray
 
+    from ..raycluster import init_ray
+
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True)
+        init_ray(address=address, log_to_driver=True)
 
 
 def run_hash(cfg: TrainConfig, files: list[Path] = (), no_harm_text: str | None = None) -> str:
