@@ -161,10 +161,11 @@ class DeepSpeedBackend(DDPBackend):
         # the loop already scaled the loss to a global per-token mean: no further division by accumulation
         self.engine.backward(loss, scale_wrt_gas=False)
 
-    def step(self) -> float:
+    def step(self) -> float | None:
+        """The optimizer step; the gradient norm where DeepSpeed computed one (None where it did not)."""
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        return float(norm) if norm is not None else None
 
     @contextlib.contextmanager
     def full_weights(self):

@@ -360,7 +360,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
             nh_loss = float(nh)
         lr = sched.get_last_lr()[0]
         grad_norm = backend.step()
-        check_finite(torch.as_tensor(float(grad_norm)), "gradient norm", step, [train_rows[i]["row_id"] for i in mine])
+        if grad_norm is not None:
+            check_finite(torch.as_tensor(float(grad_norm)), "gradient norm", step, [train_rows[i]["row_id"] for i in mine])
+        else:
+            grad_norm = float("nan")  # DeepSpeed without clipping computes none
         sched.step()
         timer.lap("optimizer")
         loss_total, nh_total = _all_reduce([loss_sum, nh_loss])
