@@ -24,9 +24,8 @@ def _free_port() -> int:
 @pytest.fixture
 def head(tmp_path):
     """A separate Ray head (its own ports and temp dir); killed as a process group, never with `ray stop`."""
-    import tempfile
-
     import secrets
+    import tempfile
 
     port, dash = _free_port(), _free_port()
     temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's unix socket paths must stay < 108 chars

@@ -361,7 +361,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         lr = sched.get_last_lr()[0]
         grad_norm = backend.step()
         if grad_norm is not None:
-            check_finite(torch.as_tensor(float(grad_norm)), "gradient norm", step, [train_rows[i]["row_id"] for i in mine])
+            check_finite(
+                torch.as_tensor(float(grad_norm)), "gradient norm", step, [train_rows[i]["row_id"] for i in mine]
+            )
         else:
             grad_norm = float("nan")  # DeepSpeed without clipping computes none
         sched.step()
