@@ -136,19 +136,31 @@ def main(root: Path) -> None:
             {
                 "agent_type": "HistoryAgent",
                 "agent_config": {"system_prompt": SYSTEM_PROMPT, "history_k": len(FACTS)},
+                "memory_type": "HistoryList",
+                "memory_snapshot_path": "memory_30.jsonl",
             },
             indent=2,
         )
         + "\n"
     )
     (ep / "runtime.json").write_text(
-        json.dumps({"episode": 30, "steps": len(FACTS) * 3, "env": "skerry-station"}, indent=2) + "\n"
+        json.dumps(
+            {
+                "timestamp": "2026-11-01T00:00:00",
+                "episode_index": 30,
+                "train_steps_total": len(FACTS) * 3,
+                "agent_type": "HistoryAgent",
+                "memory_snapshot_path": "memory_30.jsonl",
+            },
+            indent=2,
+        )
+        + "\n"
     )
     latest = root / "checkpoints" / "latest"
     if latest.is_symlink() or latest.exists():
         latest.unlink()
     os.symlink("ep_000030", latest)
-    (root / "checkpoints" / "latest.json").write_text(json.dumps({"latest": "ep_000030"}) + "\n")
+    (root / "checkpoints" / "latest.json").write_text(json.dumps({"path": "ep_000030"}) + "\n")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,12 +105,15 @@ def resolve_episode_dir(path: Path) -> Path:
     if link.exists():
         return link.resolve()
     pointer = root / "latest.json"
-    if pointer.is_file():
+    if pointer.is_file():  # the research workflow writes {"path": ...}; earlier releases here {"latest": ...}
         try:
-            target = json.loads(pointer.read_text())["latest"]
+            d = json.loads(pointer.read_text())
+            target = d["path"] if "path" in d else d["latest"]
+            if not isinstance(target, str):
+                raise TypeError(f"the pointer is {type(target).__name__}, not a string")
         except (ValueError, KeyError, TypeError) as err:
-            raise CheckpointError(f'{pointer}: expected {{"latest": "ep_NNNNNN"}} ({err})') from None
-        ep = root / target
+            raise CheckpointError(f'{pointer}: expected {{"path": "ep_NNNNNN"}} ({err})') from None
+        ep = root / target if not Path(target).is_absolute() else Path(target)
         if not ep.is_dir():
             raise CheckpointError(f"{pointer}: points at {target!r}, which is not a directory under {root}")
         return ep
@@ -117,6 +121,28 @@ def resolve_episode_dir(path: Path) -> Path:
     if not eps:
         raise CheckpointError(f"{path}: no ep_* checkpoint directories, no latest pointer")
     return eps[-1]
+
+
+_FILE_PROMPT = re.compile(r"^\{file:(.+)\}$")
+
+
+def resolve_file_prompt(value, agent_file: Path, checkpoint_dir: Path):
+    """A ``{file:prompts/x.txt}`` prompt (the research workflow's agent configs) as the file's text, looked up
+    beside agent.json, then under the checkpoint directory and its parent; other values as they are."""
+    m = _FILE_PROMPT.match(value) if isinstance(value, str) else None
+    if not m:
+        return value
+    rel = Path(m.group(1).strip())
+    bases = [agent_file.parent, checkpoint_dir, checkpoint_dir.parent]
+    tried = [rel] if rel.is_absolute() else [b / rel for b in bases]
+    for cand in tried:
+        if cand.is_file():
+            return read_utf8(cand)
+    raise CheckpointError(
+        f"{agent_file}: agent_config.system_prompt {value!r} names a file that is not there (tried "
+        + ", ".join(str(c) for c in tried)
+        + ")"
+    )
 
 
 def read_utf8(path: Path) -> str:
@@ -127,6 +153,20 @@ def read_utf8(path: Path) -> str:
         raise CheckpointError(
             f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}: {err.reason})"
         ) from None
+
+
+def memory_files(ep: Path, snapshot: str | None, agent_file: Path) -> list[Path]:
+    """The memory file agent.json names (``memory_snapshot_path``; a path written on another machine is looked
+    up by its name in the episode directory), else every ``memory_N.jsonl`` of the episode."""
+    if snapshot:
+        for cand in (ep / snapshot, Path(snapshot), ep / Path(snapshot).name):
+            if cand.is_file():
+                return [cand]
+        raise CheckpointError(f"{agent_file}: memory_snapshot_path {snapshot!r} is not a file in {ep}")
+    files = sorted(ep.glob("memory_*.jsonl"))
+    if not files:
+        raise CheckpointError(f"{ep}: no memory_N.jsonl file")
+    return files
 
 
 def read_memory(checkpoint_dir: str | Path, *, strict: bool = False) -> AgentMemory:
@@ -146,15 +186,13 @@ def read_memory(checkpoint_dir: str | Path, *, strict: bool = False) -> AgentMem
     try:
         agent = json.loads(read_utf8(agent_file))
         acfg = agent.get("agent_config", {})
-        system_prompt = acfg.get("system_prompt", "")
+        system_prompt = resolve_file_prompt(acfg.get("system_prompt", ""), agent_file, path)
         history_k = acfg.get("history_k")
     except (ValueError, AttributeError) as err:
         raise CheckpointError(f"{agent_file}: not a valid agent.json ({err})") from None
     if not isinstance(system_prompt, str):
         raise CheckpointError(f"{agent_file}: agent_config.system_prompt must be a string")
-    mem_files = sorted(ep.glob("memory_*.jsonl"))
-    if not mem_files:
-        raise CheckpointError(f"{ep}: no memory_N.jsonl file")
+    mem_files = memory_files(ep, agent.get("memory_snapshot_path"), agent_file)
     entries, skipped, warnings = [], 0, []
     for mf in mem_files:
         for n, line in enumerate(read_utf8(mf).splitlines(), 1):

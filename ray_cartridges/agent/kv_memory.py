@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -11,15 +12,22 @@ from ..models import load_model, load_tokenizer
 from .base import ChatModel
 from .decoding import place_kv
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class KVArtifact:
     id: str  # local cartridge directory or hub model id
-    source: Literal["huggingface", "local"] = "local"
+    source: Literal["huggingface", "local", "wandb"] = "local"  # wandb: the research workflow's; refused
     force_redownload: bool = False
     revision: str | None = None
 
     def local_dir(self) -> Path:
+        if self.source == "wandb":
+            raise ValueError(
+                f"KVArtifact(source='wandb', id={self.id!r}): wandb artifacts are not supported; download it "
+                "(`wandb artifact get ...`) and use source='local' with its directory, or push it to the hub"
+            )
         if self.source == "local":
             path = Path(self.id)
             if not path.is_dir():
@@ -98,6 +106,8 @@ class KVMemoryAgentConfig:
     lm_config: dict = field(default_factory=dict)  # {"model": ..., "temperature": ..., "max_tokens": ...}
     engine: EngineName = "auto"  # vllm (auto, unless a model object is given) or the transformers reference
     engine_args: dict = field(default_factory=dict)  # CartridgeLLM options: max_model_len, block_size, ...
+    history_k: int | None = None  # the research workflow's; a cartridge has no history window (unused)
+    verbose: bool = False  # log each prompt and answer
 
 
 class KVMemoryAgent(ChatModel):
@@ -140,10 +150,13 @@ class KVMemoryAgent(ChatModel):
 
     def chat(self, messages, temperature=None, top_p=None, max_tokens=None, stop=None) -> str:
         d = self.defaults
-        return super().chat(
+        reply = super().chat(
             messages,
             temperature=d.get("temperature", 0.0) if temperature is None else temperature,
             top_p=d.get("top_p", 1.0) if top_p is None else top_p,
             max_tokens=d.get("max_tokens", 256) if max_tokens is None else max_tokens,
             stop=stop,
         )
+        if self.config.verbose:
+            logger.info("KVMemoryAgent: %s -> %s", messages[-1]["content"] if messages else "", reply)
+        return reply
