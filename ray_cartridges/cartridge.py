@@ -193,6 +193,7 @@ def save_cartridge(
             peft_model.save_pretrained(str(tmp), safe_serialization=True)
         else:
             _write_adapter(peft_model, tmp, weight)
+        _record_hub_base(tmp / "adapter_config.json", meta.model_name)
         (tmp / META_FILE).write_text(meta.to_json())
         if export_pt:
             export_cache_pt(peft_model, tmp / export_pt, weight)
@@ -203,6 +204,15 @@ def save_cartridge(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _record_hub_base(adapter_config: Path, model_name: str) -> None:
+    """``base_model_name_or_path`` as a hub id where one is known (PEFT writes the local path it loaded)."""
+    from .models import hub_model_id
+
+    d = json.loads(adapter_config.read_text())
+    d["base_model_name_or_path"] = hub_model_id(model_name)
+    adapter_config.write_text(json.dumps(d, indent=2, sort_keys=True))
 
 
 def _write_adapter(peft_model, out: Path, weight: torch.Tensor) -> None:

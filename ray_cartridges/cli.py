@@ -32,10 +32,12 @@ def _cmd_prepare_model(args) -> int:
 
 
 def _cmd_convert(args) -> int:
-    from .convert import convert_jsonl
+    from .convert import convert_jsonl, convert_their_parquet
     from .models import load_tokenizer
 
-    stats = convert_jsonl(
+    # a .parquet input is the Cartridges trainer's converted file; anything else JSONL records
+    convert = convert_their_parquet if str(args.input).endswith(".parquet") else convert_jsonl
+    stats = convert(
         args.input,
         args.output,
         load_tokenizer(args.model),
@@ -140,6 +142,28 @@ def _cmd_chat(args) -> int:
     return 0
 
 
+def _cmd_import_cartridge(args) -> int:
+    from .interop import import_cartridge
+
+    out = import_cartridge(args.pt_file, args.model, args.out)
+    print(f"wrote {out} (chat: ray-cartridges chat --cartridge {out})")
+    return 0
+
+
+def _cmd_export_cartridge(args) -> int:
+    from pathlib import Path
+
+    from .interop import export_cartridges_pt, export_tokasaurus
+
+    if args.format == "tokasaurus":
+        name = args.id or Path(args.cartridge.rstrip("/")).name
+        out = export_tokasaurus(args.cartridge, args.out, name, args.dtype or "bf16")
+    else:
+        out = export_cartridges_pt(args.cartridge, args.out, args.dtype or "fp32")
+    print(f"wrote {out}")
+    return 0
+
+
 def _cmd_eval(args) -> int:
     import json
     from pathlib import Path
@@ -241,6 +265,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="what answers the recall questions (KL is always read by the transformers reference)",
     )
     s.set_defaults(func=_cmd_eval)
+
+    s = sub.add_parser("import-cartridge", help="A Cartridges-trainer .pt -> a cartridge directory (PEFT adapter).")
+    s.add_argument("pt_file", help="the .pt file (trainable_keys/values, frozen_* or fixed_*)")
+    s.add_argument("--model", required=True, help="the model it was trained on (name, hub id or directory)")
+    s.add_argument("--out", required=True, help="cartridge directory to write")
+    s.set_defaults(func=_cmd_import_cartridge)
+
+    s = sub.add_parser("export-cartridge", help="A cartridge directory -> a Cartridges .pt or a Tokasaurus layout.")
+    s.add_argument("cartridge", help="cartridge directory")
+    s.add_argument("--format", choices=["cartridges", "tokasaurus"], default="cartridges", help="what to write")
+    s.add_argument("--out", required=True, help=".pt file (cartridges) or root directory (tokasaurus)")
+    s.add_argument("--id", default=None, help="tokasaurus: the cartridge id (default: the directory's name)")
+    s.add_argument(
+        "--dtype", choices=["fp32", "bf16"], default=None, help="tensor dtype (cartridges: fp32, tokasaurus: bf16)"
+    )
+    s.set_defaults(func=_cmd_export_cartridge)
 
     s = sub.add_parser("show-config", help="Print every config field with its type, default and description.")
     s.add_argument(

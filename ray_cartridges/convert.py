@@ -257,31 +257,73 @@ def convert_jsonl(
     strict: bool = False,
     progress: bool = True,
 ) -> ConversionStats:
-    """Convert a seed JSONL file into one flat top-k parquet file (written atomically)."""
-    from tqdm.auto import tqdm
+    """Convert a JSONL file of teacher records (any kind ``record_formats`` reads) into one flat top-k parquet
+    file (written atomically)."""
+    input_path = Path(input_path)
+    if not input_path.is_file():
+        raise FileNotFoundError(f"input file not found: {input_path}")
+    items = ((f"{input_path}:{n}", rec, err) for n, rec, err in iter_jsonl(input_path))
+    opts = dict(min_prob_mass=min_prob_mass, top_k=top_k, student_system_prompt=student_system_prompt)
+    return convert_stream(items, input_path, output_path, tokenizer, strict=strict, progress=progress, **opts)
 
-    from .flat_topk import FlatTopkWriter
+
+def convert_their_parquet(input_path: str | Path, output_path: str | Path, tokenizer, **kw) -> ConversionStats:
+    """The Cartridges trainer's parquet (see ``record_formats``) into our flat top-k parquet."""
+    import pyarrow.parquet as pq
+
+    from .record_formats import RecordFormatError, from_their_parquet_row
 
     input_path = Path(input_path)
     if not input_path.is_file():
         raise FileNotFoundError(f"input file not found: {input_path}")
+
+    def items():
+        for i, row in enumerate(pq.read_table(input_path).to_pylist()):
+            where = f"{input_path}: row {i}"
+            try:
+                yield where, from_their_parquet_row(row, tokenizer, where), None
+            except (RecordFormatError, KeyError, TypeError) as err:
+                yield where, None, f"{where}: {err}" if isinstance(err, (KeyError, TypeError)) else str(err)
+
+    return convert_stream(items(), input_path, output_path, tokenizer, **kw)
+
+
+def convert_stream(
+    items,
+    source: Path,
+    output_path: str | Path,
+    tokenizer,
+    *,
+    min_prob_mass: float = 0.99,
+    top_k: int = 20,
+    student_system_prompt: str | None = None,
+    strict: bool = False,
+    progress: bool = True,
+) -> ConversionStats:
+    """(where, record or None, error or None) items -> one flat top-k parquet file; bad rows are skipped and
+    counted (``strict``: the first one stops it, and nothing is written)."""
+    from tqdm.auto import tqdm
+
+    from .flat_topk import FlatTopkWriter
+    from .record_formats import RecordFormatError, normalise
+
     stats = ConversionStats()
     with FlatTopkWriter(output_path) as w:
-        for n, rec, err in tqdm(iter_jsonl(input_path), desc="convert", unit="row", disable=not progress):
+        for where, rec, err in tqdm(items, desc="convert", unit="row", disable=not progress):
             try:
                 if err:
                     raise ConversionError(err)
                 row = convert_record(
-                    rec,
+                    normalise(rec, where),
                     tokenizer,
                     min_prob_mass=min_prob_mass,
                     top_k=top_k,
                     student_system_prompt=student_system_prompt,
-                    where=f"{input_path}:{n}",
+                    where=where,
                 )
-            except ConversionError as e:
+            except (ConversionError, RecordFormatError) as e:
                 if strict:
-                    raise
+                    raise ConversionError(str(e)) from None
                 stats.rejected += 1
                 stats.errors.append(str(e))
                 logger.warning("rejected %s", e)
@@ -293,5 +335,5 @@ def convert_jsonl(
     if stats.rows == 0:
         Path(output_path).unlink(missing_ok=True)
         first = stats.errors[0] if stats.errors else "the file is empty"
-        raise ConversionError(f"{input_path}: no row could be converted; first error: {first}")
+        raise ConversionError(f"{source}: no row could be converted; first error: {first}")
     return stats

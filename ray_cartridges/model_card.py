@@ -13,12 +13,15 @@ def cartridge_card(
     summary = {}
     if (cartridge_dir / "train_summary.json").is_file():
         summary = json.loads((cartridge_dir / "train_summary.json").read_text())
+    from .models import hub_model_id
+
+    base = hub_model_id(meta["model_name"])
     ident = repo_id or str(cartridge_dir)
     source = "huggingface" if repo_id else "local"
     lines = [
         "---",
         "library_name: peft",
-        f"base_model: {meta['model_name']}",
+        f"base_model: {base}",
         "tags: [ray-cartridges, cartridge, kv-cache, memory-distillation]",
         "---",
         f"# Cartridge for `{meta['model_name']}`",
@@ -54,7 +57,7 @@ def cartridge_card(
         "```python",
         "from peft import PeftModel",
         "from transformers import AutoModelForCausalLM",
-        f'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{meta["model_name"]}"), "{ident}")',
+        f'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}"), "{ident}")',
         "```",
         "",
         "Behind the Ray Serve endpoint (OpenAI-compatible):",

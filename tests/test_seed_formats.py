@@ -5,6 +5,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from conftest import EXAMPLE_CHECKPOINT
 
 from ray_cartridges.memory import CheckpointError, read_memory
@@ -80,3 +81,183 @@ def test_their_agent_config_keys_are_accepted_and_wandb_artifacts_refused_clearl
     assert cfg.history_k == 30 and cfg.verbose
     with pytest.raises(ValueError, match="wandb artifacts are not supported"):
         KVArtifact("team/project/cartridge:v3", source="wandb").local_dir()
+
+
+def _their_pt(path, keys, values, n_frozen, naming, dtype=torch.bfloat16):
+    """A .pt as their TrainableCache saves it: nn.ParameterLists of [1, H, n, D] per layer."""
+
+    def plist(xs, a, b):
+        return torch.nn.ParameterList([torch.nn.Parameter(x[:, a:b].unsqueeze(0).to(dtype)) for x in xs])
+
+    p = keys[0].shape[1]
+    fk, fv = FROZEN[naming]
+    state = {
+        "trainable_keys": plist(keys, n_frozen, p),
+        "trainable_values": plist(values, n_frozen, p),
+        fk: plist(keys, 0, n_frozen),
+        fv: plist(values, 0, n_frozen),
+    }
+    torch.save(state, path)
+    return path
+
+
+FROZEN = {"frozen": ("frozen_keys", "frozen_values"), "fixed": ("fixed_keys", "fixed_values")}
+
+
+@pytest.fixture(scope="module")
+def text_cartridge(tmp_path_factory, model, tokenizer, memory):
+    from conftest import bundled_meta
+
+    from ray_cartridges.cartridge import create_cartridge, save_cartridge
+
+    pm = create_cartridge(model, num_tokens=32, method="text", tokenizer=tokenizer, text=memory.render())
+    return save_cartridge(pm, tmp_path_factory.mktemp("interop") / "c", bundled_meta(model, tokenizer, 32))
+
+
+@pytest.mark.parametrize("naming", ["frozen", "fixed"])
+def test_their_pt_cartridge_imports_and_answers_like_the_cartridge_it_came_from(
+    tmp_path, text_cartridge, model, tokenizer, naming
+):
+    from ray_cartridges.agent import KVArtifact, KVCacheMemoryConfig, KVMemoryAgent, KVMemoryAgentConfig
+    from ray_cartridges.agent.kv_memory import KVCacheMemory
+    from ray_cartridges.interop import import_cartridge
+
+    kv = KVCacheMemory.from_dir(text_cartridge, model=model, tokenizer=tokenizer).kv
+    pt = _their_pt(tmp_path / "cache.pt", [k for k, _ in kv], [v for _, v in kv], 1, naming, dtype=torch.float32)
+    out = import_cartridge(pt, "smollm2-135m-instruct", tmp_path / "imported")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"  # a hub id, not a local path
+
+    def reply(path):
+        mc = KVCacheMemoryConfig(KVArtifact(str(path)))
+        agent = KVMemoryAgent(KVMemoryAgentConfig(mc, engine="transformers"), model=model, tokenizer=tokenizer)
+        return agent.chat([{"role": "user", "content": "Who is the station doctor?"}], max_tokens=16)
+
+    assert reply(out) == reply(text_cartridge) and reply(out)
+    meta = json.loads((out / "cartridge.json").read_text())
+    assert meta["num_tokens"] == 32 and meta["num_frozen_tokens"] == 1 and meta["init_method"] == "imported"
+    # bf16, as their trainer saves a random init: read and widened
+    _their_pt(tmp_path / "bf16.pt", [k for k, _ in kv], [v for _, v in kv], 1, naming)
+    from ray_cartridges.interop import read_cartridges_pt
+
+    keys, _, n_frozen = read_cartridges_pt(tmp_path / "bf16.pt")
+    assert n_frozen == 1 and keys[0].dtype == torch.float32 and torch.allclose(keys[3], kv[3][0], atol=0.05)
+
+
+def test_a_pt_with_other_objects_or_shapes_is_refused(tmp_path, tiny_model_dir):
+    from ray_cartridges.cartridge import CartridgeMismatchError
+    from ray_cartridges.interop import import_cartridge, read_cartridges_pt
+
+    class Payload:
+        pass
+
+    torch.save({"trainable_keys": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="not a cartridge of tensors only"):
+        read_cartridges_pt(tmp_path / "evil.pt")
+    ks = [torch.randn(3, 8, 64) for _ in range(30)]
+    _their_pt(tmp_path / "c.pt", ks, ks, 1, "frozen")
+    with pytest.raises(CartridgeMismatchError, match="num_layers: file has 30, model has 2"):
+        import_cartridge(tmp_path / "c.pt", str(tiny_model_dir), tmp_path / "out")
+
+
+def test_exports_for_their_trainer_and_tokasaurus(tmp_path, text_cartridge):
+    import yaml
+
+    from ray_cartridges.cli import main
+    from ray_cartridges.interop import read_cartridges_pt
+
+    assert main(["export-cartridge", str(text_cartridge), "--out", str(tmp_path / "c.pt"), "--dtype", "bf16"]) == 0
+    raw = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert raw["trainable_keys"][0].dtype == torch.bfloat16 and raw["trainable_keys"][0].shape == (1, 3, 31, 64)
+    assert raw["frozen_keys"][0].shape == (1, 3, 1, 64) and len(raw["trainable_values"]) == 30
+    assert main(["export-cartridge", str(text_cartridge), "--format", "tokasaurus", "--out", str(tmp_path / "tk")]) == 0
+    out = tmp_path / "tk" / text_cartridge.name
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["kv_cache_initializer"]["max_tokens"] == 32
+    assert cfg["model"]["pretrained_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    keys, _, n_frozen = read_cartridges_pt(out / "cartridge.pt")
+    assert keys[0].shape == (3, 32, 64) and n_frozen == 1
+
+
+def _as_their_topk_record(rec):
+    """Our seed record written as their later data_generation.py writes one."""
+    msgs = rec["messages"]
+    answer = msgs[-1]
+    entries = answer["logprobs"]["content"]
+    return {
+        "teacher_messages": msgs[:-1],
+        "input_messages": [m for m in msgs[:-1] if m["role"] != "system"],
+        "output_message": {"role": "assistant", "content": answer["content"]},
+        "output_ids": answer["token_ids"],
+        "topk_logprobs": [[t["logprob"] for t in e["top_logprobs"]] for e in entries],
+        "topk_token_ids": [[t["token_id"] for t in e["top_logprobs"]] for e in entries],
+        "sample_id": 7,
+    }
+
+
+def _as_their_parquet_row(rec):
+    """Our seed record as a row of the Cartridges trainer's converted parquet."""
+    msgs = rec["messages"]
+    out = []
+    for m in msgs[1:]:
+        row = {"role": m["role"], "content": m["content"], "token_ids": None, "top_logprobs": None}
+        if m["role"] == "assistant":
+            entries = m["logprobs"]["content"]
+            flat = [(j, t["token_id"], t["logprob"]) for j, e in enumerate(entries) for t in e["top_logprobs"]]
+            row["token_ids"] = m["token_ids"]
+            row["top_logprobs"] = {
+                "token_idx": [x[0] for x in flat],
+                "token_id": [x[1] for x in flat],
+                "logprobs": [x[2] for x in flat],
+                "shape": [len(entries), len(entries[0]["top_logprobs"])],
+            }
+        out.append(row)
+    return {"messages": out, "system_prompt": msgs[0]["content"], "metadata": json.dumps({"i": 1}), "type": "replay"}
+
+
+def _same_supervision(a, b):
+    return all(a[k] == b[k] for k in ("input_ids", "topk_pos", "topk_ids")) and a["topk_logprobs"] == pytest.approx(
+        b["topk_logprobs"], abs=1e-6
+    )
+
+
+def test_their_topk_records_and_converted_parquet_give_our_rows(teacher_jsonl, tokenizer, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ray_cartridges.convert import convert_jsonl, convert_record, convert_their_parquet
+    from ray_cartridges.flat_topk import read_flat_topk
+
+    recs = [json.loads(x) for x in teacher_jsonl.read_text().splitlines()[:4]]
+    ours = [convert_record(r, tokenizer) for r in recs]
+    src = tmp_path / "theirs.jsonl"
+    src.write_text("".join(json.dumps(_as_their_topk_record(r)) + "\n" for r in recs))
+    convert_jsonl(src, tmp_path / "a.parquet", tokenizer, progress=False)
+    got = read_flat_topk(tmp_path / "a.parquet").to_pylist()
+    assert len(got) == 4 and all(_same_supervision(a, b) for a, b in zip(got, ours))
+    assert json.loads(got[0]["metadata"])["sample_id"] == 7
+    pq.write_table(pa.Table.from_pylist([_as_their_parquet_row(r) for r in recs]), tmp_path / "theirs.parquet")
+    convert_their_parquet(tmp_path / "theirs.parquet", tmp_path / "b.parquet", tokenizer, progress=False)
+    got = read_flat_topk(tmp_path / "b.parquet").to_pylist()
+    assert len(got) == 4 and all(_same_supervision(a, b) for a, b in zip(got, ours))
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_is_converted_with_their_parquet_trains(teacher_jsonl, tmp_path, memory, tiny_model_dir, ray_cluster):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from conftest import small_train_config
+
+    from ray_cartridges.train import run_training
+
+    recs = [json.loads(x) for x in teacher_jsonl.read_text().splitlines()]
+    data = tmp_path / "hub-copy"
+    data.mkdir()
+    pq.write_table(pa.Table.from_pylist([_as_their_parquet_row(r) for r in recs]), data / "train.parquet")
+    cfg = small_train_config(tmp_path, data, memory, 1, "theirs", model_name=tiny_model_dir, max_steps=2)
+    cfg.input_dataset.is_converted = True
+    summary = run_training(cfg)
+    assert summary["steps"] == 2 and (tmp_path / "theirs" / "cartridge.json").is_file()
+    assert any(p.name.startswith("converted-") for p in (tmp_path / "theirs" / "data").iterdir())

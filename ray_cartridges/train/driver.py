@@ -34,7 +34,8 @@ def resolve_dataset(cfg: TrainConfig) -> list[Path]:
 
         path = pull_snapshot(src.repo_id, repo_type="dataset", revision=src.revision)
     if src.is_converted:
-        return parquet_files(path / "shards" if (path / "shards").is_dir() else path)
+        files = parquet_files(path / "shards" if (path / "shards").is_dir() else path)
+        return [_ours(f, cfg) for f in files]
     jsonl = path if path.is_file() else next(iter(sorted(path.rglob("*.jsonl"))), None)
     if jsonl is None:
         raise FileNotFoundError(f"input_dataset: is_converted=false but no .jsonl file under {path}")
@@ -74,6 +75,30 @@ def preflight(cfg: TrainConfig, files: list[Path]) -> int:
     train, _ = split_rows(keys, cfg.input_dataset.eval_fraction, cfg.input_dataset.split_seed)
     plan_steps(cfg, len(train))  # raises when global_batch_size exceeds the training rows
     return len(train)
+
+
+def _ours(parquet: Path, cfg: TrainConfig) -> Path:
+    """A flat top-k file as it is; the research workflow's converted parquet converted into one (once)."""
+    from ..record_formats import is_their_parquet
+
+    if not is_their_parquet(parquet):
+        return parquet
+    from ..convert import convert_their_parquet
+    from ..models import load_tokenizer
+
+    k = cfg.training.top_k_logits
+    out = Path(cfg.output.local_dir) / "data" / f"converted-{_file_hash(parquet)}-k{k}.parquet"
+    if not out.exists():  # written atomically, so an existing file is complete
+        stats = convert_their_parquet(
+            parquet,
+            out,
+            load_tokenizer(cfg.model_name),
+            min_prob_mass=cfg.input_dataset.min_prob_mass,
+            top_k=k,
+            student_system_prompt=cfg.student_system_prompt,
+        )
+        logger.info("converted the Cartridges-trainer file %s -> %s: %s", parquet, out, stats.summary())
+    return out
 
 
 def ensure_ray(address: str | None = None) -> None:
