@@ -145,13 +145,12 @@ def test_their_pt_cartridge_imports_and_answers_like_the_cartridge_it_came_from(
 
 
 def test_a_pt_with_other_objects_or_shapes_is_refused(tmp_path, tiny_model_dir):
+    import argparse
+
     from ray_cartridges.cartridge import CartridgeMismatchError
     from ray_cartridges.interop import import_cartridge, read_cartridges_pt
 
-    class Payload:
-        pass
-
-    torch.save({"trainable_keys": Payload()}, tmp_path / "evil.pt")
+    torch.save({"trainable_keys": argparse.Namespace(run="anything")}, tmp_path / "evil.pt")  # not a tensor
     with pytest.raises(ValueError, match="not a cartridge of tensors only"):
         read_cartridges_pt(tmp_path / "evil.pt")
     ks = [torch.randn(3, 8, 64) for _ in range(30)]

@@ -165,6 +165,21 @@ def test_deepspeed_zero2_and_zero3_match_ddp(tmp_path, ray_cluster, teacher_json
             KVMemoryAgentConfig(KVCacheMemoryConfig(KVArtifact(str(tmp_path / name)))), model=model, tokenizer=tokenizer
         )
         assert agent.memory.num_tokens == 32 and agent.chat([{"role": "user", "content": "Hello"}], max_tokens=4)
+        if stage == 2:  # re-run: resumes at its end from DeepSpeed's checkpoint, read with weights_only=True
+            before = (tmp_path / name / "cache-final.pt").read_bytes()
+            assert run_training(cfg)["steps"] == 4 and (tmp_path / name / "cache-final.pt").read_bytes() == before
+
+
+def test_deepspeed_checkpoint_files_are_read_as_tensors_only(tmp_path):
+    import argparse
+
+    from ray_cartridges.train.backends import _load_tensors_only
+
+    torch.save({"module": {"w": torch.ones(2)}, "step": 3}, tmp_path / "ok.pt")
+    assert _load_tensors_only(str(tmp_path / "ok.pt"))["step"] == 3
+    torch.save({"args": argparse.Namespace(cmd="anything")}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="refused to load a DeepSpeed checkpoint holding non-tensor objects"):
+        _load_tensors_only(str(tmp_path / "bad.pt"))
 
 
 def test_no_harm_term_keeps_general_text_close_to_the_bare_model(
