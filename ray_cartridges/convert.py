@@ -246,25 +246,14 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict | None, str | None]
             yield n, rec, None
 
 
-def convert_jsonl(
-    input_path: str | Path,
-    output_path: str | Path,
-    tokenizer,
-    *,
-    min_prob_mass: float = 0.99,
-    top_k: int = 20,
-    student_system_prompt: str | None = None,
-    strict: bool = False,
-    progress: bool = True,
-) -> ConversionStats:
+def convert_jsonl(input_path: str | Path, output_path: str | Path, tokenizer, **kw) -> ConversionStats:
     """Convert a JSONL file of teacher records (any kind ``record_formats`` reads) into one flat top-k parquet
-    file (written atomically)."""
+    file (written atomically); ``kw`` as :func:`convert_stream`'s."""
     input_path = Path(input_path)
     if not input_path.is_file():
         raise FileNotFoundError(f"input file not found: {input_path}")
     items = ((f"{input_path}:{n}", rec, err) for n, rec, err in iter_jsonl(input_path))
-    opts = dict(min_prob_mass=min_prob_mass, top_k=top_k, student_system_prompt=student_system_prompt)
-    return convert_stream(items, input_path, output_path, tokenizer, strict=strict, progress=progress, **opts)
+    return convert_stream(items, input_path, output_path, tokenizer, **kw)
 
 
 def convert_their_parquet(input_path: str | Path, output_path: str | Path, tokenizer, **kw) -> ConversionStats:

@@ -27,3 +27,14 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically (see ``atomic_writer``)."""
     with atomic_writer(path) as fh:
         fh.write(text)
+
+
+def file_hash(path: str | Path, length: int = 16) -> str:
+    """The first ``length`` hex digits of a file's SHA-256 (read in 1 MiB pieces)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:length]

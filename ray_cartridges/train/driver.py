@@ -10,16 +10,9 @@ from pathlib import Path
 
 from ..config import TrainConfig
 from ..flat_topk import parquet_files
+from ..fsutil import file_hash
 
 logger = logging.getLogger(__name__)
-
-
-def _file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 def resolve_dataset(cfg: TrainConfig) -> list[Path]:
@@ -40,20 +33,8 @@ def resolve_dataset(cfg: TrainConfig) -> list[Path]:
     if jsonl is None:
         raise FileNotFoundError(f"input_dataset: is_converted=false but no .jsonl file under {path}")
     from ..convert import convert_jsonl
-    from ..models import load_tokenizer
 
-    out = Path(cfg.output.local_dir) / "data" / f"converted-{_file_hash(jsonl)}-k{cfg.training.top_k_logits}.parquet"
-    if not out.exists():  # written atomically, so an existing file is complete
-        stats = convert_jsonl(
-            jsonl,
-            out,
-            load_tokenizer(cfg.model_name),
-            min_prob_mass=src.min_prob_mass,
-            top_k=cfg.training.top_k_logits,
-            student_system_prompt=cfg.student_system_prompt,
-        )
-        logger.info("converted %s -> %s: %s", jsonl, out, stats.summary())
-    return [out]
+    return [_convert_once(jsonl, cfg, convert_jsonl)]
 
 
 def preflight(cfg: TrainConfig, files: list[Path]) -> int:
@@ -84,20 +65,26 @@ def _ours(parquet: Path, cfg: TrainConfig) -> Path:
     if not is_their_parquet(parquet):
         return parquet
     from ..convert import convert_their_parquet
+
+    return _convert_once(parquet, cfg, convert_their_parquet)
+
+
+def _convert_once(source: Path, cfg: TrainConfig, convert) -> Path:
+    """``source`` converted to flat top-k under the run's data directory, once per content and top-k."""
     from ..models import load_tokenizer
 
     k = cfg.training.top_k_logits
-    out = Path(cfg.output.local_dir) / "data" / f"converted-{_file_hash(parquet)}-k{k}.parquet"
+    out = Path(cfg.output.local_dir) / "data" / f"converted-{file_hash(source)}-k{k}.parquet"
     if not out.exists():  # written atomically, so an existing file is complete
-        stats = convert_their_parquet(
-            parquet,
+        stats = convert(
+            source,
             out,
             load_tokenizer(cfg.model_name),
             min_prob_mass=cfg.input_dataset.min_prob_mass,
             top_k=k,
             student_system_prompt=cfg.student_system_prompt,
         )
-        logger.info("converted the Cartridges-trainer file %s -> %s: %s", parquet, out, stats.summary())
+        logger.info("converted %s -> %s: %s", source, out, stats.summary())
     return out
 
 

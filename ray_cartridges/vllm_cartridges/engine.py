@@ -10,7 +10,6 @@ tell :mod:`.connector` which file to read. A placeholder prompt is built only to
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
@@ -21,6 +20,7 @@ from types import SimpleNamespace
 
 from ..agent.decoding import Completion, SamplingParams
 from ..cartridge import CartridgeMeta, check_compatible, read_meta
+from ..fsutil import file_hash
 from .connector import CartridgeParams, adapter_file, connector_config
 
 PLACEHOLDER_ID = 0  # never embedded: the connector supplies these positions' K/V
@@ -71,14 +71,6 @@ def cpu_vllm_env() -> None:
     for k, v in cpu_engine_env().items():
         if k != "RAY_kill_child_processes_on_worker_exit":
             os.environ.setdefault(k, v)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:32]
 
 
 def engine_kwargs(
@@ -144,7 +136,7 @@ class CartridgeSet:
         if kv[0].shape[1] != meta.num_tokens:
             raise ValueError(f"{weights}: {kv[0].shape[1]} tokens, {d / 'cartridge.json'} says {meta.num_tokens}")
         cart = LoadedCartridge(
-            name, d, meta, CartridgeParams(str(weights.resolve()), file_sha256(weights), meta.num_tokens)
+            name, d, meta, CartridgeParams(str(weights.resolve()), file_hash(weights, 32), meta.num_tokens)
         )
         self._by_name[name] = cart
         return cart
