@@ -99,8 +99,10 @@ def _cmd_serve(args) -> int:
 
     from .raycluster import init_ray
     from .serve.app import deployment
+    from .serve.engine import preflight
 
     cfg = _serve_config(args)
+    preflight(cfg)  # a cartridge that cannot be served is named here, before Ray and vLLM start
     init_ray()
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(deployment(cfg), name="ray_cartridges", route_prefix="/")

@@ -56,7 +56,7 @@ def build_cache(model, prefix_kv, batch: int):
     )
 
 
-def _sample(logits: torch.Tensor, sp: SamplingParams, gen: torch.Generator | None) -> torch.Tensor:
+def sample_next(logits: torch.Tensor, sp: SamplingParams, gen: torch.Generator | None) -> torch.Tensor:
     """logits [B, V] -> token ids [B]."""
     if sp.logit_bias:
         logits = logits.clone()
@@ -111,7 +111,7 @@ def generate(
     finish = ["length"] * B
     texts = [""] * B
     for step in range(sp.max_tokens):
-        nxt = _sample(logits, sp, gen)
+        nxt = sample_next(logits, sp, gen)
         if step == 0:
             ttft = time.perf_counter() - t0
         logp = torch.log_softmax(logits.float(), -1) if sp.top_logprobs else None

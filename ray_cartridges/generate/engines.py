@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..agent.decoding import SamplingParams as DecodeParams
+from ..agent.decoding import sample_next
 from .records import logprob_entry
 
 
@@ -160,20 +162,13 @@ class HFEngine:
     @torch.no_grad()
     def complete_one(self, ids: list[int], sampling: Sampling, seed: int) -> tuple[list[int], list[dict]]:
         gen = torch.Generator().manual_seed(seed)
+        rule = DecodeParams(temperature=sampling.temperature, top_p=sampling.top_p)
         out, _ = self._prefill(ids)
         cache, logits = out.past_key_values, out.logits[0, -1]
         answer, entries = [], []
         for _ in range(sampling.max_tokens):
             lp = torch.log_softmax(logits.float(), dim=-1)  # [V]
-            if sampling.temperature > 0:
-                probs = torch.softmax(lp / sampling.temperature, -1)
-                if sampling.top_p < 1:
-                    sp, si = probs.sort(descending=True)
-                    drop = sp.cumsum(-1) - sp > sampling.top_p
-                    probs[si[drop]] = 0
-                tok = int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
-            else:
-                tok = int(lp.argmax())
+            tok = int(sample_next(lp[None], rule, gen)[0])  # the agent's sampling rule, one implementation
             entries.append(_torch_entry(self.tokenizer, tok, lp, sampling.top_logprobs))
             answer.append(tok)
             if tok in self.stop_ids:

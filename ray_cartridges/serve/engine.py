@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..agent.decoding import SamplingParams
+from ..cartridge import read_meta
 from ..hub import pull_snapshot
 from ..vllm_cartridges.engine import AsyncCartridgeEngine, LoadedCartridge, UnknownCartridge
 from .config import ServeConfig
@@ -29,6 +30,22 @@ def cartridge_dir(ref: str):
     if not path.is_dir():
         raise FileNotFoundError(f"cartridge directory not found: {path}")
     return path
+
+
+def preflight(cfg: ServeConfig) -> tuple[str, dict]:
+    """(base model, name -> cartridge directory), every cartridge found and checked against the base model
+    before any engine starts: a bad one fails in seconds, named, where `serve` runs and in the replica."""
+    if not cfg.cartridges:
+        raise ValueError("serve config: `cartridges` is empty")
+    dirs = {}
+    for name, ref in cfg.cartridges.items():
+        try:
+            dirs[name] = cartridge_dir(ref)
+        except Exception as err:
+            raise ValueError(f"cartridge {name!r} ({ref}): {err}") from None
+    base = cfg.base_model or read_meta(next(iter(dirs.values()))).model_name
+    check_cartridges(base, dirs)
+    return base, dirs
 
 
 def check_cartridges(base: str, dirs: dict) -> None:
@@ -59,22 +76,10 @@ class ServeEngine:
     """One AsyncCartridgeEngine per replica and the cartridges it serves."""
 
     def __init__(self, cfg: ServeConfig):
-        if not cfg.cartridges:
-            raise ValueError("serve config: `cartridges` is empty")
         self.cfg = cfg
-        dirs = {}
-        for name, ref in cfg.cartridges.items():
-            try:
-                dirs[name] = cartridge_dir(ref)
-            except Exception as err:
-                raise ValueError(f"cartridge {name!r} ({ref}): {err}") from None
-        from ..cartridge import read_meta
-
-        base = cfg.base_model or read_meta(next(iter(dirs.values()))).model_name
-        self.base = base
-        check_cartridges(base, dirs)  # before the engine starts: a bad cartridge fails in seconds
+        self.base, dirs = preflight(cfg)
         self.engine = AsyncCartridgeEngine(
-            base,
+            self.base,
             dtype=cfg.dtype,
             max_model_len=cfg.limits.max_context_tokens + max(read_meta(d).num_tokens for d in dirs.values()),
             max_resident_cartridges=cfg.max_cartridges_per_replica,
