@@ -144,30 +144,6 @@ class DeepSpeedBackend(DDPBackend):
         self.profile = profile
         self.engine.checkpoint_engine.load = _load_tensors_only
 
-
-def _deepspeed_checkpoint_globals() -> list:
-    """The DeepSpeed classes its ZeRO checkpoints hold besides tensors (found by loading each stage's files)."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, ZeroStageEnum, fragment_address]
-
-
-def _load_tensors_only(path: str, map_location=None):
-    """DeepSpeed's checkpoint read with ``weights_only=True`` (its own engine uses ``weights_only=False``): a file
-    under the run's storage that holds any other object is refused, never executed."""
-    import pickle
-
-    try:
-        with torch.serialization.safe_globals(_deepspeed_checkpoint_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        lines = [x for x in str(err).splitlines() if "Unsupported global" in x] or str(err).splitlines()[:1]
-        raise ValueError(
-            f"{path}: refused to load a DeepSpeed checkpoint holding non-tensor objects ({lines[0].strip()})"
-        ) from None
-
     def comm_seconds(self) -> float:
         """Seconds of gradient reduce in backward since the last call (DeepSpeed's ``bwd_allreduce`` timer).
 
@@ -215,3 +191,27 @@ def _load_tensors_only(path: str, map_location=None):
         _, client = self.engine.load_checkpoint(str(d / "deepspeed"), tag="state")
         sched.load_state_dict(client["scheduler"])
         return int(client["step"])
+
+
+def _deepspeed_checkpoint_globals() -> list:
+    """The DeepSpeed classes its ZeRO checkpoints hold besides tensors (found by loading each stage's files)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def _load_tensors_only(path: str, map_location=None):
+    """DeepSpeed's checkpoint read with ``weights_only=True`` (its own engine uses ``weights_only=False``): a file
+    under the run's storage that holds any other object is refused, never executed."""
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(_deepspeed_checkpoint_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        lines = [x for x in str(err).splitlines() if "Unsupported global" in x] or str(err).splitlines()[:1]
+        raise ValueError(
+            f"{path}: refused to load a DeepSpeed checkpoint holding non-tensor objects ({lines[0].strip()})"
+        ) from None
