@@ -343,8 +343,9 @@ def main() -> None:
     load = serve_load_test(args, cart_dir, qs)
     mem_tokens = len(chat_ids(tok, mem_text, qs[0])) - len(chat_ids(tok, None, qs[0]))
     print_tables(args, rows, many, load, mem_tokens)
-    per_token = 2 * model.config.num_hidden_layers * model.config.num_key_value_heads * model.config.head_dim
-    per_token *= 4 if args.dtype == "fp32" else 2
+    from ray_cartridges.agent.base import ChatModel
+
+    per_token = ChatModel(model, tok).kv_bytes(1, 0)
     top = rows[max(rows)]
     write_json(
         "serving",

@@ -17,7 +17,7 @@ import sys
 def setup_env() -> None:
     """Process-wide settings for entry points only (never at import time)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Ray's token auth: kept as configured when joining a cluster, off only for a new loopback one (raycluster.py)
+    # Ray's token auth is left as Ray configures it (see raycluster.py)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("WANDB_SILENT", "true")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -9,6 +9,15 @@ from __future__ import annotations
 from .decoding import Completion, SamplingParams, generate
 
 
+def chat_prompt_ids(tokenizer, messages: list[dict], system_prompt: str | None) -> list[int]:
+    """The conversation through the chat template, ``system_prompt`` first unless a system message is given."""
+    msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+    if system_prompt and not any(m["role"] == "system" for m in msgs):
+        msgs.insert(0, {"role": "system", "content": system_prompt})
+    out = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=False)
+    return list(out)
+
+
 class ChatModel:
     """A frozen model that answers chat messages, optionally after a cartridge."""
 
@@ -23,11 +32,7 @@ class ChatModel:
         return None
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
-        msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
-        if self.system_prompt and not any(m["role"] == "system" for m in msgs):
-            msgs.insert(0, {"role": "system", "content": self.system_prompt})
-        out = self.tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=False)
-        return list(out)
+        return chat_prompt_ids(self.tokenizer, messages, self.system_prompt)
 
     def complete(
         self, conversations: list[list[dict]], sampling: SamplingParams | None = None, on_token=None

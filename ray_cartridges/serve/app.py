@@ -26,7 +26,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..agent.decoding import SamplingParams
-from ..vllm_cartridges.engine import logprob_entries, strip_eos
+from ..vllm_cartridges.engine import finish_reason, logprob_entries, strip_eos
 from .config import ServeConfig
 from .engine import Prepared, RequestTooLarge, ServeEngine, UnknownCartridge
 from .protocol import (
@@ -201,8 +201,7 @@ class CartridgeServer:
                 if c.text or lp:
                     yield sse(chunk(cid, req.model, content=c.text, logprobs=lp))
                 if out.finished:
-                    finish = "stop" if c.finish_reason == "stop" else "length"
-                    yield sse(chunk(cid, req.model, finish=finish))
+                    yield sse(chunk(cid, req.model, finish=finish_reason(c)))
             yield "data: [DONE]\n\n"
         except Exception as e:  # reported as an error event, never a trace
             yield sse(error_body(f"{type(e).__name__}: {e}", "server_error"))

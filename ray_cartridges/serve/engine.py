@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..agent.base import chat_prompt_ids
 from ..agent.decoding import SamplingParams
 from ..cartridge import read_meta
 from ..hub import pull_snapshot
-from ..vllm_cartridges.engine import AsyncCartridgeEngine, LoadedCartridge, UnknownCartridge
+from ..vllm_cartridges.engine import AsyncCartridgeEngine, CartridgeSet, LoadedCartridge, UnknownCartridge
 from .config import ServeConfig
 
 
@@ -32,9 +33,9 @@ def cartridge_dir(ref: str):
     return path
 
 
-def preflight(cfg: ServeConfig) -> tuple[str, dict]:
-    """(base model, name -> cartridge directory), every cartridge found and checked against the base model
-    before any engine starts: a bad one fails in seconds, named, where `serve` runs and in the replica."""
+def preflight(cfg: ServeConfig) -> tuple[str, CartridgeSet]:
+    """(base model, its cartridges), every cartridge found and checked against the base model before any
+    engine starts: a bad one fails in seconds, named, where `serve` runs and in the replica."""
     if not cfg.cartridges:
         raise ValueError("serve config: `cartridges` is empty")
     dirs = {}
@@ -44,23 +45,22 @@ def preflight(cfg: ServeConfig) -> tuple[str, dict]:
         except Exception as err:
             raise ValueError(f"cartridge {name!r} ({ref}): {err}") from None
     base = cfg.base_model or read_meta(next(iter(dirs.values()))).model_name
-    check_cartridges(base, dirs)
-    return base, dirs
+    return base, check_cartridges(base, dirs)
 
 
-def check_cartridges(base: str, dirs: dict) -> None:
+def check_cartridges(base: str, dirs: dict) -> CartridgeSet:
     """Every cartridge read and checked against ``base`` (shapes, tokenizer, weights), naming the first bad one."""
     from transformers import AutoConfig
 
     from ..models import load_tokenizer, resolve_model
-    from ..vllm_cartridges.engine import CartridgeSet
 
-    carts = CartridgeSet(AutoConfig.from_pretrained(resolve_model(base)), load_tokenizer(base), block_size=0)
+    carts = CartridgeSet(AutoConfig.from_pretrained(resolve_model(base)), load_tokenizer(base))
     for name, d in dirs.items():
         try:
             carts.add(name, d)
         except Exception as err:
             raise ValueError(f"cartridge {name!r} ({d}) cannot be served: {err}") from None
+    return carts
 
 
 @dataclass
@@ -77,19 +77,18 @@ class ServeEngine:
 
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
-        self.base, dirs = preflight(cfg)
+        self.base, checked = preflight(cfg)
         self.engine = AsyncCartridgeEngine(
             self.base,
             dtype=cfg.dtype,
-            max_model_len=cfg.limits.max_context_tokens + max(read_meta(d).num_tokens for d in dirs.values()),
+            max_model_len=cfg.limits.max_context_tokens + max(c.num_tokens for c in checked),
             max_resident_cartridges=cfg.max_cartridges_per_replica,
             block_size=cfg.block_size,
             enforce_eager=cfg.enforce_eager,
             max_num_seqs=cfg.max_num_seqs,
         )
         self.tokenizer = self.engine.tokenizer
-        for name, d in dirs.items():
-            self.engine.add_cartridge(name, d)
+        self.engine.cartridges.include(checked)  # read and checked once, above
 
     def running(self) -> int:
         """Requests the engine is working on (a dropped stream leaves this count)."""
@@ -100,12 +99,7 @@ class ServeEngine:
 
     def prompt_ids(self, cart: LoadedCartridge, messages: list[dict]) -> list[int]:
         """The conversation through the chat template, with the cartridge's system prompt unless one is given."""
-        msgs = list(messages)
-        system = cart.meta.student_system_prompt
-        if system and not any(m["role"] == "system" for m in msgs):
-            msgs.insert(0, {"role": "system", "content": system})
-        out = self.tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=False)
-        return list(out)
+        return chat_prompt_ids(self.tokenizer, messages, cart.meta.student_system_prompt)
 
     def prepare(self, model: str, messages: list[dict], sampling: SamplingParams) -> Prepared:
         """Check a request against the limits (raises RequestTooLarge, UnknownCartridge)."""

@@ -114,10 +114,9 @@ def engine_kwargs(
 class CartridgeSet:
     """Cartridges registered with one engine, each checked against the engine's model and tokenizer."""
 
-    def __init__(self, hf_config, tokenizer, block_size: int):
+    def __init__(self, hf_config, tokenizer):
         self._model = SimpleNamespace(config=hf_config)  # what check_compatible reads
         self.tokenizer = tokenizer
-        self.block_size = block_size
         self._by_name: dict[str, LoadedCartridge] = {}
 
     def add(self, name: str, cartridge_dir: str | Path) -> LoadedCartridge:
@@ -146,6 +145,13 @@ class CartridgeSet:
             return self._by_name[name]
         except KeyError:
             raise UnknownCartridge(name) from None
+
+    def include(self, other: CartridgeSet) -> None:
+        """Take over cartridges another set already checked against the same model."""
+        self._by_name.update(other._by_name)
+
+    def __iter__(self):
+        return iter(self._by_name.values())
 
     def names(self) -> list[str]:
         return list(self._by_name)
@@ -201,11 +207,16 @@ def strip_eos(ids: list[int], entries: list[dict] | None, eos_id: int):
     return ids, entries
 
 
+def finish_reason(output) -> str:
+    """OpenAI's finish reason of a vLLM CompletionOutput: ``stop`` (end of turn or a stop string) or ``length``."""
+    return "stop" if output.finish_reason == "stop" else "length"
+
+
 def to_completion(output, prompt_tokens: int, eos_id: int, top_k: int, ttft: float) -> Completion:
     """Our Completion from a finished vLLM RequestOutput."""
     c = output.outputs[0]
     ids, lps = strip_eos(list(c.token_ids), logprob_entries(c.token_ids, c.logprobs, top_k), eos_id)
-    finish = "stop" if c.finish_reason == "stop" else "length"
+    finish = finish_reason(c)
     loaded = (output.kv_transfer_params or {}).get("cartridge_tokens_loaded")
     return Completion(ids, c.text, finish, lps, prompt_tokens, ttft, cartridge_tokens_loaded=loaded)
 
@@ -219,7 +230,7 @@ class _Engine:
         self.hf_config = vllm_config.model_config.hf_config
         self.kv_element_size = vllm_config.model_config.dtype.itemsize
         self.block_size = vllm_config.cache_config.block_size
-        self.cartridges = CartridgeSet(self.hf_config, tokenizer, self.block_size)
+        self.cartridges = CartridgeSet(self.hf_config, tokenizer)
         self.stats = EngineStats()
 
     def add_cartridge(self, name: str, cartridge_dir: str | Path) -> LoadedCartridge:
