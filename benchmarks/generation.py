@@ -86,7 +86,8 @@ def main() -> None:
     import torch
 
     from ray_cartridges.config import GenerateConfig, validate_config
-    from ray_cartridges.generate.pipeline import cpu_engine_env, run_generation
+    from ray_cartridges.engine_env import set_engine_env
+    from ray_cartridges.generate.pipeline import run_generation
     from ray_cartridges.generate.strategies import build_prompts
     from ray_cartridges.generate.teacher import chat_ids
     from ray_cartridges.memory import read_memory
@@ -135,9 +136,7 @@ def main() -> None:
         summary = run_generation(cfg.model_copy(update={"output_dir": str(work / f"out-{r}")}), progress=False)
         ours_wall = time.perf_counter() - t0
         ray.shutdown()
-        for k, v in cpu_engine_env().items():
-            if k != "RAY_kill_child_processes_on_worker_exit":
-                os.environ.setdefault(k, v)
+        set_engine_env(cpu=not torch.cuda.is_available())
         print(f"[bench] round {r + 1}/{args.repeats}: plain vllm.LLM.generate", flush=True)
         t0 = time.perf_counter()
         engine = VLLMEngine(resolve_model(args.model, args.dtype), dtype=args.dtype, max_model_len=4096)

@@ -26,14 +26,57 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read; the message names the file (and line)."""
 
 
+# How the memory is laid out in front of the question (``memory_layout``):
+#   system         this project's: instructions and every experience in one system prompt (``history_template``)
+#   history_lines  the research workflow's first HistoryAgent: its system prompt, then one user turn holding
+#                  "TYPE: content" lines joined by blank lines and the question as "Q: ..."
+#   history_chat   its later HistoryAgent: its system prompt, then the experiences as chat turns (Observation and
+#                  Feedback from the user, Action from the assistant) and the question as the last user turn
+MEMORY_LAYOUTS = ("system", "history_lines", "history_chat")
+_CHAT_ROLE = {"Observation": "user", "Action": "assistant", "Feedback": "user"}
+
+
 @dataclass
 class MemoryEntry:
     type: str
     content: str
     index: int  # position in the memory file
+    raw: str | dict | None = None  # the content as the file holds it (a dict stays a dict)
 
     def render(self) -> str:
         return f"{self.type.upper()}: {self.content}"
+
+    def as_their_agent_writes(self) -> str:
+        """The content as the research workflow's HistoryAgent puts it in a prompt (``str()`` of a dict)."""
+        return str(self.content if self.raw is None else self.raw)
+
+
+@dataclass(frozen=True)
+class MemoryContext:
+    """The memory in front of a question: leading messages, and text put before the question in its own turn."""
+
+    messages: tuple[tuple[str, str], ...]  # (role, content)
+    question_prefix: str = ""
+
+    @property
+    def system(self) -> str | None:
+        return next((c for r, c in self.messages if r == "system"), None)
+
+    def conversation(self, question: str) -> list[dict]:
+        turns = [{"role": r, "content": c} for r, c in self.messages]
+        return turns + [{"role": "user", "content": self.question_prefix + question}]
+
+    def to_json(self) -> dict:
+        return {"messages": [list(m) for m in self.messages], "question_prefix": self.question_prefix}
+
+    @classmethod
+    def from_json(cls, d) -> MemoryContext:
+        """From :meth:`to_json`, a plain system prompt string, or None (no memory, no system message)."""
+        if d is None:
+            return cls(())
+        if isinstance(d, str):
+            return cls((("system", d),))
+        return cls(tuple((r, c) for r, c in d["messages"]), d.get("question_prefix", ""))
 
 
 @dataclass
@@ -64,6 +107,27 @@ class AgentMemory:
             instructions=instructions,
             experiences="\n".join(e.render() for e in entries),
         )
+
+    def context(
+        self,
+        entries: list[MemoryEntry] | None = None,
+        *,
+        layout: str = "system",
+        template: str = DEFAULT_TEMPLATE,
+        instructions: str = DEFAULT_HISTORY_INSTRUCTIONS,
+    ) -> MemoryContext:
+        """The memory (or ``entries`` of it) laid out as ``layout`` (one of ``MEMORY_LAYOUTS``)."""
+        if layout == "system" or self.is_corpus:
+            return MemoryContext((("system", self.render(entries, template=template, instructions=instructions)),))
+        if layout not in MEMORY_LAYOUTS:
+            raise ValueError(f"memory_layout {layout!r}: expected one of {MEMORY_LAYOUTS}")
+        entries = self.entries if entries is None else entries
+        lead = (("system", self.system_prompt),) if self.system_prompt else ()
+        if layout == "history_lines":
+            lines = [f"{e.type.upper()}: {e.as_their_agent_writes()}" for e in entries]
+            return MemoryContext(lead, "".join(f"{line}\n\n" for line in lines) + "Q: ")
+        turns = tuple((_CHAT_ROLE[e.type], e.as_their_agent_writes()) for e in entries)
+        return MemoryContext(lead + turns)
 
     def triples(self) -> list[list[MemoryEntry]]:
         """Group entries into experiences: an Observation and the Actions/Feedback that follow it."""
@@ -217,7 +281,7 @@ def read_memory(checkpoint_dir: str | Path, *, strict: bool = False) -> AgentMem
                 warnings.append(problem)
                 logger.warning("skipped %s", problem)
                 continue
-            entries.append(MemoryEntry(rec["type"], _content_text(rec["content"]), len(entries)))
+            entries.append(MemoryEntry(rec["type"], _content_text(rec["content"]), len(entries), rec["content"]))
     if not entries:
         raise CheckpointError(f"{ep}: the memory is empty ({skipped} malformed lines skipped)")
     return AgentMemory(str(path), ep.name, system_prompt, history_k, entries, skipped, warnings)

@@ -39,25 +39,22 @@ def _cfg(out, **kw):
     return validate_config(GenerateConfig, {**SMALL, "output_dir": str(out), **kw})
 
 
-def _kill_tree(proc):
-    """SIGKILL the run and everything it started (Ray workers and vLLM engines leave its process group)."""
+def _processes_with(marker: str) -> list[int]:
+    """Pids of the processes whose environment holds ``marker`` (every process a run started inherits it)."""
     import psutil
 
-    kids = psutil.Process(proc.pid).children(recursive=True)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    for k in kids:
+    found = []
+    for p in psutil.process_iter():
         try:
-            k.kill()
-        except psutil.NoSuchProcess:
+            if p.pid != os.getpid() and marker in p.environ().values():
+                found.append(p.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             pass
-    # the vLLM engine core of the killed actor is re-parented, not a child of ours any more
-    for p in psutil.process_iter(["name", "cmdline", "ppid"]):
-        if "EngineCore" in " ".join(p.info["cmdline"] or []) + (p.info["name"] or "") and p.info["ppid"] == 1:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
+    return found
+
+
+def _shm() -> set[str]:
+    return set(os.listdir("/dev/shm"))
 
 
 def _records(out):
@@ -180,14 +177,24 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_rows(vllm_run, tmp_path
     # scored by vLLM's prompt logprobs here (the GPU default), by transformers in the fixture: compared below
     cfg = {**SMALL, "output_dir": str(out), "engine": "vllm", "score_engine": "vllm"}
     (tmp_path / "gen.yaml").write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    marker = f"killed-run-{os.getpid()}-{time.time()}"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_CARTRIDGES_TEST_MARK": marker}
+    shm_before = _shm()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     shards = out / "shards"
     deadline = time.time() + 400
     while time.time() < deadline and proc.poll() is None and not list(shards.glob("shard-*.parquet")):
         time.sleep(0.5)
-    assert proc.poll() is None, "generation finished before it could be killed"
-    _kill_tree(proc)
+    assert proc.poll() is None, "generation finished before it could be stopped"
+    # SIGTERM to the run's process group, as a terminal's Ctrl-C or a scheduler does: the vLLM engine core
+    # lives in the Ray actor's own group and must end with it, its shared memory removed
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=60)
+    deadline = time.time() + 90
+    while time.time() < deadline and _processes_with(marker):
+        time.sleep(1)
+    assert _processes_with(marker) == [], "processes of the stopped run are still alive"
+    assert _shm() - shm_before == set(), "the stopped run left shared memory behind"
     done_before = sorted(p.name for p in shards.glob("shard-*.parquet"))
     assert 1 <= len(done_before) < 4
     assert not (out / "dataset.jsonl").exists()

@@ -260,3 +260,63 @@ def test_is_converted_with_their_parquet_trains(teacher_jsonl, tmp_path, memory,
     summary = run_training(cfg)
     assert summary["steps"] == 2 and (tmp_path / "theirs" / "cartridge.json").is_file()
     assert any(p.name.startswith("converted-") for p in (tmp_path / "theirs" / "data").iterdir())
+
+
+def test_their_history_agent_renderings_are_offered_as_memory_layouts(tmp_path, tokenizer):
+    """Both of their HistoryAgent prompts, as its code builds them (a dict content as str() writes it), reach the
+    teacher, the record and our HistoryAgent unchanged."""
+    from ray_cartridges.agent.history import HistoryAgent, HistoryAgentConfig
+    from ray_cartridges.config import GenerateConfig, validate_config
+    from ray_cartridges.generate.records import make_record
+    from ray_cartridges.generate.strategies import build_prompts
+    from ray_cartridges.generate.teacher import chat_ids
+
+    root = _their_checkpoint(tmp_path)
+    feedback = str({"message": "The spare key is in the blue tin.", "score": 0})
+    q = "Where is the spare key?"
+    want = {
+        "history_lines": [
+            {"role": "system", "content": "You help."},
+            {
+                "role": "user",
+                "content": f"OBSERVATION: {q}\n\nACTION: I do not know.\n\nFEEDBACK: {feedback}\n\nQ: {q}",
+            },
+        ],
+        "history_chat": [
+            {"role": "system", "content": "You help."},
+            {"role": "user", "content": q},
+            {"role": "assistant", "content": "I do not know."},
+            {"role": "user", "content": feedback},
+            {"role": "user", "content": q},
+        ],
+    }
+    for layout, conversation in want.items():
+        expected = tokenizer.apply_chat_template(conversation, tokenize=True, add_generation_prompt=True)
+        expected = list(expected["input_ids"] if hasattr(expected, "keys") else expected)
+        cfg = validate_config(
+            GenerateConfig,
+            {
+                "checkpoint_dir": str(root),
+                "output_dir": str(tmp_path / "out"),
+                "memory_layout": layout,
+                "replay": {"mode": "full_memory", "samples_per_observation": 1},
+                "self_study": {"enabled": False},
+                "recite": {"enabled": False},
+            },
+        )
+        (replay,) = [p for p in build_prompts(read_memory(root), cfg) if p["strategy"].startswith("replay")]
+        assert chat_ids(tokenizer, replay["context"], replay["user"]) == expected, layout
+        rec = make_record(
+            tokenizer, context=replay["context"], user=q, answer_ids=[1], entries=[{}], metadata={}
+        )
+        # the student's conversation is the bare question; the teacher's whole prompt is kept beside it
+        assert [m["role"] for m in rec["messages"]] == ["system", "user", "assistant"]
+        assert rec["messages"][1]["content"] == q and rec["teacher_messages"] == conversation
+        agent = HistoryAgent(
+            HistoryAgentConfig(checkpoint_dir=str(root), memory_layout=layout), model=object(), tokenizer=tokenizer
+        )
+        assert agent.prompt_ids([{"role": "user", "content": q}]) == expected, layout
+    # the default layout is ours: everything in one system prompt, no teacher_messages in the record
+    ours = HistoryAgent(HistoryAgentConfig(checkpoint_dir=str(root)), model=object(), tokenizer=tokenizer)
+    assert ours.context.messages[0][0] == "system" and len(ours.context.messages) == 1
+    assert "blue tin" in ours.context.system

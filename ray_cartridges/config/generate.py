@@ -128,6 +128,12 @@ class GenerateConfig(StrictModel):
     seed: int = Field(0, description="Seed of prompt sampling and generation.")
     strict: bool = Field(False, description="Fail on malformed memory lines instead of skipping and counting them.")
     student_system_prompt: str | None = Field(None, description="System prompt of the student conversation.")
+    memory_layout: Literal["system", "history_lines", "history_chat"] = Field(
+        "system",
+        description="How the teacher reads the memory: 'system' puts instructions and experiences in one system "
+        "prompt (history_template); 'history_lines' and 'history_chat' are the research workflow's HistoryAgent "
+        "prompts (its first version's 'TYPE: content' lines and 'Q:' in one user turn; its later one's chat turns).",
+    )
     history_instructions: str | None = Field(None, description="Override of the memory instructions in the prompt.")
     history_template: str | None = Field(
         None, description="Override of the prompt template ({system_prompt}, {instructions}, {experiences})."

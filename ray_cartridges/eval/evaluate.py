@@ -20,7 +20,7 @@ from ..agent.decoding import SamplingParams
 from ..agent.kv_memory import KVCacheMemory
 from ..batching import heldout_keys
 from ..generate.strategies import GENERAL_STRATEGY
-from ..memory import AgentMemory, memory_questions
+from ..memory import AgentMemory, MemoryContext, memory_questions
 from .metrics import kl_per_token, score_answer
 
 
@@ -65,10 +65,25 @@ def _read_after(model, ids: list[int], read: ReadPrefix | None) -> tuple[torch.T
 
 def _system_prefix(model, tok, system: str, store: dict) -> ReadPrefix:
     """The chat template's system turn holding ``system``, read once per ``store``."""
-    key = ("system_prefix", system)
+    return _lead_prefix(model, tok, MemoryContext.from_json(system), store)
+
+
+def _lead_prefix(model, tok, ctx: MemoryContext, store: dict) -> ReadPrefix:
+    """The messages of ``ctx`` before the question, through the chat template, read once per ``store``."""
+    key = ("lead_prefix", ctx)
     if key not in store:
-        store[key] = ReadPrefix.of(model, _ids(tok, [{"role": "system", "content": system}]))
+        store[key] = ReadPrefix.of(model, _ids(tok, [{"role": r, "content": c} for r, c in ctx.messages]))
     return store[key]
+
+
+def _teacher_conversation(rec: dict, user: str, teacher_context: MemoryContext | None) -> list[dict]:
+    """What the teacher of ``rec`` read before its answer: the whole memory (``teacher_context``) or the
+    record's own (its ``teacher_messages`` where the memory was laid out in turns, else its system message)."""
+    if teacher_context is not None:
+        return teacher_context.conversation(user)
+    if rec.get("teacher_messages"):
+        return [{"role": m["role"], "content": m["content"]} for m in rec["teacher_messages"]]
+    return [{"role": "system", "content": rec["messages"][0]["content"]}, {"role": "user", "content": user}]
 
 
 @torch.no_grad()
@@ -79,26 +94,25 @@ def fidelity(
     records: list[dict],
     student_system_prompt: str | None = None,
     cache: dict | None = None,
-    teacher_context: str | None = None,
+    teacher_context: MemoryContext | str | None = None,
 ) -> dict:
     """Mean per-token KL over the answers of ``records`` for no memory and for the cartridge.
 
-    ``teacher_context``: the teacher's system prompt (the whole rendered memory); None reads each record's own
-    system message (what the generating teacher read, which for focused replay or chunk-answered self-study is
-    only part of the memory).
+    ``teacher_context``: the whole memory as the teacher reads it (a :class:`MemoryContext` or a system prompt);
+    None reads each record's own (what the generating teacher read, which for focused replay or chunk-answered
+    self-study is only part of the memory).
     ``cache``: a dict kept across calls on the same base model (a sweep over cartridges): what does not depend on
     the cartridge (the teacher's logits with the memory in context, the no-memory KL) is computed once."""
     sums = {"no_memory": 0.0, "cartridge": 0.0}
     n = 0
     store = {} if cache is None else cache
-    read = None if teacher_context is None else _system_prefix(model, tok, teacher_context, store)
+    if isinstance(teacher_context, str):
+        teacher_context = MemoryContext.from_json(teacher_context)
+    read = None if teacher_context is None else _lead_prefix(model, tok, teacher_context, store)
     for rec in records:
-        sys_msg, user, answer = rec["messages"][0], rec["messages"][1], rec["messages"][-1]
+        user, answer = rec["messages"][-2], rec["messages"][-1]
         a_ids = answer["token_ids"]
-        t_system = sys_msg["content"] if teacher_context is None else teacher_context
-        t_prompt = _ids(
-            tok, [{"role": "system", "content": t_system}, {"role": "user", "content": user["content"]}], True
-        )
+        t_prompt = _ids(tok, _teacher_conversation(rec, user["content"], teacher_context), True)
         s_msgs = ([{"role": "system", "content": student_system_prompt}] if student_system_prompt else []) + [
             {"role": "user", "content": user["content"]}
         ]
@@ -266,14 +280,15 @@ def evaluate_cartridge(
     unrelated_text: str | None = None,
     baselines: tuple[str, ...] = ("no_memory", "icl"),
     cache: dict | None = None,
-    memory_context: str | None = None,
+    memory_context: MemoryContext | str | None = None,
     engine: str = "vllm",
 ) -> dict:
     """Fidelity on the held-out split of ``dataset_jsonl`` and recall on the memory's facts.
 
-    ``memory_context``: the whole memory as the teacher and the ICL agent read it; by default the ``memory.txt``
-    that `generate` wrote beside the dataset (rendered with its ``history_template`` and
-    ``history_instructions``), else ``memory`` rendered with the default template.
+    ``memory_context``: the whole memory as the teacher and the ICL agent read it; by default what `generate`
+    wrote beside the dataset (``memory_context.json`` for a memory laid out in turns, else ``memory.txt``, both
+    in its ``memory_layout``, ``history_template`` and ``history_instructions``), else ``memory`` rendered with
+    the default template. The no-harm ICL reference reads the memory's text (``memory.txt``) in both cases.
     ``baselines``: which of the no-memory and in-context (ICL) agents answer the recall questions beside the
     cartridge (a sweep over cartridges measures them once, not per cartridge). ``cache``: a dict shared by the
     evaluations of one sweep, so the readings that do not depend on the cartridge are made once.
@@ -284,12 +299,7 @@ def evaluate_cartridge(
     mem = KVCacheMemory.from_dir(cartridge_dir, dtype=dtype)
     model, tok = mem.model, mem.tokenizer
     records = [json.loads(line) for line in Path(dataset_jsonl).read_text().splitlines() if line.strip()]
-    context_file = Path(dataset_jsonl).with_name("memory.txt")
-    if memory_context is None:
-        memory_context = context_file.read_text(encoding="utf-8") if context_file.is_file() else memory.render()
-        context_source = str(context_file) if context_file.is_file() else "the memory, default template"
-    else:
-        context_source = "given"
+    memory_context, memory_text, context_source = _memory_context(Path(dataset_jsonl).parent, memory, memory_context)
     held_keys = heldout_keys([r["metadata"].get("split_key", "") for r in records], eval_fraction, split_seed)
     held = [r for r in records if r["metadata"].get("split_key", "") in held_keys]
     # the ICL gap is measured where the teacher had the memory: not on unrelated requests it answered bare
@@ -314,7 +324,7 @@ def evaluate_cartridge(
         rec[name]["heldout_accuracy"] = sum(held_scores) / len(held_scores) if held_scores else None
     if unrelated_text is None:
         unrelated_text = (Path(__file__).resolve().parent.parent / "data" / "unrelated.txt").read_text()
-    harm = no_harm(model, tok, mem.kv, unrelated_text, memory_context, mem.meta.student_system_prompt, cache)
+    harm = no_harm(model, tok, mem.kv, unrelated_text, memory_text, mem.meta.student_system_prompt, cache)
     return {
         "fidelity": fid,
         "recall": rec,
@@ -325,7 +335,24 @@ def evaluate_cartridge(
     }
 
 
-def _recall_agents(mem: KVCacheMemory, memory: AgentMemory, memory_context: str, engine: str, cache: dict) -> dict:
+def _memory_context(
+    data_dir: Path, memory: AgentMemory, given: MemoryContext | str | None
+) -> tuple[MemoryContext, str, str]:
+    """(the memory as the teacher read it, its text, where it came from): see :func:`evaluate_cartridge`."""
+    text_file, turns_file = data_dir / "memory.txt", data_dir / "memory_context.json"
+    text = text_file.read_text(encoding="utf-8") if text_file.is_file() else memory.render()
+    if given is not None:
+        ctx = MemoryContext.from_json(given) if isinstance(given, str) else given
+        return ctx, ctx.system if isinstance(given, str) else text, "given"
+    if turns_file.is_file():
+        return MemoryContext.from_json(json.loads(turns_file.read_text(encoding="utf-8"))), text, str(turns_file)
+    source = str(text_file) if text_file.is_file() else "the memory, default template"
+    return MemoryContext.from_json(text), text, source
+
+
+def _recall_agents(
+    mem: KVCacheMemory, memory: AgentMemory, memory_context: MemoryContext, engine: str, cache: dict
+) -> dict:
     """Makers of the no-memory, in-context (the memory as the teacher read it) and cartridge agents."""
     from ..agent.history import HistoryAgent, HistoryAgentConfig
 
@@ -333,7 +360,8 @@ def _recall_agents(mem: KVCacheMemory, memory: AgentMemory, memory_context: str,
 
     def icl(**kw):
         agent = HistoryAgent(HistoryAgentConfig(checkpoint_dir=memory.source), **kw)
-        agent.system_prompt = memory_context
+        agent.context = memory_context
+        agent.system_prompt = memory_context.system
         return agent
 
     if engine == "transformers":

@@ -15,6 +15,7 @@ import torch
 
 from ..agent.decoding import SamplingParams as DecodeParams
 from ..agent.decoding import sample_next
+from ..engine_env import set_engine_env
 from .records import logprob_entry
 
 
@@ -59,6 +60,7 @@ class VLLMEngine:
         from vllm import LLM
         from vllm.platforms import current_platform
 
+        set_engine_env(cpu=current_platform.is_cpu())
         extra = {}
         if current_platform.is_cpu():
             # vLLM CPU cannot rewind a per-request torch.Generator ("CPU Generator does not use offset") when a

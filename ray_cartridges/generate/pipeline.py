@@ -1,7 +1,8 @@
 """Driver of teacher generation: checkpoint -> prompts -> Ray Data + TeacherActor -> shards -> dataset.
 
 Outputs in ``output_dir``: ``shards/shard-NNNNN-<hash>.{jsonl,parquet}`` (written by the actors, atomically),
-``dataset.jsonl`` (all shards, seed format), ``memory.txt`` (the rendered memory, for text init),
+``dataset.jsonl`` (all shards, seed format), ``memory.txt`` (the rendered memory, for text init; with
+``memory_context.json``, the memory as chat turns, where ``memory_layout`` puts it there),
 ``generation.json`` (config, counts, timings) and ``README.md`` (dataset card). Re-running the same config
 keeps finished shards and generates only the missing ones; shards of a different config are removed. Within a
 shard that must be written again, a prompt whose record an earlier shard in the same directory holds under the
@@ -14,42 +15,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-import sys
 import time
 from pathlib import Path
 
 from ..config import GenerateConfig, dump_config
+from ..engine_env import engine_actor_env
 from ..fsutil import atomic_writer, write_text_atomic
 from ..memory import read_memory
 from .strategies import build_prompts, render_context
 from .teacher import resolve_score_engine, scored_by_another
 
 logger = logging.getLogger(__name__)
-
-
-def cpu_engine_env() -> dict[str, str]:
-    """Env of a vLLM CPU teacher actor (see ENVIRONMENT notes); values already set by the user win."""
-    n = os.cpu_count() or 1
-    env = {
-        "VLLM_CPU_KVCACHE_SPACE": "2",
-        "VLLM_CPU_OMP_THREADS_BIND": f"0-{n - 1}",
-        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-        # vllm-cpu 0.32 saves its AOT-compiled model but cannot load it back ("'function' object has no attribute
-        # 'finalize_loading'") and compiles again, ~100 s on a 2-core CPU, at every start; without AOT its
-        # torch.compile cache is read back: the second and later starts on a machine take ~25 s instead.
-        "VLLM_USE_AOT_COMPILE": "0",
-        # Ray SIGKILLs an actor's children at exit by default, leaking vLLM's shared memory segment.
-        "RAY_kill_child_processes_on_worker_exit": "0",
-    }
-    iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
-    if iomp.is_file():
-        env["LD_PRELOAD"] = str(iomp)
-    for k in list(env):
-        if k in os.environ:
-            env[k] = os.environ[k]
-    return env
 
 
 # settings that never change a shard's content: where files go, how work is spread, what training expects
@@ -67,9 +44,18 @@ _NOT_IN_SHARD_NAME = {
 _NOT_IN_PROMPT_KEY = _NOT_IN_SHARD_NAME | {"min_prob_mass", "student_system_prompt"}
 
 
+def _named_settings(cfg: GenerateConfig, exclude: set[str]) -> dict:
+    """The settings a shard name or prompt key covers; a field at its default that predates it is left out,
+    so that data written before the field existed keeps its names."""
+    settings = cfg.model_dump(mode="json", exclude=exclude)
+    if settings.get("memory_layout") == "system":
+        settings.pop("memory_layout")
+    return settings
+
+
 def shard_names(prompts: list[list[dict]], cfg: GenerateConfig) -> list[str]:
     """Shard file stems; the hash covers everything that changes a shard's content."""
-    settings = cfg.model_dump(mode="json", exclude=_NOT_IN_SHARD_NAME)
+    settings = _named_settings(cfg, _NOT_IN_SHARD_NAME)
     if not cfg.enforce_eager:  # the field came later: shards written before it keep their names
         settings.pop("enforce_eager")
     score_engine = settings.pop("score_engine")  # (came later too) named only where a shard has rescored answers
@@ -89,7 +75,7 @@ def prompt_keys(prompts: list[dict], cfg: GenerateConfig) -> list[str]:
     """One key per prompt for the record the teacher writes for it: the prompt itself, the settings of the
     answering teacher and of the prompt's own strategy only (a self-study setting does not touch a replay
     prompt's key), and the score engine only where another teacher reads the answer."""
-    settings = cfg.model_dump(mode="json", exclude=_NOT_IN_PROMPT_KEY)
+    settings = _named_settings(cfg, _NOT_IN_PROMPT_KEY)
     strategies = {name: settings.pop(name) for name in _STRATEGY_FIELDS}
     score_engine = settings.pop("score_engine")
     keys = []
@@ -195,11 +181,14 @@ def run_generation(cfg: GenerateConfig, progress: bool = True) -> dict:
             }
             for k in todo
         ]
-        resources = (
-            {"num_gpus": cfg.tensor_parallel_size, "num_cpus": 1}
-            if cfg.use_gpu
-            else {"num_cpus": cfg.actor_num_cpus, "runtime_env": {"env_vars": cpu_engine_env()}}
-        )
+        resources = {
+            **(
+                {"num_gpus": cfg.tensor_parallel_size, "num_cpus": 1}
+                if cfg.use_gpu
+                else {"num_cpus": cfg.actor_num_cpus}
+            ),
+            "runtime_env": {"env_vars": engine_actor_env(cfg.use_gpu)},
+        }
         ds = ray.data.from_items(items).map_batches(
             TeacherActor,
             fn_constructor_kwargs={
@@ -249,9 +238,14 @@ def run_generation(cfg: GenerateConfig, progress: bool = True) -> dict:
                             "messages": [{"content": rec["messages"][-1]["content"]}],
                         }
                     )
-    # the whole memory as the teacher reads it (history_template / history_instructions applied): the text init
-    # and the in-context reference of `eval`
-    write_text_atomic(out / "memory.txt", render_context(memory, cfg))
+    # the whole memory as text (history_template / history_instructions applied): the text init and the
+    # in-context reference of `eval`; a memory laid out in turns also as those turns, which `eval` reads then
+    write_text_atomic(out / "memory.txt", render_context(memory, cfg, layout="system"))
+    turns = out / "memory_context.json"
+    if cfg.memory_layout != "system":
+        write_text_atomic(turns, json.dumps(render_context(memory, cfg), ensure_ascii=False, indent=1))
+    elif turns.exists():
+        turns.unlink()
     summary = {
         "output_dir": str(out),
         "dataset_jsonl": str(out / "dataset.jsonl"),
@@ -286,7 +280,7 @@ def run_generation(cfg: GenerateConfig, progress: bool = True) -> dict:
             cfg.hf_repo_id,
             repo_type="dataset",
             private=cfg.hf_private,
-            allow_patterns=["dataset.jsonl", "shards/*.parquet", "README.md", "generation.json", "memory.txt"],
+            allow_patterns=["dataset.jsonl", "shards/*.parquet", "README.md", "generation.json", "memory.txt", "memory_context.json"],
         )
     return summary
 

@@ -19,20 +19,25 @@ def logprob_entry(tokenizer, token_id: int, logprob: float, top: list[tuple[int,
 def make_record(
     tokenizer,
     *,
-    system_prompt: str | None,
+    context: str | dict | None,
     user: str,
     answer_ids: list[int],
     entries: list[dict],
     metadata: dict,
 ) -> dict:
-    """``system_prompt`` None (a request the teacher answered with no system prompt): no system message."""
+    """``context``: what the teacher read before ``user`` (see :func:`.teacher.chat_ids`; None: no system message).
+    A memory laid out in chat turns (not only a system prompt) is kept whole in ``teacher_messages``."""
+    from ..memory import MemoryContext
+
+    ctx = MemoryContext.from_json(context)
+    system_prompt = ctx.system
     text = tokenizer.decode(answer_ids, skip_special_tokens=True)
     system = (
         []
         if system_prompt is None
         else [{"role": "system", "content": system_prompt, "token_ids": None, "logprobs": None}]
     )
-    return {
+    rec = {
         "messages": [
             *system,
             {"role": "user", "content": user, "token_ids": None, "logprobs": None},
@@ -47,3 +52,6 @@ def make_record(
         "metadata": metadata,
         "type": "memory_distillation",
     }
+    if not isinstance(context, str | None):
+        rec["teacher_messages"] = ctx.conversation(user)
+    return rec

@@ -65,13 +65,17 @@ def _pid(*parts) -> str:
     return hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()[:16]
 
 
-def render_context(memory: AgentMemory, cfg: GenerateConfig, groups=None) -> str:
+def render_context(memory: AgentMemory, cfg: GenerateConfig, groups=None, layout: str | None = None) -> str | dict:
+    """The memory (or ``groups`` of it) as the teacher reads it: a system prompt string for the ``system``
+    layout, else a :class:`MemoryContext` as JSON (see ``memory_layout``)."""
     entries = None if groups is None else [e for g in groups for e in g]
-    return memory.render(
+    ctx = memory.context(
         entries,
+        layout=layout or cfg.memory_layout,
         template=cfg.history_template or DEFAULT_TEMPLATE,
         instructions=cfg.history_instructions or DEFAULT_HISTORY_INSTRUCTIONS,
     )
+    return ctx.system if ctx.messages == (("system", ctx.system),) and not ctx.question_prefix else ctx.to_json()
 
 
 def _window_around(i: int, k: int, n: int, rng: random.Random) -> tuple[int, int]:
@@ -164,12 +168,14 @@ def self_study_prompts(memory: AgentMemory, cfg: GenerateConfig, rng: random.Ran
         k = min(sc.chunk_experiences, len(groups))
         start = rng.randrange(0, len(groups) - k + 1)
         chunk_ctx = render_context(memory, cfg, groups[start : start + k])
+        # the teacher writes the question reading the chunk in a system prompt, whatever the answers' layout
+        question_ctx = render_context(memory, cfg, groups[start : start + k], layout="system")
         out.append(
             {
                 "prompt_id": _pid("self_study", i, cfg.seed),
                 "strategy": f"self_study/{family}",
                 "context": chunk_ctx if sc.answer_context == "chunk" else full,
-                "question_context": chunk_ctx,
+                "question_context": question_ctx,
                 "seed_prompt": seed_prompt,
                 "user": None,
                 "split_key": f"chunk-{start}-{start + k}",

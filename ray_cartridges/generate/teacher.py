@@ -5,13 +5,15 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 
+from ..memory import MemoryContext
 from .engines import Sampling, request_seed
 from .records import make_record
 
 
-def chat_ids(tokenizer, system: str | None, user: str) -> list[int]:
-    """The teacher's prompt: ``system`` (None: no system message, the model's template default) + ``user``."""
-    msgs = ([] if system is None else [{"role": "system", "content": system}]) + [{"role": "user", "content": user}]
+def chat_ids(tokenizer, context: str | dict | None, user: str) -> list[int]:
+    """The teacher's prompt: the memory ``context`` (a system prompt string, a :class:`MemoryContext` as JSON,
+    or None: no system message, the model's template default) and then the question ``user``."""
+    msgs = MemoryContext.from_json(context).conversation(user)
     out = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=False)
     return list(out["input_ids"] if hasattr(out, "keys") else out)
 
@@ -115,7 +117,7 @@ def run_prompts(
         records.append(
             make_record(
                 tok,
-                system_prompt=p["score_context"] if rescored else p["context"],
+                context=p["score_context"] if rescored else p["context"],
                 user=p["user"],
                 answer_ids=ids,
                 entries=entries,

@@ -216,11 +216,13 @@ def resolve_api_key(cfg: ServeConfig) -> str | None:
 
 def deployment(cfg: ServeConfig):
     """The bound Serve application for ``cfg`` (replicas, autoscaling, resources)."""
-    from ..generate.pipeline import cpu_engine_env
+    from ..engine_env import engine_actor_env
 
-    actor = {"num_cpus": cfg.num_cpus_per_replica, "num_gpus": cfg.num_gpus_per_replica}
-    if cfg.num_gpus_per_replica == 0:
-        actor["runtime_env"] = {"env_vars": cpu_engine_env()}
+    actor = {
+        "num_cpus": cfg.num_cpus_per_replica,
+        "num_gpus": cfg.num_gpus_per_replica,
+        "runtime_env": {"env_vars": engine_actor_env(use_gpu=cfg.num_gpus_per_replica > 0)},
+    }
     # Serve hands the replica a few more than it admits, so that it can refuse them with a 429 itself
     opts = {"ray_actor_options": actor, "max_ongoing_requests": cfg.limits.max_queued_requests + 8}
     if cfg.autoscaling:

@@ -10,7 +10,6 @@ tell :mod:`.connector` which file to read. A placeholder prompt is built only to
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 import uuid
@@ -20,6 +19,7 @@ from types import SimpleNamespace
 
 from ..agent.decoding import Completion, SamplingParams
 from ..cartridge import CartridgeMeta, check_compatible, read_meta
+from ..engine_env import set_engine_env
 from ..fsutil import file_hash
 from .connector import CartridgeParams, adapter_file, connector_config
 
@@ -64,15 +64,6 @@ class EngineStats:
             self.requests_fully_cached += loaded == 0
 
 
-def cpu_vllm_env() -> None:
-    """The env vLLM's CPU engine wants in this process (values the user set win); see ENVIRONMENT notes."""
-    from ..generate.pipeline import cpu_engine_env
-
-    for k, v in cpu_engine_env().items():
-        if k != "RAY_kill_child_processes_on_worker_exit":
-            os.environ.setdefault(k, v)
-
-
 def engine_kwargs(
     model_path: str,
     *,
@@ -104,8 +95,8 @@ def engine_kwargs(
         kw["block_size"] = block_size
     if max_num_seqs:
         kw["max_num_seqs"] = max_num_seqs
+    set_engine_env(cpu=current_platform.is_cpu())
     if current_platform.is_cpu():
-        cpu_vllm_env()
         # seeded sampling on vLLM CPU fails when a prefill is split over steps (see generate/engines.py)
         kw.update(enable_chunked_prefill=False, max_num_batched_tokens=max(4096, max_model_len))
     return kw

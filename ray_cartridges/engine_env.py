@@ -1,0 +1,88 @@
+"""The process environment of vLLM engines run by this project, and the lifeline that ends them with their owner.
+
+vLLM runs its engine core (and, on CPU, its worker) as child processes of the process that built the engine.
+Ray keeps an actor's children alive when the actor exits (``RAY_kill_child_processes_on_worker_exit=0``,
+since killing them outright leaks vLLM's shared memory), so an actor killed by Ctrl-C, SIGTERM or a lost
+driver would leave its engine running. :func:`exit_with_parent` is registered as a vLLM general plugin
+(``vllm.general_plugins`` in pyproject.toml), which vLLM loads in every process it starts: where
+``LIFELINE_ENV`` is set, the process watches its parent and shuts itself down through vLLM's own SIGTERM
+handler once the parent is gone. This module imports nothing heavy: it runs in every vLLM process.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+LIFELINE_ENV = "RAY_CARTRIDGES_EXIT_WITH_PARENT"
+_POLL_S = 1.0
+_GRACE_S = 30.0  # after SIGTERM, time for vLLM's own shutdown before the process is killed
+
+
+def cpu_engine_env() -> dict[str, str]:
+    """Env of a vLLM CPU engine (see ENVIRONMENT notes); values already set by the user win."""
+    n = os.cpu_count() or 1
+    env = {
+        "VLLM_CPU_KVCACHE_SPACE": "2",
+        "VLLM_CPU_OMP_THREADS_BIND": f"0-{n - 1}",
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+        # vllm-cpu saves its AOT-compiled model but cannot load it back and compiles again at every start;
+        # without AOT its torch.compile cache is read back on later starts
+        "VLLM_USE_AOT_COMPILE": "0",
+    }
+    iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
+    if iomp.is_file():
+        env["LD_PRELOAD"] = str(iomp)
+    return {k: os.environ.get(k, v) for k, v in env.items()}
+
+
+def engine_actor_env(use_gpu: bool) -> dict[str, str]:
+    """``runtime_env["env_vars"]`` of a Ray actor that owns a vLLM engine."""
+    env = {} if use_gpu else cpu_engine_env()
+    # Ray SIGKILLs an actor's children at exit by default, leaking vLLM's shared memory; the lifeline ends them
+    env["RAY_kill_child_processes_on_worker_exit"] = "0"
+    env[LIFELINE_ENV] = "1"
+    return env
+
+
+def set_engine_env(cpu: bool) -> None:
+    """The env of a vLLM engine built in this process (values the user set win)."""
+    for k, v in (cpu_engine_env() if cpu else {}).items():
+        os.environ.setdefault(k, v)
+    os.environ[LIFELINE_ENV] = "1"
+
+
+def _remove_stale_openmp_files() -> None:
+    """Remove the Intel OpenMP runtime's registration files (one per process in /dev/shm) of processes that are
+    gone: a killed process cannot remove its own. The runtime itself treats such files as stale."""
+    for f in Path("/dev/shm").glob("__KMP_REGISTERED_LIB_*_*"):
+        pid = f.name.split("_")[-2]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            f.unlink(missing_ok=True)
+
+
+def _watch(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(_POLL_S)
+    _remove_stale_openmp_files()
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(_GRACE_S)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def exit_with_parent() -> None:
+    """vLLM plugin hook: where ``LIFELINE_ENV`` is set, this process stops when its parent does."""
+    import multiprocessing
+
+    # only in vLLM's own children: the process that built the engine (a Ray actor, a user's script) is left be
+    if os.environ.get(LIFELINE_ENV) != "1" or multiprocessing.parent_process() is None:
+        return
+    from multiprocessing.util import Finalize
+
+    # vLLM's children end through multiprocessing (os._exit): its finalizers run there, atexit hooks do not
+    Finalize(None, _remove_stale_openmp_files, exitpriority=0)
+    threading.Thread(target=_watch, args=(os.getppid(),), name="ray-cartridges-lifeline", daemon=True).start()
