@@ -144,6 +144,7 @@ def main(argv=None) -> int:
                     "eval.json",
                     "loss.png",
                     "metrics.jsonl",
+                    "tokasaurus/*/*",
                 ],
             )
             report["stages"]["publish"] = {"url": url}

@@ -1,12 +1,11 @@
 """The process environment of vLLM engines run by this project, and the lifeline that ends them with their owner.
 
 vLLM runs its engine core (and, on CPU, its worker) as child processes of the process that built the engine.
-Ray keeps an actor's children alive when the actor exits (``RAY_kill_child_processes_on_worker_exit=0``,
-since killing them outright leaks vLLM's shared memory), so an actor killed by Ctrl-C, SIGTERM or a lost
-driver would leave its engine running. :func:`exit_with_parent` is registered as a vLLM general plugin
-(``vllm.general_plugins`` in pyproject.toml), which vLLM loads in every process it starts: where
-``LIFELINE_ENV`` is set, the process watches its parent and shuts itself down through vLLM's own SIGTERM
-handler once the parent is gone. This module imports nothing heavy: it runs in every vLLM process.
+Ray SIGKILLs an actor's process group when the actor ends, which leaks vLLM's shared memory.
+:func:`exit_with_parent` is registered as a vLLM general plugin (``vllm.general_plugins`` in pyproject.toml),
+which vLLM loads in every process it starts: where ``LIFELINE_ENV`` is set, each of vLLM's child processes
+leaves its parent's process group, watches its parent and, once the parent is gone, shuts itself down through
+vLLM's own SIGTERM handler. This module imports nothing heavy: it runs in every vLLM process.
 """
 
 from __future__ import annotations
@@ -56,12 +55,13 @@ def set_engine_env(cpu: bool) -> None:
     os.environ[LIFELINE_ENV] = "1"
 
 
-def _remove_stale_openmp_files() -> None:
+def _remove_stale_openmp_files(exiting: bool = False) -> None:
     """Remove the Intel OpenMP runtime's registration files (one per process in /dev/shm) of processes that are
-    gone: a killed process cannot remove its own. The runtime itself treats such files as stale."""
+    gone, and this process's own when ``exiting``: the runtime removes its file in a C exit handler, which a
+    killed process and one ending through ``os._exit`` (multiprocessing's children) never run."""
     for f in Path("/dev/shm").glob("__KMP_REGISTERED_LIB_*_*"):
         pid = f.name.split("_")[-2]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+        if pid.isdigit() and (not Path(f"/proc/{pid}").exists() or (exiting and int(pid) == os.getpid())):
             f.unlink(missing_ok=True)
 
 
@@ -83,6 +83,13 @@ def exit_with_parent() -> None:
         return
     from multiprocessing.util import Finalize
 
+    # out of the actor's process group, which Ray SIGKILLs when the actor ends: this process then shuts
+    # down through vLLM (freeing its shared memory) once it sees its parent gone
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass
+
     # vLLM's children end through multiprocessing (os._exit): its finalizers run there, atexit hooks do not
-    Finalize(None, _remove_stale_openmp_files, exitpriority=0)
+    Finalize(None, _remove_stale_openmp_files, kwargs={"exiting": True}, exitpriority=0)
     threading.Thread(target=_watch, args=(os.getppid(),), name="ray-cartridges-lifeline", daemon=True).start()

@@ -150,6 +150,38 @@ def memory_questions(memory: AgentMemory) -> list[tuple[int, str, str]]:
     return out
 
 
+@dataclass(frozen=True)
+class Fact:
+    """A fact of a memory with a known answer (``facts.json`` beside the checkpoint): the memory's own question
+    about it (None where the memory asks none) and questions phrased otherwise, which no training prompt holds."""
+
+    entry: int
+    answer: str
+    question: str | None
+    heldout: tuple[str, ...]
+
+
+FACTS_FILE = "facts.json"
+
+
+def read_facts(checkpoint_dir: str | Path) -> list[Fact] | None:
+    """The ``facts.json`` of a checkpoint (in its root, or beside a corpus file); None when it has none."""
+    path = Path(checkpoint_dir).resolve()
+    for d in [path if path.is_dir() else path.parent, *list(path.parents)[:3]]:
+        f = d / FACTS_FILE
+        if f.is_file():
+            break
+    else:
+        return None
+    try:
+        return [
+            Fact(int(x["entry"]), x["answer"], x.get("question"), tuple(x.get("heldout") or ()))
+            for x in json.loads(f.read_text(encoding="utf-8"))
+        ]
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{f}: expected a list of {{entry, answer, question, heldout}} ({err})") from None
+
+
 def _content_text(content) -> str:
     if isinstance(content, str):
         return content

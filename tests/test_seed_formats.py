@@ -306,9 +306,7 @@ def test_their_history_agent_renderings_are_offered_as_memory_layouts(tmp_path, 
         )
         (replay,) = [p for p in build_prompts(read_memory(root), cfg) if p["strategy"].startswith("replay")]
         assert chat_ids(tokenizer, replay["context"], replay["user"]) == expected, layout
-        rec = make_record(
-            tokenizer, context=replay["context"], user=q, answer_ids=[1], entries=[{}], metadata={}
-        )
+        rec = make_record(tokenizer, context=replay["context"], user=q, answer_ids=[1], entries=[{}], metadata={})
         # the student's conversation is the bare question; the teacher's whole prompt is kept beside it
         assert [m["role"] for m in rec["messages"]] == ["system", "user", "assistant"]
         assert rec["messages"][1]["content"] == q and rec["teacher_messages"] == conversation

@@ -21,7 +21,7 @@ def test_text_init_cartridge_learns_from_teacher_data(tmp_path, ray_cluster, tea
         TrainConfig,
         {
             "input_dataset": {"local_path": str(teacher_jsonl), "is_converted": False, "eval_fraction": 0.2},
-            "output": {"local_dir": str(out)},
+            "output": {"local_dir": str(out), "export_tokasaurus": True},
             "kv_cache": {"method": "text", "num_tokens": 128, "init_text": memory.render()},
             "training": {"global_batch_size": 4, "lr": 2e-2, "max_steps": 36, "eval_every": 12, "save_every": 18},
             "wandb": {"mode": "offline", "project": "test"},
@@ -71,6 +71,14 @@ def test_text_init_cartridge_learns_from_teacher_data(tmp_path, ray_cluster, tea
     step18 = load_cache_pt(out / "cache-step18.pt")
     assert not torch.equal(cache["trainable_keys"][0], step18["trainable_keys"][0])
     assert torch.equal(cache["frozen_keys"][0], step18["frozen_keys"][0])  # frozen tokens never move
+
+    # asked for, the Tokasaurus layout of the final cartridge lies inside the artifact (pushed with it)
+    toka = out / "tokasaurus" / out.name
+    assert summary["tokasaurus"] == str(toka)
+    cfg_toka = __import__("yaml").safe_load((toka / "config.yaml").read_text())
+    assert cfg_toka["kv_cache_initializer"]["max_tokens"] == 128
+    theirs = torch.load(toka / "cartridge.pt", weights_only=True)
+    assert torch.equal(theirs["trainable_keys"][0].float(), cache["trainable_keys"][0].to(torch.bfloat16).float())
 
 
 _train_cfg = small_train_config

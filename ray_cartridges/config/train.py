@@ -44,6 +44,11 @@ class OutputConfig(StrictModel):
     hf_repo_id: str | None = Field(None, description="Hub model repo to push the cartridge to.")
     upload_to_hf: bool = Field(False, description="Push output.local_dir to hf_repo_id at the end.")
     hf_private: bool = Field(True, description="Create the hub repo as private.")
+    export_tokasaurus: bool = Field(
+        False,
+        description="Also write the cartridge as Tokasaurus reads it, tokasaurus/<local_dir name>/{cartridge.pt, "
+        "config.yaml}, inside local_dir (pushed with the cartridge).",
+    )
 
 
 class KVCacheConfig(StrictModel):

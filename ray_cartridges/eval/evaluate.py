@@ -20,7 +20,7 @@ from ..agent.decoding import SamplingParams
 from ..agent.kv_memory import KVCacheMemory
 from ..batching import heldout_keys
 from ..generate.strategies import GENERAL_STRATEGY
-from ..memory import AgentMemory, MemoryContext, memory_questions
+from ..memory import AgentMemory, MemoryContext, memory_questions, read_facts
 from .metrics import kl_per_token, score_answer
 
 
@@ -312,22 +312,30 @@ def evaluate_cartridge(
         else {}
     )
     qs = memory_questions(memory)[:max_questions]
+    facts, reworded = read_facts(memory.source), []
+    if facts is not None:  # the memory's own questions where it asks them, and the held-out phrasings
+        qs = [(f.entry, f.question, f.answer) for f in facts if f.question][:max_questions]
+        reworded = [(f.entry, f.heldout[0], f.answer) for f in facts if f.heldout][:max_questions]
     held_entries = {
         int(k.split("-")[1]) for k in (r["metadata"].get("split_key", "") for r in held) if k.startswith("entry-")
     }
 
     agents = _recall_agents(mem, memory, memory_context, engine, cache if cache is not None else {})
     agents = {k: make() for k, make in agents.items() if k in baselines or k == "cartridge"}
-    rec = recall(agents, qs, max_tokens=max_tokens, batch=len(qs) if engine == "vllm" else 8)
+    batch = max(len(qs), 1) if engine == "vllm" else 8
+    rec = recall(agents, qs, max_tokens=max_tokens, batch=batch) if qs else {}
     for name in rec:
         held_scores = [a["correct"] for a in rec[name]["answers"] if a["entry"] in held_entries]
         rec[name]["heldout_accuracy"] = sum(held_scores) / len(held_scores) if held_scores else None
+    rec_reworded = recall(agents, reworded, max_tokens=max_tokens, batch=batch) if reworded else None
     if unrelated_text is None:
         unrelated_text = (Path(__file__).resolve().parent.parent / "data" / "unrelated.txt").read_text()
     harm = no_harm(model, tok, mem.kv, unrelated_text, memory_text, mem.meta.student_system_prompt, cache)
     return {
         "fidelity": fid,
         "recall": rec,
+        "recall_heldout_phrasing": rec_reworded,
+        "heldout_phrasing_questions": len(reworded) if rec_reworded else 0,
         "no_harm": harm,
         "heldout_entries": sorted(held_entries),
         "questions": len(qs),
@@ -407,10 +415,17 @@ def evaluation_lines(evaluation: dict | None) -> list[str]:
             f"fidelity (held-out, per-token KL to the in-context teacher): no memory {fid['kl_no_memory']:.3f}, "
             f"cartridge {fid['kl_cartridge']:.3f} -> share of the ICL gap closed {fid['icl_gap_closed']:.2f}"
         )
+    reworded = evaluation.get("recall_heldout_phrasing") or {}
+    if reworded:  # the headline: questions phrased unlike any training prompt
+        lines.append(
+            f"recall on {evaluation['heldout_phrasing_questions']} facts asked in words no training prompt used "
+            "(accuracy): " + ", ".join(f"{k} {v['accuracy']:.2f}" for k, v in reworded.items())
+        )
     rec = evaluation.get("recall") or {}
     if rec:
         lines.append(
-            f"recall on {evaluation.get('questions', '?')} memory facts (accuracy): "
+            f"recall on {evaluation.get('questions', '?')} memory facts, seen phrasing (the memory's own "
+            "questions, which replay trains on) (accuracy): "
             + ", ".join(f"{k} {v['accuracy']:.2f}" for k, v in rec.items())
         )
     harm = evaluation.get("no_harm")

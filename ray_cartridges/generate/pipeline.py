@@ -280,7 +280,14 @@ def run_generation(cfg: GenerateConfig, progress: bool = True) -> dict:
             cfg.hf_repo_id,
             repo_type="dataset",
             private=cfg.hf_private,
-            allow_patterns=["dataset.jsonl", "shards/*.parquet", "README.md", "generation.json", "memory.txt", "memory_context.json"],
+            allow_patterns=[
+                "dataset.jsonl",
+                "shards/*.parquet",
+                "README.md",
+                "generation.json",
+                "memory.txt",
+                "memory_context.json",
+            ],
         )
     return summary
 

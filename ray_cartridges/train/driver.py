@@ -104,7 +104,7 @@ def run_hash(cfg: TrainConfig, files: list[Path] = (), no_harm_text: str | None 
     d = cfg.model_dump(
         mode="json",
         exclude={
-            "output": {"hf_repo_id", "upload_to_hf", "hf_private"},
+            "output": {"hf_repo_id", "upload_to_hf", "hf_private", "export_tokasaurus"},
             "wandb": True,
             "scaling": {"max_failures", "storage_path"},
         },
@@ -228,6 +228,10 @@ def run_training(cfg: TrainConfig, max_failures: int | None = None, fault_at_ste
     summary_path = out_dir / "train_summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     summary.update({"output_dir": str(out_dir), "data_files": [str(f) for f in files]})
+    if cfg.output.export_tokasaurus:
+        from ..interop import export_tokasaurus
+
+        summary["tokasaurus"] = str(export_tokasaurus(out_dir, out_dir / "tokasaurus", out_dir.name))
     return summary
 
 
@@ -246,6 +250,8 @@ def format_summary(summary: dict) -> str:
         lines.append(f"  final train KD loss: {final['train/loss']:.4f}")
     if "eval/loss" in final:
         lines.append(f"  final held-out KD loss: {final['eval/loss']:.4f}")
+    if summary.get("tokasaurus"):
+        lines.append(f"  Tokasaurus layout:        {summary['tokasaurus']}")
     if summary.get("best"):
         b = summary["best"]
         lines.append(f"  best held-out KD loss:  {b['eval/loss']:.4f} at step {b['step']}  ->  {out / 'best'}")
