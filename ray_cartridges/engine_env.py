@@ -39,9 +39,12 @@ def cpu_engine_env() -> dict[str, str]:
     return {k: os.environ.get(k, v) for k, v in env.items()}
 
 
-def engine_actor_env(use_gpu: bool) -> dict[str, str]:
-    """``runtime_env["env_vars"]`` of a Ray actor that owns a vLLM engine."""
+def engine_actor_env(use_gpu: bool, deterministic: bool = False) -> dict[str, str]:
+    """``runtime_env["env_vars"]`` of a Ray actor that owns a vLLM engine; ``deterministic``: the engine core in
+    the actor's own process, so that which requests share a step never depends on timing."""
     env = {} if use_gpu else cpu_engine_env()
+    if deterministic:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     # Ray SIGKILLs an actor's children at exit by default, leaking vLLM's shared memory; the lifeline ends them
     env["RAY_kill_child_processes_on_worker_exit"] = "0"
     env[LIFELINE_ENV] = "1"

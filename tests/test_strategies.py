@@ -257,7 +257,8 @@ def test_shard_names_change_with_what_changes_a_shards_content_only():
     assert len(set(base)) == len(base)
     for same in ({"output_dir": "elsewhere"}, {"num_threads": 4}, {"actor_num_cpus": 2.0}):
         assert shard_names(shards, cfg.model_copy(update=same)) == base, same
-    for other in ({"enforce_eager": True}, {"dtype": "bf16"}, {"temperature": 0.7}, {"top_logprobs": 10}):
+    others = ({"enforce_eager": True}, {"dtype": "bf16"}, {"temperature": 0.7}, {"top_logprobs": 10})
+    for other in (*others, {"deterministic": True}):
         renamed = shard_names(shards, cfg.model_copy(update=other))
         assert all(a != b for a, b in zip(renamed, base)), other
         assert [n.split("-")[1] for n in renamed] == [n.split("-")[1] for n in base]  # same shard numbers
@@ -272,6 +273,24 @@ def test_shard_names_change_with_what_changes_a_shards_content_only():
     by_vllm = shard_names(sshards, scored.model_copy(update={"score_engine": "vllm"}))
     by_hf = shard_names(sshards, scored.model_copy(update={"score_engine": "transformers"}))
     assert [a != b for a, b in zip(by_vllm, by_hf)] == has
+    # a teacher laid out otherwise writes other prompts: their shards are others too
+    chat = cfg.model_copy(update={"memory_layout": "history_chat"})
+    chat_shards = [
+        p[i : i + 16] for p in [build_prompts(read_memory(EXAMPLE_CHECKPOINT), chat)] for i in range(0, len(p), 16)
+    ]
+    assert not set(shard_names(chat_shards, chat)) & set(base)
+
+
+def test_a_deterministic_teacher_runs_its_engine_core_in_the_actors_process():
+    from ray_cartridges.engine_env import LIFELINE_ENV, engine_actor_env
+
+    for gpu in (False, True):
+        assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in engine_actor_env(gpu)
+        env = engine_actor_env(gpu, deterministic=True)
+        assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and env[LIFELINE_ENV] == "1"
+    assert "VLLM_CPU_KVCACHE_SPACE" in engine_actor_env(False) and "VLLM_CPU_KVCACHE_SPACE" not in engine_actor_env(
+        True
+    )
 
 
 def test_prompt_keys_follow_each_prompts_own_strategy_and_index_earlier_records(tmp_path):

@@ -114,6 +114,12 @@ class GenerateConfig(StrictModel):
         "starts in ~37 s against ~115 s for a first compiled start (~30-65 s once the compile cache is warm), but "
         "prefills a 1,700-token prompt ~2.7x slower; for short runs and tests.",
     )
+    deterministic: bool = Field(
+        False,
+        description="Bit-reproducible teacher outputs: vLLM's engine runs in the actor's own process, so which "
+        "requests share a step never depends on timing (slower). Without it, bf16 answers of two fresh runs may "
+        "differ in a few tokens; a re-run keeps the shards written first either way.",
+    )
     score_engine: Literal["auto", "vllm", "transformers"] = Field(
         "auto",
         description="What reads the answers whose targets come from another teacher than the one that wrote them "

@@ -44,12 +44,16 @@ _NOT_IN_SHARD_NAME = {
 _NOT_IN_PROMPT_KEY = _NOT_IN_SHARD_NAME | {"min_prob_mass", "student_system_prompt"}
 
 
+_LATER_FIELDS = {"memory_layout": "system", "deterministic": False}
+
+
 def _named_settings(cfg: GenerateConfig, exclude: set[str]) -> dict:
     """The settings a shard name or prompt key covers; a field at its default that predates it is left out,
     so that data written before the field existed keeps its names."""
     settings = cfg.model_dump(mode="json", exclude=exclude)
-    if settings.get("memory_layout") == "system":
-        settings.pop("memory_layout")
+    for key, default in _LATER_FIELDS.items():
+        if settings.get(key) == default:
+            settings.pop(key)
     return settings
 
 
@@ -187,7 +191,7 @@ def run_generation(cfg: GenerateConfig, progress: bool = True) -> dict:
                 if cfg.use_gpu
                 else {"num_cpus": cfg.actor_num_cpus}
             ),
-            "runtime_env": {"env_vars": engine_actor_env(cfg.use_gpu)},
+            "runtime_env": {"env_vars": engine_actor_env(cfg.use_gpu, deterministic=cfg.deterministic)},
         }
         ds = ray.data.from_items(items).map_batches(
             TeacherActor,
@@ -310,6 +314,14 @@ def fact_answer_share(records: list[dict], memory, prefix: str = "replay/") -> d
     return {"correct": sum(hits), "answers": len(hits), "share": sum(hits) / len(hits)} if hits else None
 
 
+def _reproducible(cfg: GenerateConfig) -> str:
+    if cfg.deterministic:
+        return "yes (deterministic: the engine core in the actor's process)"
+    if cfg.dtype == "fp32":
+        return "likely (fp32 answers do not depend on rounding races); deterministic makes it certain"
+    return "no: bf16 answers of two fresh runs may differ in a few tokens (set deterministic)"
+
+
 def dataset_card(cfg: GenerateConfig, summary: dict) -> str:
     return (
         "---\ntags: [ray-cartridges, memory-distillation]\n---\n"
@@ -317,6 +329,7 @@ def dataset_card(cfg: GenerateConfig, summary: dict) -> str:
         f"built from the agent memory at `{cfg.checkpoint_dir}`.\n\n"
         f"- conversations: {summary['rows']}\n- answer tokens: {summary['answer_tokens']}\n"
         f"- top logprobs per token: {cfg.top_logprobs}\n"
+        f"- reproducible run to run: {_reproducible(cfg)}\n"
         + "".join(
             f"- {kind} answers that state their experience's Feedback: {fact['correct']}/{fact['answers']}\n"
             for kind in ("replay", "recite")

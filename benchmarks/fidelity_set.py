@@ -1,0 +1,133 @@
+"""Does the recipe remember any memory, not one? The demo's recipe, unchanged, over the development set.
+
+    python benchmarks/fidelity_set.py [--config configs/demo.yaml] [--memories demo,team_qa,...] [key=value ...]
+
+For each memory of the set (examples/make_dev_memories.py: the demo, a team's Q/A agent, an assistant's
+dialogue log, a tool-using agent, a document corpus) the whole job runs (teacher generation, training,
+evaluation) with the same config and no per-memory setting; extra ``key=value`` overrides apply to all of
+them alike. Per memory and over the set (mean, worst, spread): the share of the held-out ICL gap closed, recall
+on the facts asked in held-out phrasings (the headline) and in the memory's own phrasing (seen), each against
+no memory and the memory in context, and no harm on unrelated chat. Writes ``<out>/<memory>/`` (the job's
+outputs, resumable) and ``benchmarks/results/fidelity_set.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import REPO, RESULTS, print_table, write_json  # noqa: E402
+
+DEV = REPO / "examples" / "dev_memories"
+MEMORIES = {
+    "demo": REPO / "examples" / "agent_checkpoint",
+    "team_qa": DEV / "team_qa",
+    "assistant_log": DEV / "assistant_log",
+    "tool_agent": DEV / "tool_agent",
+    "documents": DEV / "documents" / "corpus.md",
+}
+TARGETS = {"gap_mean": 0.75, "heldout_recall_vs_icl_mean": 0.5, "harm_max": 1.05}
+
+
+def run_job(name: str, ckpt: Path, out: Path, config: str, overrides: list[str]) -> dict:
+    """The distill job on one memory (it resumes what an earlier run finished); its eval.json."""
+    cmd = [
+        sys.executable,
+        str(REPO / "jobs" / "distill.py"),
+        "--config",
+        config,
+        "--skip",
+        "publish",
+        f"generate.checkpoint_dir={ckpt}",
+        f"generate.output_dir={out / 'data'}",
+        f"train.output.local_dir={out / 'cartridge'}",
+        *overrides,
+    ]
+    print(f"[fidelity_set] {name}: {' '.join(cmd[1:])}", flush=True)
+    subprocess.run(cmd, check=True, cwd=REPO)
+    return json.loads((out / "cartridge" / "eval.json").read_text())
+
+
+def row(name: str, ev: dict) -> dict:
+    def acc(rec, who):
+        return (rec or {}).get(who, {}).get("accuracy")
+
+    reworded, seen = ev.get("recall_heldout_phrasing"), ev.get("recall")
+    return {
+        "memory": name,
+        "gap": ev["fidelity"].get("icl_gap_closed"),
+        "heldout_recall": {w: acc(reworded, w) for w in ("no_memory", "icl", "cartridge")},
+        "seen_recall": {w: acc(seen, w) for w in ("no_memory", "icl", "cartridge")} if seen else None,
+        "chat_harm": (ev["no_harm"].get("chat") or {}).get("ratio"),
+    }
+
+
+def _f(x, spec="{:.2f}"):
+    return "-" if x is None else spec.format(x)
+
+
+def table(rows: list[dict]) -> tuple[str, dict]:
+    lines, agg = [], {}
+    for r in rows:
+        h, s = r["heldout_recall"], r["seen_recall"] or {}
+        lines.append(
+            [
+                r["memory"],
+                _f(r["gap"]),
+                f"{_f(h['cartridge'])} / {_f(h['icl'])} / {_f(h['no_memory'])}",
+                f"{_f(s.get('cartridge'))} / {_f(s.get('icl'))} / {_f(s.get('no_memory'))}",
+                _f(None if r["chat_harm"] is None else (r["chat_harm"] - 1) * 100, "{:+.1f}%"),
+            ]
+        )
+    gaps = [r["gap"] for r in rows if r["gap"] is not None]
+    ratios = [r["heldout_recall"]["cartridge"] / r["heldout_recall"]["icl"] for r in rows if r["heldout_recall"]["icl"]]
+    if gaps:
+        agg = {
+            "gap_mean": statistics.mean(gaps),
+            "gap_worst": min(gaps),
+            "gap_spread": max(gaps) - min(gaps),
+            "heldout_recall_vs_icl_mean": statistics.mean(ratios) if ratios else None,
+            "harm_max": max(r["chat_harm"] for r in rows if r["chat_harm"] is not None),
+        }
+        lines.append(["mean", _f(agg["gap_mean"]), "", "", ""])
+        lines.append(["worst", _f(agg["gap_worst"]), "", "", _f((agg["harm_max"] - 1) * 100, "{:+.1f}%")])
+    header = ["memory", "gap share", "held-out phrasing: cart / ICL / none", "seen: cart / ICL / none", "chat harm"]
+    return print_table("fidelity over the development set", header, lines), agg
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"), help="the job config used for all")
+    ap.add_argument("--memories", default=",".join(MEMORIES), help="comma-separated names of the set to run")
+    ap.add_argument("--out", default=str(REPO / "outputs" / "fidelity_set"), help="where each memory's run goes")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides of the job config, the same for every memory")
+    args = ap.parse_args()
+    out = Path(args.out)
+    rows = []
+    for name in args.memories.split(","):
+        if name not in MEMORIES:
+            sys.exit(f"unknown memory {name!r}; the set: {', '.join(MEMORIES)}")
+        rows.append(row(name, run_job(name, MEMORIES[name], out / name, args.config, args.overrides)))
+    text, agg = table(rows)
+    checks = {
+        k: {
+            "value": agg.get(k),
+            "target": t,
+            "met": agg.get(k) is not None and (agg[k] <= t if k == "harm_max" else agg[k] >= t),
+        }
+        for k, t in TARGETS.items()
+    }
+    for k, c in checks.items():
+        print(f"{k}: {_f(c['value'], '{:.3f}')} (target {c['target']}) -> {'MET' if c['met'] else 'NOT MET'}")
+    (RESULTS / "fidelity_set.md").write_text(text + "\n")
+    write_json("fidelity_set", {"config": vars(args), "rows": rows, "aggregate": agg, "checks": checks})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""The development set of memories (examples/dev_memories, the demo's facts): each reads, holds its facts, and
+no training prompt holds a held-out phrasing or a near copy of one."""
+
+import difflib
+import json
+import re
+
+import pytest
+from conftest import EXAMPLE_CHECKPOINT, REPO
+
+from ray_cartridges.config import DistillConfig, load_config
+from ray_cartridges.generate.strategies import build_prompts
+from ray_cartridges.memory import CheckpointError, read_facts, read_memory
+
+DEV = REPO / "examples" / "dev_memories"
+MEMORIES = {
+    "demo": EXAMPLE_CHECKPOINT,
+    "team_qa": DEV / "team_qa",
+    "assistant_log": DEV / "assistant_log",
+    "tool_agent": DEV / "tool_agent",
+    "documents": DEV / "documents" / "corpus.md",
+}
+
+
+def _norm(text: str) -> str:
+    return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def near_copy(a: str, b: str) -> bool:
+    """``a`` holds ``b`` (normalised), or the two read nearly alike."""
+    a, b = _norm(a), _norm(b)
+    return bool(b) and b in a or difflib.SequenceMatcher(None, a, b).ratio() >= 0.85
+
+
+def test_near_copy_catches_copies_and_leaves_paraphrases():
+    held = "Which person is in charge of the budget meeting?"
+    assert near_copy("Q: which person is in charge of the budget meeting", held)
+    assert near_copy("Which person is in charge of the budget meetings?", held)
+    assert not near_copy("Who leads the budget meeting?", held)
+
+
+@pytest.mark.parametrize("name", list(MEMORIES))
+def test_each_memory_holds_its_facts_and_its_prompts_never_the_heldout_phrasings(name):
+    mem = read_memory(MEMORIES[name])
+    facts = read_facts(MEMORIES[name])
+    assert facts and len(facts) >= 30
+    text = _norm(mem.render())
+    for f in facts:
+        assert _norm(f.answer.removeprefix("Correct. ").removeprefix("Incorrect. ")) in text, f.answer
+        assert f.heldout and all(not near_copy(h, f.question or "") for h in f.heldout)
+    # the demo's generation settings on this memory: every string a teacher prompt carries
+    cfg = load_config(DistillConfig, REPO / "configs" / "demo.yaml", [f"generate.checkpoint_dir={MEMORIES[name]}"])
+    prompts = build_prompts(mem, cfg.generate)
+    assert prompts
+    strings = {json.dumps(p.get("context")) for p in prompts} | {
+        s for p in prompts for s in (p.get("user"), p.get("seed_prompt")) if s
+    }
+    for f in facts:
+        for h in f.heldout:
+            assert not [s for s in strings if near_copy(s, h)], (name, h)
+
+
+def test_the_generated_teacher_data_never_asks_a_heldout_phrasing(teacher_jsonl):
+    """Teacher-written questions (self-study) included: the bundled teacher's data of the demo memory."""
+    facts = read_facts(EXAMPLE_CHECKPOINT)
+    users = [
+        json.loads(line)["messages"][-2]["content"] for line in teacher_jsonl.read_text().splitlines() if line.strip()
+    ]
+    assert len(users) > 10
+    leaks = [(u, h) for u in users for f in facts for h in f.heldout if near_copy(u, h)]
+    assert leaks == []
+
+
+def test_a_broken_facts_file_names_itself(tmp_path):
+    (tmp_path / "facts.json").write_text('[{"entry": 0}]')
+    with pytest.raises(CheckpointError, match="facts.json"):
+        read_facts(tmp_path)
+    assert read_facts(tmp_path / "none" / "deeper" / "x" / "y" / "z") is None
