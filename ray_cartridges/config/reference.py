@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal, get_args, get_origin
+
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
@@ -17,6 +19,12 @@ def _stages():
 
 
 def _type_name(ann) -> str:
+    """A field's type as the reference prints it; a Literal lists its allowed values."""
+    if get_origin(ann) is Literal:
+        return " or ".join(repr(v) for v in get_args(ann))
+    args = get_args(ann)
+    if get_origin(ann) is list and args and get_origin(args[0]) is Literal:
+        return f"list of {_type_name(args[0])}"
     name = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
     return name.replace(" | ", " or ")
 
