@@ -204,8 +204,8 @@ def serve_load_test(args, cart_dir: Path, qs: list[str]) -> dict:
     import ray
     from ray import serve
 
+    from ray_cartridges.config.serve import ServeConfig
     from ray_cartridges.serve.app import deployment
-    from ray_cartridges.serve.config import ServeConfig
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -172,7 +172,7 @@ def final_summary(out_dir: Path, evaluation: dict | None, report: dict) -> str:
         lines += ["  train on it: the same command with --skip generate", "=" * 72]
         return "\n".join(lines)
     lines = ["", "=" * 72, f"Done in {minutes:.1f} min. Cartridge: {out_dir}"]
-    from ray_cartridges.eval.evaluate import evaluation_lines
+    from ray_cartridges.report import evaluation_lines
 
     lines += [f"  {line}" for line in evaluation_lines(evaluation)]
     if "publish" in report["stages"]:

@@ -13,6 +13,8 @@ import hashlib
 import numpy as np
 import torch
 
+from .contracts import SplitKey
+
 
 def _key_rank(split_key: str, seed: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{split_key}".encode()).digest()[:8], "big")
@@ -30,7 +32,7 @@ def heldout_keys(keys, eval_fraction: float, seed: int) -> set[str]:
         return set()
     kinds: dict[str, list[str]] = {}
     for k in set(keys):
-        kinds.setdefault(k.split("-", 1)[0], []).append(k)
+        kinds.setdefault(SplitKey.parse(k).kind, []).append(k)
     held: set[str] = set()
     for group in kinds.values():
         n = round(eval_fraction * len(group))

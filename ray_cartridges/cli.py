@@ -75,7 +75,7 @@ def _serve_config(args):
     from pathlib import Path
 
     from .config import load_config
-    from .serve.config import ServeConfig
+    from .config.serve import ServeConfig
 
     overrides = list(args.overrides)
     if args.cartridge:
@@ -170,9 +170,10 @@ def _cmd_eval(args) -> int:
     import json
     from pathlib import Path
 
-    from .eval.evaluate import evaluate_cartridge, evaluation_lines
+    from .eval.evaluate import evaluate_cartridge
     from .fsutil import write_text_atomic
     from .memory import read_memory
+    from .report import evaluation_lines
 
     ev = evaluate_cartridge(
         args.cartridge,

@@ -38,7 +38,7 @@ def cartridge_card(
     final = meta["extra"].get("metrics", {})
     if "eval/loss" in final:
         lines.append(f"- final held-out KD loss: {final['eval/loss']:.4f}")
-    from .eval.evaluate import evaluation_lines
+    from .report import evaluation_lines
 
     lines += [f"- {line}" for line in evaluation_lines(evaluation)]
     lines += [

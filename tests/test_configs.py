@@ -14,7 +14,7 @@ def config_class(path: Path):
 
     data = yaml.safe_load(path.read_text())
     if "cartridges" in data:
-        from ray_cartridges.serve.config import ServeConfig
+        from ray_cartridges.config.serve import ServeConfig
 
         return ServeConfig
     if "generate" in data:

@@ -5,7 +5,8 @@ import json
 import torch
 from conftest import bundled_meta
 
-from ray_cartridges.eval.metrics import kl_per_token, score_answer
+from ray_cartridges.eval.metrics import kl_per_token
+from ray_cartridges.scoring import score_answer
 
 
 def test_kl_of_a_distribution_to_itself_is_zero_and_positive_otherwise():

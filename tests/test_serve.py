@@ -34,8 +34,8 @@ def _make_cartridge(path, model, tokenizer, seed=None, text=None):
 def server(tmp_path_factory, ray_cluster, model, tokenizer, memory, monkeypatch_module):
     from ray import serve
 
+    from ray_cartridges.config.serve import ServeConfig
     from ray_cartridges.serve.app import deployment
-    from ray_cartridges.serve.config import ServeConfig
 
     root = tmp_path_factory.mktemp("serve")
     a = _make_cartridge(root / "alpha", model, tokenizer, text=memory.render())

@@ -50,9 +50,10 @@ def test_unrelated_requests_are_answered_bare_and_train_the_student_toward_its_o
     the converted row's targets are the bare model's own distribution there (what the cartridge must not move)."""
     import torch
 
+    from ray_cartridges.contracts import GENERAL_STRATEGY
     from ray_cartridges.convert import convert_record
     from ray_cartridges.generate.engines import HFEngine, Sampling
-    from ray_cartridges.generate.strategies import GENERAL_STRATEGY, general_requests
+    from ray_cartridges.generate.strategies import general_requests
     from ray_cartridges.generate.teacher import run_prompts
 
     memory = read_memory(EXAMPLE_CHECKPOINT)

@@ -196,7 +196,7 @@ def test_recall_on_vllm_gives_the_answers_of_the_transformers_reference(engine, 
 def test_a_serve_config_with_a_cartridge_that_cannot_load_fails_before_the_engine_starts(cartridges, tmp_path):
     import shutil
 
-    from ray_cartridges.serve.config import ServeConfig
+    from ray_cartridges.config.serve import ServeConfig
     from ray_cartridges.serve.engine import ServeEngine
 
     broken = tmp_path / "broken"

@@ -9,12 +9,11 @@ from pydantic_core import PydanticUndefined
 
 from .distill import DistillConfig
 from .generate import GenerateConfig
+from .serve import ServeConfig
 from .train import TrainConfig
 
 
 def _stages():
-    from ..serve.config import ServeConfig
-
     return {"train": TrainConfig, "generate": GenerateConfig, "distill": DistillConfig, "serve": ServeConfig}
 
 

@@ -300,8 +300,8 @@ def fact_answer_share(records: list[dict], memory, prefix: str = "replay/") -> d
     """How good the teacher's targets are: of the answers (of strategies starting with ``prefix``: replay, or
     recitals) about experiences whose Feedback carries the answer, how many state it (the recall scoring of
     ``ray-cartridges eval``). None where there are no such answers."""
-    from ..eval.metrics import score_answer
     from ..memory import memory_questions
+    from ..scoring import score_answer
 
     facts = {i: (q, ref) for i, q, ref in memory_questions(memory)}
     hits = []

@@ -16,6 +16,7 @@ import hashlib
 import random
 
 from ..config import GenerateConfig
+from ..contracts import GENERAL_STRATEGY, SplitKey
 from ..memory import DEFAULT_HISTORY_INSTRUCTIONS, DEFAULT_TEMPLATE, AgentMemory
 
 SEED_PROMPTS = {
@@ -113,7 +114,9 @@ def replay_prompts(memory: AgentMemory, cfg: GenerateConfig, rng: random.Random)
                     "strategy": f"replay/{rc.mode}",
                     "context": ctx,
                     "user": replay_user_turn(obs.content, s),
-                    "split_key": f"entry-{gi}",  # every phrasing of one experience lands on the same side
+                    "split_key": str(
+                        SplitKey("entry", str(gi))
+                    ),  # every phrasing of one experience lands on the same side
                     "metadata": {"memory_entry": gi, "sample": s},
                 }
             )
@@ -150,7 +153,7 @@ def recite_prompts(memory: AgentMemory, cfg: GenerateConfig, rng: random.Random)
                     "strategy": "recite",
                     "context": render_context(memory, cfg, groups[start:end]),
                     "user": requests[s % len(requests)],
-                    "split_key": f"recite-{gi}",
+                    "split_key": str(SplitKey("recite", str(gi))),
                     "metadata": {"memory_entry": gi, "sample": s, "window": [start, end]},
                 }
             )
@@ -178,7 +181,7 @@ def self_study_prompts(memory: AgentMemory, cfg: GenerateConfig, rng: random.Ran
                 "question_context": question_ctx,
                 "seed_prompt": seed_prompt,
                 "user": None,
-                "split_key": f"chunk-{start}-{start + k}",
+                "split_key": str(SplitKey("chunk", f"{start}-{start + k}")),
                 "metadata": {"family": family, "seed_prompt": seed_prompt, "chunk": [start, start + k]},
             }
         )
@@ -201,10 +204,6 @@ def general_requests(cfg: GenerateConfig) -> list[str]:
     return lines
 
 
-# the strategy of rows the teacher answered with no memory (evaluation leaves them out of the ICL gap)
-GENERAL_STRATEGY = "general/bare"
-
-
 def general_prompts(cfg: GenerateConfig) -> list[dict]:
     """Unrelated requests for the bare teacher: no memory, and the student's own system prompt (none by default),
     so the target is what the model says without any memory. Each request is its own split key."""
@@ -220,7 +219,7 @@ def general_prompts(cfg: GenerateConfig) -> list[dict]:
                 "strategy": GENERAL_STRATEGY,
                 "context": cfg.student_system_prompt or None,
                 "user": requests[j],
-                "split_key": f"general-{j}",  # a request repeated lands on one side
+                "split_key": str(SplitKey("general", str(j))),  # a request repeated lands on one side
                 "metadata": {"request": j},
                 **({"max_tokens": cfg.general.max_tokens} if cfg.general.max_tokens else {}),
             }

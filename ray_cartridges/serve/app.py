@@ -26,8 +26,8 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..agent.decoding import SamplingParams
+from ..config.serve import ServeConfig
 from ..vllm_cartridges.engine import finish_reason, logprob_entries, strip_eos
-from .config import ServeConfig
 from .engine import Prepared, RequestTooLarge, ServeEngine, UnknownCartridge
 from .protocol import (
     ChatCompletionRequest,

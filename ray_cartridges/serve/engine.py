@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from ..agent.base import chat_prompt_ids
 from ..agent.decoding import SamplingParams
 from ..cartridge import read_meta
+from ..config.serve import ServeConfig
 from ..hub import pull_snapshot
 from ..vllm_cartridges.engine import AsyncCartridgeEngine, CartridgeSet, LoadedCartridge, UnknownCartridge
-from .config import ServeConfig
 
 
 class RequestTooLarge(ValueError):

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from ..config.base import StrictModel
+from .base import StrictModel
 
 
 class LimitsConfig(StrictModel):

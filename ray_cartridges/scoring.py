@@ -1,0 +1,36 @@
+"""Answer accuracy against known facts: the text scoring that generation (which replay answers state their fact)
+and evaluation (recall) share. No torch here."""
+
+from __future__ import annotations
+
+import re
+import string
+
+STOPWORDS = set(
+    "a an the is are was were be been of to in on at for by with and or it its this that there their them they "
+    "we our you your i my me he she his her what which who whom when where why how do does did must should can "
+    "every each about above from into as than then so any all some not no nor only also".split()
+)
+
+
+def normalise(text: str) -> str:
+    text = text.lower()
+    text = text.translate(str.maketrans("", "", string.punctuation.replace("-", "")))
+    return " ".join(text.split())
+
+
+def key_terms(reference: str, question: str = "") -> list[str]:
+    """Words of the reference answer that carry the fact: not stopwords, not already in the question."""
+    q = set(normalise(question).split())
+    return [w for w in normalise(reference).split() if w not in STOPWORDS and w not in q]
+
+
+def score_answer(prediction: str, reference: str, question: str = "", threshold: float = 0.5) -> dict:
+    """exact (normalised equality), contains (reference inside prediction), key_recall (share of the
+    reference's key terms found in the prediction) and correct (key_recall >= threshold)."""
+    p, r = normalise(prediction), normalise(reference)
+    terms = key_terms(reference, question)
+    words = set(p.split())
+    hits = sum(1 for t in terms if t in words or (re.fullmatch(r"[\d.:-]+", t) and t in p))
+    recall = hits / len(terms) if terms else float(bool(r) and r in p)
+    return {"exact": p == r, "contains": bool(r) and r in p, "key_recall": recall, "correct": recall >= threshold}
