@@ -28,7 +28,7 @@ test: setup  ## the whole suite (CI runs this)
 	# test_multinode and test_job_submit each in its own process: they start their own Ray clusters, which must
 	# not meet the suite's session cluster. The three share one run's teacher data (made once, then removed).
 	share=$$(mktemp -d) && trap 'rm -rf "$$share"' EXIT && export RAY_CARTRIDGES_TEST_SHARE=$$share && \
-	$(PY) -m pytest -q tests --ignore=tests/test_job_submit.py --ignore=tests/test_multinode.py && \
+	$(PY) -m pytest -q --durations=25 tests --ignore=tests/test_job_submit.py --ignore=tests/test_multinode.py && \
 	$(PY) -m pytest -q tests/test_multinode.py && \
 	$(PY) -m pytest -q tests/test_job_submit.py
 

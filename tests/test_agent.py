@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import EXAMPLE_CHECKPOINT
+from helpers import EXAMPLE_CHECKPOINT
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_history_agent_reads_the_memory_in_context(model, tokenizer):
 
 
 def test_cartridge_for_another_model_is_refused_by_the_agent(cartridge_dir, tokenizer):
-    from conftest import tiny_llama
+    from helpers import tiny_llama
 
     from ray_cartridges.cartridge import CartridgeMismatchError
 

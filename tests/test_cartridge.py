@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import bundled_meta, tiny_llama
+from helpers import bundled_meta, tiny_llama
 
 from ray_cartridges.cartridge import (
     CartridgeMeta,

@@ -6,7 +6,7 @@ import json
 import re
 
 import pytest
-from conftest import EXAMPLE_CHECKPOINT, REPO
+from helpers import EXAMPLE_CHECKPOINT, REPO
 
 from ray_cartridges.config import DistillConfig, load_config
 from ray_cartridges.generate.strategies import build_prompts

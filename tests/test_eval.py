@@ -3,7 +3,7 @@
 import json
 
 import torch
-from conftest import bundled_meta
+from helpers import bundled_meta
 
 from ray_cartridges.eval.metrics import kl_per_token
 from ray_cartridges.scoring import score_answer

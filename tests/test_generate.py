@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import EXAMPLE_CHECKPOINT, REPO
+from helpers import EXAMPLE_CHECKPOINT, REPO
 
 from ray_cartridges.config import GenerateConfig, validate_config
 from ray_cartridges.flat_topk import read_flat_topk, validate_row

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import yaml
-from conftest import EXAMPLE_CHECKPOINT, REPO
+from helpers import EXAMPLE_CHECKPOINT, REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(600)]
 

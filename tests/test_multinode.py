@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import small_train_config
+from helpers import small_train_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(900)]
 

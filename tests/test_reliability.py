@@ -8,7 +8,7 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import bundled_meta, small_train_config
+from helpers import bundled_meta, small_train_config
 
 from ray_cartridges.convert import ConversionError, convert_jsonl, convert_record
 from ray_cartridges.flat_topk import FlatTopkError, validate_row
@@ -129,7 +129,7 @@ def test_a_nan_loss_stops_training_with_no_artifact(tmp_path, ray_cluster, teach
 def test_a_memory_file_that_is_not_utf8_is_named(tmp_path):
     import shutil
 
-    from conftest import EXAMPLE_CHECKPOINT
+    from helpers import EXAMPLE_CHECKPOINT
 
     from ray_cartridges.memory import CheckpointError, read_memory
 

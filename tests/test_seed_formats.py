@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import EXAMPLE_CHECKPOINT
+from helpers import EXAMPLE_CHECKPOINT
 
 from ray_cartridges.memory import CheckpointError, read_memory
 
@@ -106,7 +106,7 @@ FROZEN = {"frozen": ("frozen_keys", "frozen_values"), "fixed": ("fixed_keys", "f
 
 @pytest.fixture(scope="module")
 def text_cartridge(tmp_path_factory, model, tokenizer, memory):
-    from conftest import bundled_meta
+    from helpers import bundled_meta
 
     from ray_cartridges.cartridge import create_cartridge, save_cartridge
 
@@ -247,7 +247,7 @@ def test_their_topk_records_and_converted_parquet_give_our_rows(teacher_jsonl, t
 def test_is_converted_with_their_parquet_trains(teacher_jsonl, tmp_path, memory, tiny_model_dir, ray_cluster):
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from conftest import small_train_config
+    from helpers import small_train_config
 
     from ray_cartridges.train import run_training
 

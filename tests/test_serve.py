@@ -6,7 +6,7 @@ import time
 
 import httpx
 import pytest
-from conftest import bundled_meta
+from helpers import bundled_meta
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(900)]
 

@@ -1,7 +1,7 @@
 """Prompt strategies: replay phrasings and the split keys that keep held-out experiences out of training."""
 
 import pytest
-from conftest import EXAMPLE_CHECKPOINT
+from helpers import EXAMPLE_CHECKPOINT
 
 from ray_cartridges.batching import heldout_keys
 from ray_cartridges.config import GenerateConfig, validate_config

@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import small_train_config
+from helpers import small_train_config
 
 from ray_cartridges.config import TrainConfig, validate_config
 

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import BUNDLED, bundled_meta, tiny_llama
+from helpers import BUNDLED, bundled_meta, tiny_llama
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -155,7 +155,7 @@ def test_a_cartridge_made_for_another_model_or_broken_is_refused(engine, tmp_pat
 
 
 def test_vllm_agents_share_one_engine_and_the_history_agent_uses_its_prefix_cache(engine, cartridges):
-    from conftest import EXAMPLE_CHECKPOINT
+    from helpers import EXAMPLE_CHECKPOINT
 
     from ray_cartridges.agent import (
         HistoryAgent,
