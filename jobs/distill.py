@@ -56,106 +56,123 @@ def load(args):
 
 
 def main(argv=None) -> int:
-    from ray_cartridges.cli import setup_env
+    from ray_cartridges.cli import setup_env, user_errors
 
     args = parse_args(argv)
     setup_env()
-    from ray_cartridges.config import ConfigError, dump_config
-    from ray_cartridges.fsutil import write_text_atomic
-
     try:
         cfg = load(args)
-    except ConfigError as err:
+        from ray_cartridges.raycluster import init_ray
+
+        init_ray()  # joins RAY_ADDRESS / a `ray start` cluster when there is one, else starts a local one
+        run_job(cfg)
+    except user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from ray_cartridges.raycluster import init_ray
+    except KeyboardInterrupt:
+        print("interrupted (finished shards and checkpoints are kept: the same command resumes)", file=sys.stderr)
+        return 130
+    return 0
 
-    init_ray()  # joins RAY_ADDRESS / a `ray start` cluster when there is one, else starts one on loopback
+
+def _stage(report: dict, name: str, title: str, fn, summary) -> dict:
+    print(f"\n{title}", flush=True)
+    t = time.perf_counter()
+    out = fn()
+    print(summary(out))
+    report["stages"][name] = {**out, "seconds": time.perf_counter() - t}
+    return out
+
+
+def run_job(cfg) -> None:
+    """The configured stages in order; writes distill_report.json and prints the summary."""
+    from ray_cartridges.fsutil import write_text_atomic
+
     t_start = time.perf_counter()
     report: dict = {"stages": {}}
     out_dir = Path(cfg.train.output.local_dir).resolve()
-
     if cfg.stages.generate:
         from ray_cartridges.generate.pipeline import format_summary, run_generation
 
-        print("\n[1/4] teacher generation", flush=True)
-        t = time.perf_counter()
-        gen = run_generation(cfg.generate)
-        print(format_summary(gen))
-        report["stages"]["generate"] = {**gen, "seconds": time.perf_counter() - t}
-
+        _stage(report, "generate", "[1/4] teacher generation", lambda: run_generation(cfg.generate), format_summary)
     if cfg.stages.train:
         from ray_cartridges.train import run_training
         from ray_cartridges.train.driver import format_summary as train_summary
 
-        print("\n[2/4] cartridge training", flush=True)
-        t = time.perf_counter()
-        tr = run_training(cfg.train)
-        print(train_summary(tr))
-        report["stages"]["train"] = {**tr, "seconds": time.perf_counter() - t}
-
-    evaluation = None
-    if cfg.stages.evaluate:
-        from ray_cartridges.eval.evaluate import evaluate_cartridge
-        from ray_cartridges.memory import read_memory
-
-        print("\n[3/4] evaluation (held-out fidelity, recall vs no memory and in-context memory)", flush=True)
-        t = time.perf_counter()
-        evaluation = evaluate_cartridge(
-            out_dir,
-            Path(cfg.generate.output_dir) / "dataset.jsonl",
-            read_memory(cfg.generate.checkpoint_dir),
-            eval_fraction=cfg.train.input_dataset.eval_fraction,
-            split_seed=cfg.train.input_dataset.split_seed,
-            max_questions=cfg.eval.max_questions,
-            max_tokens=cfg.eval.max_tokens,
-            engine=cfg.eval.engine,
-        )
-        write_text_atomic(out_dir / "eval.json", json.dumps(evaluation, indent=2))
-        report["stages"]["evaluate"] = {"seconds": time.perf_counter() - t, "file": str(out_dir / "eval.json")}
-
-    from ray_cartridges.model_card import cartridge_card
-
-    if (out_dir / "cartridge.json").is_file():
-        repo = cfg.train.output.hf_repo_id if cfg.train.output.upload_to_hf else None
-        write_text_atomic(
-            out_dir / "README.md",
-            cartridge_card(out_dir, repo_id=repo, memory_source=cfg.generate.checkpoint_dir, evaluation=evaluation),
-        )
-        write_text_atomic(out_dir / "distill_job.yaml", dump_config(cfg))
-
+        _stage(report, "train", "[2/4] cartridge training", lambda: run_training(cfg.train), train_summary)
+    evaluation = evaluate(cfg, out_dir, report) if cfg.stages.evaluate else None
+    write_card(cfg, out_dir, evaluation)
     if cfg.stages.publish and cfg.train.output.upload_to_hf:
-        from ray_cartridges.hub import HubError, push_folder
-
-        print("\n[4/4] publish", flush=True)
-        try:
-            url = push_folder(
-                out_dir,
-                cfg.train.output.hf_repo_id,
-                repo_type="model",
-                private=cfg.train.output.hf_private,
-                allow_patterns=[
-                    "adapter_config.json",
-                    "adapter_model.safetensors",
-                    "cartridge.json",
-                    "cache-final.pt",
-                    "distillation_config.yaml",
-                    "README.md",
-                    "eval.json",
-                    "loss.png",
-                    "metrics.jsonl",
-                    "tokasaurus/*/*",
-                ],
-            )
-            report["stages"]["publish"] = {"url": url}
-        except HubError as err:
-            print(f"warning: {err}", file=sys.stderr)
-            report["stages"]["publish"] = {"error": str(err)}
-
+        publish(cfg, out_dir, report)
     report["seconds"] = time.perf_counter() - t_start
     write_text_atomic(out_dir / "distill_report.json", json.dumps(report, indent=2, default=str))
     print(final_summary(out_dir, evaluation, report))
-    return 0
+
+
+def evaluate(cfg, out_dir: Path, report: dict) -> dict:
+    from ray_cartridges.eval.evaluate import evaluate_cartridge
+    from ray_cartridges.fsutil import write_text_atomic
+    from ray_cartridges.memory import read_memory
+
+    print("\n[3/4] evaluation (held-out fidelity, recall vs no memory and in-context memory)", flush=True)
+    t = time.perf_counter()
+    evaluation = evaluate_cartridge(
+        out_dir,
+        Path(cfg.generate.output_dir) / "dataset.jsonl",
+        read_memory(cfg.generate.checkpoint_dir),
+        eval_fraction=cfg.train.input_dataset.eval_fraction,
+        split_seed=cfg.train.input_dataset.split_seed,
+        max_questions=cfg.eval.max_questions,
+        max_tokens=cfg.eval.max_tokens,
+        engine=cfg.eval.engine,
+    )
+    write_text_atomic(out_dir / "eval.json", json.dumps(evaluation, indent=2))
+    report["stages"]["evaluate"] = {"seconds": time.perf_counter() - t, "file": str(out_dir / "eval.json")}
+    return evaluation
+
+
+def write_card(cfg, out_dir: Path, evaluation: dict | None) -> None:
+    """The model card and the job's resolved config beside a trained cartridge."""
+    from ray_cartridges.config import dump_config
+    from ray_cartridges.fsutil import write_text_atomic
+    from ray_cartridges.model_card import cartridge_card
+
+    if not (out_dir / "cartridge.json").is_file():
+        return
+    repo = cfg.train.output.hf_repo_id if cfg.train.output.upload_to_hf else None
+    card = cartridge_card(out_dir, repo_id=repo, memory_source=cfg.generate.checkpoint_dir, evaluation=evaluation)
+    write_text_atomic(out_dir / "README.md", card)
+    write_text_atomic(out_dir / "distill_job.yaml", dump_config(cfg))
+
+
+def publish(cfg, out_dir: Path, report: dict) -> None:
+    """Push the cartridge to the hub; a failed push leaves the local artifact and says so."""
+    from ray_cartridges.hub import HubError, push_folder
+
+    print("\n[4/4] publish", flush=True)
+    try:
+        url = push_folder(
+            out_dir,
+            cfg.train.output.hf_repo_id,
+            repo_type="model",
+            private=cfg.train.output.hf_private,
+            allow_patterns=[
+                "adapter_config.json",
+                "adapter_model.safetensors",
+                "cartridge.json",
+                "cache-final.pt",
+                "distillation_config.yaml",
+                "README.md",
+                "eval.json",
+                "loss.png",
+                "metrics.jsonl",
+                "tokasaurus/*/*",
+            ],
+        )
+        report["stages"]["publish"] = {"url": url}
+    except HubError as err:
+        print(f"warning: {err}", file=sys.stderr)
+        report["stages"]["publish"] = {"error": str(err)}
 
 
 def final_summary(out_dir: Path, evaluation: dict | None, report: dict) -> str:

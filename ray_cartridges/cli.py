@@ -293,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def user_errors() -> tuple[type[Exception], ...]:
+    """What bad input raises: an entry point prints these as one line, not a traceback."""
     from .config import ConfigError
     from .convert import ConversionError
     from .flat_topk import FlatTopkError
@@ -301,11 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     from .memory import CheckpointError
     from .train.loop import NonFiniteError
 
-    args = build_parser().parse_args(argv)
-    setup_env()
-    try:
-        return args.func(args)
-    except (
+    return (
         ConfigError,
         ConversionError,
         FlatTopkError,
@@ -314,7 +311,15 @@ def main(argv: list[str] | None = None) -> int:
         FileNotFoundError,
         ValueError,
         NonFiniteError,
-    ) as err:
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_env()
+    try:
+        return args.func(args)
+    except user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

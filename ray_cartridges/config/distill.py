@@ -50,7 +50,9 @@ class DistillConfig(StrictModel):
         if not isinstance(train, dict):
             return data
         gen_out = data["generate"].get("output_dir", GenerateConfig.model_fields["output_dir"].default)
-        train.setdefault("input_dataset", {"local_path": str(Path(gen_out) / "shards"), "is_converted": True})
+        data_in = train.setdefault("input_dataset", {}) or {}
+        if isinstance(data_in, dict) and not data_in.get("local_path") and not data_in.get("repo_id"):
+            data_in.update(local_path=str(Path(gen_out) / "shards"), is_converted=data_in.get("is_converted", True))
         kv = train.setdefault("kv_cache", {}) or {}
         if kv.get("method") == "text" and not kv.get("init_text") and not kv.get("init_text_file"):
             kv["init_text_file"] = str(Path(gen_out) / "memory.txt")
