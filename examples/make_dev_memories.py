@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from make_example_checkpoint import write_checkpoint  # noqa: E402
 
 # attribute: (statement, the memory's question, a held-out phrasing, values); {e} an entity, {v} its value
 ATTRS = {
@@ -193,39 +195,6 @@ def make_facts(kind: str, n: int, rng: random.Random) -> list[dict]:
     return facts
 
 
-def write_checkpoint(root: Path, system_prompt: str, lines: list[dict]) -> None:
-    ep = root / "checkpoints" / "ep_000001"
-    ep.mkdir(parents=True, exist_ok=True)
-    (ep / "memory_1.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    agent = {"system_prompt": system_prompt, "history_k": None}
-    (ep / "agent.json").write_text(
-        json.dumps(
-            {
-                "agent_type": "HistoryAgent",
-                "agent_config": agent,
-                "memory_type": "HistoryList",
-                "memory_snapshot_path": "memory_1.jsonl",
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    (ep / "runtime.json").write_text(
-        json.dumps(
-            {
-                "timestamp": "2026-12-01T00:00:00",
-                "episode_index": 1,
-                "train_steps_total": len(lines),
-                "agent_type": "HistoryAgent",
-                "memory_snapshot_path": "memory_1.jsonl",
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    (root / "checkpoints" / "latest.json").write_text(json.dumps({"path": "ep_000001"}) + "\n")
-
-
 def team_qa(facts, rng) -> list[dict]:
     lines = []
     for f in facts:
@@ -311,7 +280,7 @@ def main(out: Path) -> None:
             (root / "corpus.md").write_text(documents(facts, rng))
         else:
             lines = {"team_qa": team_qa, "assistant_log": assistant_log, "tool_agent": tool_agent}[kind](facts, rng)
-            write_checkpoint(root, SYSTEM[kind], lines)
+            write_checkpoint(root, 1, SYSTEM[kind], lines, None, "2026-12-01T00:00:00", symlink=False)
         for i, f in enumerate(facts):
             f["entry"] = i
         (root / "facts.json").write_text(

@@ -123,44 +123,45 @@ SYSTEM_PROMPT = (
 )
 
 
-def main(root: Path) -> None:
-    ep = root / "checkpoints" / "ep_000030"
+def write_checkpoint(
+    root: Path, episode: int, system_prompt: str, lines: list[dict], history_k, timestamp: str, symlink: bool
+) -> None:
+    """A HistoryAgent checkpoint as the research workflow writes one: ``ep_N/{memory_N.jsonl, agent.json,
+    runtime.json}``, ``latest.json`` {"path": ...} and, with ``symlink``, the ``latest`` link."""
+    name, snapshot = f"ep_{episode:06d}", f"memory_{episode}.jsonl"
+    ep = root / "checkpoints" / name
     ep.mkdir(parents=True, exist_ok=True)
-    with open(ep / "memory_30.jsonl", "w") as f:
-        for obs, act, fb in FACTS:
-            f.write(json.dumps({"type": "Observation", "content": obs}) + "\n")
-            f.write(json.dumps({"type": "Action", "content": act}) + "\n")
-            f.write(json.dumps({"type": "Feedback", "content": fb}) + "\n")
-    (ep / "agent.json").write_text(
-        json.dumps(
-            {
-                "agent_type": "HistoryAgent",
-                "agent_config": {"system_prompt": SYSTEM_PROMPT, "history_k": len(FACTS)},
-                "memory_type": "HistoryList",
-                "memory_snapshot_path": "memory_30.jsonl",
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    (ep / "runtime.json").write_text(
-        json.dumps(
-            {
-                "timestamp": "2026-11-01T00:00:00",
-                "episode_index": 30,
-                "train_steps_total": len(FACTS) * 3,
-                "agent_type": "HistoryAgent",
-                "memory_snapshot_path": "memory_30.jsonl",
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    latest = root / "checkpoints" / "latest"
-    if latest.is_symlink() or latest.exists():
-        latest.unlink()
-    os.symlink("ep_000030", latest)
-    (root / "checkpoints" / "latest.json").write_text(json.dumps({"path": "ep_000030"}) + "\n")
+    (ep / snapshot).write_text("".join(json.dumps(x) + "\n" for x in lines))
+    agent = {
+        "agent_type": "HistoryAgent",
+        "agent_config": {"system_prompt": system_prompt, "history_k": history_k},
+        "memory_type": "HistoryList",
+        "memory_snapshot_path": snapshot,
+    }
+    runtime = {
+        "timestamp": timestamp,
+        "episode_index": episode,
+        "train_steps_total": len(lines),
+        "agent_type": "HistoryAgent",
+        "memory_snapshot_path": snapshot,
+    }
+    (ep / "agent.json").write_text(json.dumps(agent, indent=2) + "\n")
+    (ep / "runtime.json").write_text(json.dumps(runtime, indent=2) + "\n")
+    if symlink:
+        latest = root / "checkpoints" / "latest"
+        if latest.is_symlink() or latest.exists():
+            latest.unlink()
+        os.symlink(name, latest)
+    (root / "checkpoints" / "latest.json").write_text(json.dumps({"path": name}) + "\n")
+
+
+def main(root: Path) -> None:
+    lines = [
+        {"type": t, "content": c}
+        for obs, act, fb in FACTS
+        for t, c in (("Observation", obs), ("Action", act), ("Feedback", fb))
+    ]
+    write_checkpoint(root, 30, SYSTEM_PROMPT, lines, len(FACTS), "2026-11-01T00:00:00", symlink=True)
 
 
 if __name__ == "__main__":
