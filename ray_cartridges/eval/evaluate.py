@@ -361,6 +361,19 @@ def _memory_context(
     return MemoryContext.from_json(text), text, source
 
 
+def _context_length(mem: KVCacheMemory, memory_context: MemoryContext, room: int = 512) -> int:
+    """The engine context for the recall agents: the memory in context plus ``room`` for a question and its
+    answer (at least 4096), within what the model was trained for."""
+    need = len(_ids(mem.tokenizer, memory_context.conversation(""), True)) + room
+    limit = getattr(mem.model.config, "max_position_embeddings", None) or need
+    if need > limit:
+        raise ValueError(
+            f"the memory in context takes {need - room} tokens; with room for a question and answer that passes "
+            f"the model's context of {limit} tokens: the in-context baseline cannot be measured with this model"
+        )
+    return min(limit, max(4096, -(-need // 256) * 256))
+
+
 def _recall_agents(
     mem: KVCacheMemory, memory: AgentMemory, memory_context: MemoryContext, engine: str, cache: dict
 ) -> dict:
@@ -386,7 +399,8 @@ def _recall_agents(
     from ..vllm_cartridges import CartridgeLLM
 
     if "vllm_engine" not in cache:  # one engine for a whole sweep
-        cache["vllm_engine"] = CartridgeLLM(mem.meta.model_name, dtype=mem.config.dtype, max_model_len=4096)
+        length = _context_length(mem, memory_context)
+        cache["vllm_engine"] = CartridgeLLM(mem.meta.model_name, dtype=mem.config.dtype, max_model_len=length)
     eng = cache["vllm_engine"]
     cart = eng.add_cartridge(str(mem.dir), mem.dir)
     return {
