@@ -96,7 +96,7 @@ class GenerateConfig(StrictModel):
     dtype: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
         description="Teacher dtype. auto: bf16 on GPUs and on CPUs with AVX512-BF16/AMX, fp32 elsewhere "
-        "(CPUs without them emulate bf16, ~5x slower than fp32).",
+        "(CPUs without them emulate bf16, much slower than fp32).",
     )
     top_logprobs: int = Field(20, gt=0, description="Top-k logprobs kept per answer token (= training top_k_logits).")
     min_prob_mass: float = Field(0.99, gt=0, le=1, description="Parquet shards keep top tokens until this mass.")
@@ -110,9 +110,8 @@ class GenerateConfig(StrictModel):
     tensor_parallel_size: int = Field(1, gt=0, description="GPUs per engine.")
     enforce_eager: bool = Field(
         False,
-        description="vLLM without torch.compile (and without CUDA graphs on GPUs). On a 2-core CPU an engine "
-        "starts in ~37 s against ~115 s for a first compiled start (~30-65 s once the compile cache is warm), but "
-        "prefills a 1,700-token prompt ~2.7x slower; for short runs and tests.",
+        description="vLLM without torch.compile (and without CUDA graphs on GPUs): the engine starts faster but "
+        "prefills long prompts slower; for short runs and tests.",
     )
     deterministic: bool = Field(
         False,
@@ -124,10 +123,9 @@ class GenerateConfig(StrictModel):
         "auto",
         description="What reads the answers whose targets come from another teacher than the one that wrote them "
         "(self_study.targets: full_memory): vLLM (its prompt logprobs: every answer re-reads the whole memory, "
-        "as prompt logprobs skip vLLM's prefix cache; ~9 s per answer on a 2-core AVX2 CPU) or transformers (the "
-        "same model beside the vLLM engine, the memory's KV read once and reused: well under a second per answer "
-        "there; fp32 logprobs equal to vLLM's within 1e-3). auto: transformers on CPU, vLLM on GPUs; "
-        "with engine: transformers always transformers (vllm is refused there).",
+        "as prompt logprobs skip vLLM's prefix cache) or transformers (the same model beside the vLLM engine, the "
+        "memory's KV read once and reused: cheaper on CPUs). auto: transformers on CPU, vLLM on GPUs; with "
+        "engine: transformers always transformers (vllm is refused there).",
     )
     use_gpu: bool = Field(False, description="Run teacher actors on GPUs (num_gpus = tensor_parallel_size).")
     max_samples: int | None = Field(None, gt=0, description="Cap on generated conversations.")

@@ -171,7 +171,7 @@ class TrainConfig(StrictModel):
     model_dtype: Literal["auto", "fp32", "bf16"] = Field(
         "fp32",
         description="dtype of the frozen model weights (the cartridge stays fp32). auto: bf16 on GPUs and on CPUs "
-        "with AVX512-BF16/AMX, fp32 elsewhere (CPUs without them emulate bf16, ~5x slower than fp32).",
+        "with AVX512-BF16/AMX, fp32 elsewhere (CPUs without them emulate bf16, much slower than fp32).",
     )
     student_system_prompt: str | None = Field(
         None, description="System prompt of the student conversation (null: none; the template's default applies)."
