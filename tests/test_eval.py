@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from helpers import bundled_meta
 
@@ -287,3 +288,40 @@ def test_a_prefix_read_once_gives_the_logits_of_reading_it_again(model, tokenize
         other = _ids(tokenizer, [user], True)
         logits, n = _read_after(model, other, read)
         assert n == 0 and torch.allclose(logits, model(torch.tensor([other])).logits[0], atol=1e-5)
+
+
+def test_the_kl_teacher_reads_a_memory_laid_out_in_turns_as_the_record_kept_it(tokenizer):
+    """A record whose teacher read the memory as chat turns (``teacher_messages``) is scored against that
+    prompt, the same as handing fidelity the whole memory as those turns; its system message alone is another."""
+    from helpers import tiny_llama
+
+    from ray_cartridges.eval.evaluate import fidelity
+    from ray_cartridges.generate.records import make_record
+    from ray_cartridges.memory import MemoryContext
+
+    model = tiny_llama(vocab=len(tokenizer), seed=3)
+    kv = [(torch.randn(2, 4, 16), torch.randn(2, 4, 16)) for _ in range(2)]
+    ctx = MemoryContext(
+        (
+            ("system", "You help."),
+            ("user", "Where is the key?"),
+            ("assistant", "In the shed?"),
+            ("user", "No: the tin."),
+        )
+    )
+    answer = tokenizer("It is in the tin.").input_ids
+    rec = make_record(
+        tokenizer,
+        context=ctx.to_json(),
+        user="Where is the key?",
+        answer_ids=answer,
+        entries=[{}] * len(answer),
+        metadata={},
+    )
+    assert rec["teacher_messages"][1:4] == [{"role": r, "content": c} for r, c in ctx.messages[1:]]
+    own = fidelity(model, tokenizer, kv, [rec])
+    given = fidelity(model, tokenizer, kv, [rec], teacher_context=ctx)
+    assert own["kl_no_memory"] == pytest.approx(given["kl_no_memory"], rel=1e-4)
+    assert own["kl_cartridge"] == pytest.approx(given["kl_cartridge"], rel=1e-4)
+    system_only = fidelity(model, tokenizer, kv, [{k: v for k, v in rec.items() if k != "teacher_messages"}])
+    assert system_only["kl_no_memory"] != pytest.approx(own["kl_no_memory"], rel=1e-3)
