@@ -181,7 +181,7 @@ def test_recall_on_vllm_gives_the_answers_of_the_transformers_reference(engine, 
 
     mem = KVCacheMemory.from_dir(cartridges["a"], model=model, tokenizer=tokenizer)
     qs = memory_questions(memory)[:3]
-    context = memory.render()
+    context = memory.context()  # the whole memory as the teacher reads it (the system layout)
     got = {}
     for name, cache in (("vllm", {"vllm_engine": engine}), ("transformers", {})):
         agents = {k: make() for k, make in _recall_agents(mem, memory, context, name, cache).items()}
