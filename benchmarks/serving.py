@@ -30,6 +30,8 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(__file__))
 from common import long_memory_text, print_table, write_json  # noqa: E402
 
+from ray_cartridges.chat import chat_template_ids  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -81,7 +83,7 @@ async def run_async(engine, requests: list[tuple], sp) -> dict:
 
 def chat_ids(tok, system: str | None, q: str) -> list[int]:
     msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": q}]
-    return list(tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=False))
+    return chat_template_ids(tok, msgs)
 
 
 def distinct_memories(tok, memory, n_tokens: int, count: int) -> list[str]:

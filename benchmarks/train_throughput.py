@@ -22,6 +22,8 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from common import EXAMPLE_CHECKPOINT, long_memory_text, median, print_table, teacher_rows, timed, write_json  # noqa: E402
 
+from ray_cartridges.chat import chat_template_ids  # noqa: E402
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -63,10 +65,8 @@ def main() -> None:
     # with the student's through the shared suffix (the conversation after the system message)
     teacher_ids = []
     for r in records:
-        full = tok.apply_chat_template(
-            [{"role": m["role"], "content": m["content"]} for m in r["messages"]], tokenize=True, return_dict=False
-        )
-        teacher_ids.append(list(full))
+        msgs = [{"role": m["role"], "content": m["content"]} for m in r["messages"]]
+        teacher_ids.append(chat_template_ids(tok, msgs, add_generation_prompt=False))
     shift = [len(t) - len(row["input_ids"]) for t, row in zip(teacher_ids, rows)]
     T = max(map(len, teacher_ids))
     t_input = torch.full((len(rows), T), tok.pad_token_id)

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .chat import chat_template_ids
 from .flat_topk import clean_logprob
 
 logger = logging.getLogger(__name__)
@@ -123,15 +124,6 @@ def student_messages(messages: list[dict], student_system_prompt: str | None) ->
     return msgs
 
 
-def _template_ids(tokenizer, messages, add_generation_prompt: bool) -> list[int]:
-    out = tokenizer.apply_chat_template(
-        messages, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=False
-    )
-    if hasattr(out, "input_ids"):
-        out = out["input_ids"]
-    return list(out)
-
-
 def _answer_span(tokenizer, canon: list[int], start: int, teacher: list[int], where: str) -> int:
     """How many of the template's tokens from ``start`` on spell the teacher's answer ``teacher``.
 
@@ -176,7 +168,7 @@ def convert_record(
     kept_src = [m for m in messages if m["role"] != "system"]
     msgs = student_messages(messages, student_system_prompt)
     offset = len(msgs) - len(kept_src)
-    canon = _template_ids(tokenizer, msgs, add_generation_prompt=False)
+    canon = chat_template_ids(tokenizer, msgs, add_generation_prompt=False)
     full, shift = list(canon), 0  # the student's ids: the template's, each answer as the teacher's tokens
     pos, ids, lps = [], [], []
     for i, src in enumerate(kept_src):
@@ -192,7 +184,7 @@ def convert_record(
             if "token_id" not in e and isinstance(msg_ids, list) and j < len(msg_ids):
                 e = {**e, "token_id": msg_ids[j]}
             teacher.append(_token_id(e, tokenizer, f"{mw}: token position {j}"))
-        prefix = _template_ids(tokenizer, msgs[: i + offset], add_generation_prompt=True)
+        prefix = chat_template_ids(tokenizer, msgs[: i + offset], add_generation_prompt=True)
         if canon[: len(prefix)] != prefix:
             raise ConversionError(f"{mw}: the chat template's prompt is not a prefix of the whole conversation")
         m = _answer_span(tokenizer, canon, len(prefix), teacher, mw)

@@ -38,3 +38,8 @@ def file_hash(path: str | Path, length: int = 16) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:length]
+
+
+def bundled_data(name: str) -> Path:
+    """A text file shipped with the package (``ray_cartridges/data/``)."""
+    return Path(__file__).resolve().parent / "data" / name

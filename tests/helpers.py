@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from ray_cartridges.train.loop import TrainCallback
+
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_CHECKPOINT = REPO / "examples" / "agent_checkpoint"
 BUNDLED = "smollm2-135m-instruct"
@@ -90,3 +92,20 @@ def make_teacher_jsonl(path: Path, model, tokenizer, memory) -> Path:
     assert not problems
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+class FailOnceAt(TrainCallback):
+    """A training callback that fails the run once, at the start of ``step`` (0-based), as a killed worker
+    would; ``.fault_injected`` in the output directory records it, so the restarted run goes on. (Ray's
+    workers cannot import tests/: register this module with ``ray.cloudpickle.register_pickle_by_value``.)"""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_start(self, recipe, step: int) -> None:
+        marker = recipe.out_dir / ".fault_injected"
+        if step != self.step or marker.exists():
+            return
+        if recipe.is_writer:
+            marker.write_text(str(step))
+        raise RuntimeError(f"injected fault at step {step}")

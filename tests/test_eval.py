@@ -127,12 +127,12 @@ def test_chat_perplexity_scores_only_the_answer_turn(model, tokenizer):
 
 
 def test_no_harm_chunks_raw_chat_and_both(tokenizer):
-    from ray_cartridges.train.loop import _no_harm_chunks
+    from ray_cartridges.train.no_harm import no_harm_chunks
 
     text = " ".join(f"word{i}" for i in range(400))
-    raw = _no_harm_chunks(tokenizer, text, 32, "raw")
-    chat = _no_harm_chunks(tokenizer, text, 32, "chat", system_prompt="Be brief.")
-    both = _no_harm_chunks(tokenizer, text, 32, "both")
+    raw = no_harm_chunks(tokenizer, text, 32, "raw")
+    chat = no_harm_chunks(tokenizer, text, 32, "chat", system_prompt="Be brief.")
+    both = no_harm_chunks(tokenizer, text, 32, "both")
     assert all(len(c) == 32 for c in raw) and len(chat) == len(raw) and len(both) == 2 * len(raw)
     assert both[0::2] == raw
     for r, c in zip(raw, chat):
@@ -145,13 +145,13 @@ def test_no_harm_targets_are_the_bare_models_top_k_made_on_first_use(model, toke
     import contextlib
 
     from ray_cartridges.cartridge import create_cartridge
-    from ray_cartridges.train.loop import _no_harm_chunks, _NoHarmTargets
+    from ray_cartridges.train.no_harm import NoHarmTargets, no_harm_chunks
 
     prefix = "The station doctor is Dr. Amara Okafor. The supply boat comes on Thursdays at ten. " * 3
     pm = create_cartridge(model, num_tokens=24, method="text", tokenizer=tokenizer, text=prefix)
     text = "Bread dough needs time to rise. The baker kneads it until it is smooth, then leaves it warm. " * 6
-    chunks = _no_harm_chunks(tokenizer, text, 20, "raw")
-    targets = _NoHarmTargets(pm, chunks, torch.device("cpu"), 5, contextlib.nullcontext)
+    chunks = no_harm_chunks(tokenizer, text, 20, "raw")
+    targets = NoHarmTargets(pm, chunks, torch.device("cpu"), 5, contextlib.nullcontext)
     x, ids, lp = targets.get(2)
     assert set(targets.cache) == {2}  # only what was asked for
     with torch.no_grad():

@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from helpers import small_train_config
+from helpers import FailOnceAt, small_train_config
 
 from ray_cartridges.config import TrainConfig, validate_config
 
@@ -100,9 +100,13 @@ def test_killed_worker_resumes_from_checkpoint_to_the_same_cartridge(
     that lost or repeated a step, or the optimizer state, ends elsewhere.)"""
     from functools import partial
 
+    import helpers
+    import ray.cloudpickle
+
     from ray_cartridges.cartridge import load_cache_pt
     from ray_cartridges.train import run_training
 
+    ray.cloudpickle.register_pickle_by_value(helpers)  # the workers cannot import tests/
     _train_cfg = partial(small_train_config, model_name=tiny_model_dir)
 
     data = tmp_path / "teacher.jsonl"  # a copy: regenerated below at the same path
@@ -110,7 +114,7 @@ def test_killed_worker_resumes_from_checkpoint_to_the_same_cartridge(
     run_training(_train_cfg(tmp_path, data, memory, 1, "clean", max_steps=6, save_every=2))
     faulty = _train_cfg(tmp_path, teacher_jsonl, memory, 1, "faulty", max_steps=6, save_every=2)
     faulty = faulty.model_copy(update={"scaling": faulty.scaling.model_copy(update={"max_failures": 1})})
-    run_training(faulty, fault_at_step=3)
+    run_training(faulty, callbacks=[FailOnceAt(3)])
     assert (tmp_path / "faulty" / ".fault_injected").read_text() == "3"
     a = load_cache_pt(tmp_path / "clean" / "cache-final.pt")
     b = load_cache_pt(tmp_path / "faulty" / "cache-final.pt")
@@ -197,14 +201,13 @@ def test_no_harm_term_keeps_general_text_close_to_the_bare_model(
     less (perplexity relative to the bare model) than without it, and logs the term."""
     from ray_cartridges.cartridge import layer_kv, load_cartridge
     from ray_cartridges.eval.evaluate import no_harm
+    from ray_cartridges.fsutil import bundled_data
     from ray_cartridges.models import load_model
     from ray_cartridges.train import run_training
-    from ray_cartridges.train.loop import _no_harm_chunks
+    from ray_cartridges.train.no_harm import no_harm_chunks
 
-    general = (
-        __import__("pathlib").Path(__import__("ray_cartridges").__file__).parent / "data" / "general.txt"
-    ).read_text()
-    text = tokenizer.decode(_no_harm_chunks(tokenizer, general, 128)[0])
+    general = bundled_data("general.txt").read_text()
+    text = tokenizer.decode(no_harm_chunks(tokenizer, general, 128)[0])
     ratios = {}
     for name, weight in (("plain", 0.0), ("guarded", 2.0)):
         run_training(_train_cfg(tmp_path, teacher_jsonl, memory, 1, name, max_steps=8, lr=2e-2, no_harm_weight=weight))

@@ -6,6 +6,7 @@ connector) or, as the reference, the transformers loop of ``decoding.generate`` 
 
 from __future__ import annotations
 
+from ..chat import chat_template_ids
 from .decoding import Completion, SamplingParams, generate
 
 
@@ -14,8 +15,7 @@ def chat_prompt_ids(tokenizer, messages: list[dict], system_prompt: str | None) 
     msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
     if system_prompt and not any(m["role"] == "system" for m in msgs):
         msgs.insert(0, {"role": "system", "content": system_prompt})
-    out = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=False)
-    return list(out)
+    return chat_template_ids(tokenizer, msgs)
 
 
 class ChatModel:

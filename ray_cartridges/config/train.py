@@ -183,3 +183,13 @@ class TrainConfig(StrictModel):
         "auto", description="torch.distributed backend (auto: nccl with GPUs, gloo otherwise)."
     )
     wandb: WandbConfig = WandbConfig()
+
+    @model_validator(mode="after")
+    def _batch_divides_over_workers(self):
+        gbs, workers = self.training.global_batch_size, self.scaling.num_workers
+        if gbs % workers:
+            raise ValueError(
+                f"training.global_batch_size={gbs} does not divide over scaling.num_workers={workers}: each worker "
+                "must get the same number of rows per step"
+            )
+        return self

@@ -19,14 +19,12 @@ from ..agent.base import ChatModel
 from ..agent.decoding import SamplingParams
 from ..agent.kv_memory import KVCacheMemory
 from ..batching import heldout_keys
+from ..chat import chat_template_ids
 from ..contracts import GENERAL_STRATEGY, SplitKey
+from ..fsutil import bundled_data
 from ..memory import AgentMemory, MemoryContext, memory_questions, read_facts
 from ..scoring import score_answer
 from .metrics import kl_per_token
-
-
-def _ids(tok, msgs, gen=False):
-    return list(tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen, return_dict=False))
 
 
 def _logits_after(model, ids: torch.Tensor, kv=None) -> torch.Tensor:
@@ -73,7 +71,9 @@ def _lead_prefix(model, tok, ctx: MemoryContext, store: dict) -> ReadPrefix:
     """The messages of ``ctx`` before the question, through the chat template, read once per ``store``."""
     key = ("lead_prefix", ctx)
     if key not in store:
-        store[key] = ReadPrefix.of(model, _ids(tok, [{"role": r, "content": c} for r, c in ctx.messages]))
+        store[key] = ReadPrefix.of(
+            model, chat_template_ids(tok, [{"role": r, "content": c} for r, c in ctx.messages], False)
+        )
     return store[key]
 
 
@@ -113,11 +113,11 @@ def fidelity(
     for rec in records:
         user, answer = rec["messages"][-2], rec["messages"][-1]
         a_ids = answer["token_ids"]
-        t_prompt = _ids(tok, _teacher_conversation(rec, user["content"], teacher_context), True)
+        t_prompt = chat_template_ids(tok, _teacher_conversation(rec, user["content"], teacher_context))
         s_msgs = ([{"role": "system", "content": student_system_prompt}] if student_system_prompt else []) + [
             {"role": "user", "content": user["content"]}
         ]
-        s_prompt = _ids(tok, s_msgs, True)
+        s_prompt = chat_template_ids(tok, s_msgs)
         s_ids = torch.tensor([s_prompt + a_ids])
         s_slice = slice(len(s_prompt) - 1, len(s_prompt) + len(a_ids) - 1)
         key = ("fidelity", tuple(t_prompt), tuple(s_prompt), tuple(a_ids))
@@ -177,8 +177,8 @@ def perplexity_chat(
     system turn read once (:func:`_system_prefix`), continued from instead of read again."""
     msgs = [{"role": "system", "content": system}] if system else []
     msgs.append({"role": "user", "content": request or CHAT_REQUEST})
-    pre = _ids(tok, msgs, gen=True)
-    full = _ids(tok, msgs + [{"role": "assistant", "content": text}])
+    pre = chat_template_ids(tok, msgs)
+    full = chat_template_ids(tok, msgs + [{"role": "assistant", "content": text}], False)
     if kv is not None and read is not None:
         raise ValueError("perplexity_chat reads either a cartridge or a prefix read once, not both")
     logits, n = _read_after(model, full, read) if kv is None else (_logits_after(model, torch.tensor([full]), kv), 0)
@@ -332,7 +332,7 @@ def evaluate_cartridge(
         rec[name]["heldout_accuracy"] = sum(held_scores) / len(held_scores) if held_scores else None
     rec_reworded = recall(agents, reworded, max_tokens=max_tokens, batch=batch) if reworded else None
     if unrelated_text is None:
-        unrelated_text = (Path(__file__).resolve().parent.parent / "data" / "unrelated.txt").read_text()
+        unrelated_text = bundled_data("unrelated.txt").read_text()
     harm = no_harm(model, tok, mem.kv, unrelated_text, memory_text, mem.meta.student_system_prompt, cache)
     return {
         "fidelity": fid,
@@ -364,7 +364,7 @@ def _memory_context(
 def _context_length(mem: KVCacheMemory, memory_context: MemoryContext, room: int = 512) -> int:
     """The engine context for the recall agents: the memory in context plus ``room`` for a question and its
     answer (at least 4096), within what the model was trained for."""
-    need = len(_ids(mem.tokenizer, memory_context.conversation(""), True)) + room
+    need = len(chat_template_ids(mem.tokenizer, memory_context.conversation(""))) + room
     limit = getattr(mem.model.config, "max_position_embeddings", None) or need
     if need > limit:
         raise ValueError(

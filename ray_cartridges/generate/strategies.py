@@ -17,6 +17,7 @@ import random
 
 from ..config import GenerateConfig
 from ..contracts import GENERAL_STRATEGY, SplitKey
+from ..fsutil import bundled_data
 from ..memory import DEFAULT_HISTORY_INSTRUCTIONS, DEFAULT_TEMPLATE, AgentMemory
 
 SEED_PROMPTS = {
@@ -194,7 +195,7 @@ def general_requests(cfg: GenerateConfig) -> list[str]:
     """The unrelated requests (one per non-empty line of the configured or bundled file)."""
     from pathlib import Path
 
-    path = Path(cfg.general.requests_file or Path(__file__).resolve().parent.parent / "data" / "general_requests.txt")
+    path = Path(cfg.general.requests_file or bundled_data("general_requests.txt"))
     try:
         lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     except OSError as e:

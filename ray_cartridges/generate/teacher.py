@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 
+from ..chat import chat_template_ids
 from ..memory import MemoryContext
 from .engines import Sampling, request_seed
 from .records import make_record
@@ -14,8 +15,7 @@ def chat_ids(tokenizer, context: str | dict | None, user: str) -> list[int]:
     """The teacher's prompt: the memory ``context`` (a system prompt string, a :class:`MemoryContext` as JSON,
     or None: no system message, the model's template default) and then the question ``user``."""
     msgs = MemoryContext.from_json(context).conversation(user)
-    out = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=False)
-    return list(out["input_ids"] if hasattr(out, "keys") else out)
+    return chat_template_ids(tokenizer, msgs)
 
 
 _PREFIX = re.compile(r"^(question|request|q)\s*[:\-]\s*", re.IGNORECASE)

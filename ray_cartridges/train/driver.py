@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..config import TrainConfig
 from ..flat_topk import parquet_files
-from ..fsutil import file_hash
+from ..fsutil import bundled_data, file_hash
 
 logger = logging.getLogger(__name__)
 
@@ -129,58 +129,27 @@ def latest_checkpoint(storage: Path, name: str, want_hash: str):
     return best
 
 
-def run_training(cfg: TrainConfig, max_failures: int | None = None, fault_at_step: int | None = None) -> dict:
-    """Train a cartridge as configured; returns the run summary (also in ``train_summary.json``)."""
-    import ray
+def run_training(cfg: TrainConfig, max_failures: int | None = None, callbacks: tuple = ()) -> dict:
+    """Train a cartridge as configured; returns the run summary (also in ``train_summary.json``).
+    ``callbacks``: :class:`~ray_cartridges.train.loop.TrainCallback` objects run in every worker."""
     import ray.data
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
 
-    from ..models import BUNDLED_MODEL, ensure_bundled_model, resolve_dtype
-    from .loop import train_loop_per_worker
+    from ..models import BUNDLED_MODEL, ensure_bundled_model
 
-    if cfg.model_dtype == "auto":  # decided once, here: the run hash, the workers and the artifact see the result
-        cfg = cfg.model_copy(update={"model_dtype": resolve_dtype(cfg.model_dtype, gpu=cfg.scaling.use_gpu)})
-        logger.info("model_dtype auto -> %s", cfg.model_dtype)
-    t = cfg.training
-    if t.global_batch_size % cfg.scaling.num_workers:
-        raise ValueError(
-            f"training.global_batch_size={t.global_batch_size} does not divide over scaling.num_workers="
-            f"{cfg.scaling.num_workers}: each worker must get the same number of rows per step"
-        )
-    out_dir = Path(cfg.output.local_dir).resolve()
-    cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"local_dir": str(out_dir)})})
+    cfg, no_harm_text = _prepared_config(cfg)
+    out_dir = Path(cfg.output.local_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    kv = cfg.kv_cache
-    if kv.method == "text" and not kv.init_text:
-        # workers may run elsewhere (another node, another cwd): ship the text itself, not its path
-        path = Path(kv.init_text_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"kv_cache.init_text_file: {path} does not exist")
-        kv = kv.model_copy(update={"init_text": path.read_text(encoding="utf-8")})
-        cfg = cfg.model_copy(update={"kv_cache": kv})
-    no_harm_text = None
-    if t.no_harm_weight > 0:  # shipped as text: workers may run on other nodes
-        path = (
-            Path(t.no_harm_text_file) if t.no_harm_text_file else Path(__file__).parent.parent / "data" / "general.txt"
-        )
-        if not path.is_file():
-            raise FileNotFoundError(f"training.no_harm_text_file: {path} does not exist")
-        no_harm_text = path.read_text(encoding="utf-8")
     files = resolve_dataset(cfg)
     preflight(cfg, files)
     if cfg.model_name == BUNDLED_MODEL:
         ensure_bundled_model(dtypes=(cfg.model_dtype,))  # once, here, not racing in every worker
     ensure_ray()
-
-    backend = cfg.distributed_backend
-    if backend == "auto":
-        backend = "nccl" if cfg.scaling.use_gpu else "gloo"
-    # Reads take no CPU slot: workers may hold every CPU, and a starved read task hangs silently.
     ray.data.DataContext.get_current().enable_progress_bars = False  # the loop prints one line per step
     # Materialised before the workers start: every worker reads all of it, and on a small machine the workers
-    # may hold every CPU, which would starve the dataset's list/read tasks (a silent hang).
+    # may hold every CPU, which would starve the dataset's list/read tasks (a silent hang). Reads take no CPU slot.
     ds = ray.data.read_parquet([str(f) for f in files], num_cpus=0).materialize()
+    from .loop import WorkerInputs
+
     storage = cfg.scaling.storage_path or str(out_dir / "ray_results")
     rhash = run_hash(cfg, files, no_harm_text)
     # One Ray Train run name per run hash: Ray restores a run from the checkpoints under its name, so another
@@ -192,16 +161,58 @@ def run_training(cfg: TrainConfig, max_failures: int | None = None, fault_at_ste
         if found:
             logger.info("resuming from %s (step %d)", found[1], found[0])
             resume_from = str(found[1])
+    inputs = WorkerInputs(cfg.model_dump(mode="json"), rhash, resume_from, no_harm_text, tuple(callbacks))
     max_failures = cfg.scaling.max_failures if max_failures is None else max_failures
-    trainer = TorchTrainer(
+    _fit(_trainer(cfg, inputs, ds, run_name, storage, max_failures))
+    summary_path = out_dir / "train_summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    summary.update({"output_dir": str(out_dir), "data_files": [str(f) for f in files]})
+    if cfg.output.export_tokasaurus:
+        from ..interop import export_tokasaurus
+
+        summary["tokasaurus"] = str(export_tokasaurus(out_dir, out_dir / "tokasaurus", out_dir.name))
+    return summary
+
+
+def _prepared_config(cfg: TrainConfig) -> tuple[TrainConfig, str | None]:
+    """The config as the workers get it (validated again: ``model_copy`` skips the validators), with what
+    was left to decide decided once, here (``auto`` dtype, the output as an absolute path, the init text
+    read), and the no-harm text. Texts are shipped as text: workers may run on other nodes or in another cwd."""
+    from ..models import resolve_dtype
+
+    cfg = TrainConfig.model_validate(cfg.model_dump(mode="json"))
+    if cfg.model_dtype == "auto":  # the run hash, the workers and the artifact see the result
+        cfg = cfg.model_copy(update={"model_dtype": resolve_dtype(cfg.model_dtype, gpu=cfg.scaling.use_gpu)})
+        logger.info("model_dtype auto -> %s", cfg.model_dtype)
+    out = cfg.output.model_copy(update={"local_dir": str(Path(cfg.output.local_dir).resolve())})
+    cfg = cfg.model_copy(update={"output": out})
+    kv = cfg.kv_cache
+    if kv.method == "text" and not kv.init_text:
+        path = Path(kv.init_text_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"kv_cache.init_text_file: {path} does not exist")
+        cfg = cfg.model_copy(update={"kv_cache": kv.model_copy(update={"init_text": path.read_text(encoding="utf-8")})})
+    t = cfg.training
+    if not t.no_harm_weight > 0:
+        return cfg, None
+    path = Path(t.no_harm_text_file) if t.no_harm_text_file else bundled_data("general.txt")
+    if not path.is_file():
+        raise FileNotFoundError(f"training.no_harm_text_file: {path} does not exist")
+    return cfg, path.read_text(encoding="utf-8")
+
+
+def _trainer(cfg: TrainConfig, inputs, ds, run_name: str, storage: str, max_failures: int):
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from .loop import train_loop_per_worker
+
+    backend = cfg.distributed_backend
+    if backend == "auto":
+        backend = "nccl" if cfg.scaling.use_gpu else "gloo"
+    return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "config": cfg.model_dump(mode="json"),
-            "run_hash": rhash,
-            "fault_at_step": fault_at_step,
-            "resume_from": resume_from,
-            "no_harm_text": no_harm_text,
-        },
+        train_loop_config={"inputs": inputs},
         torch_config=TorchConfig(backend=backend),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
@@ -216,6 +227,9 @@ def run_training(cfg: TrainConfig, max_failures: int | None = None, fault_at_ste
         datasets={"train": ds},
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
+
+
+def _fit(trainer) -> None:
     try:
         trainer.fit()
     except Exception as err:  # a worker's NaN/inf stop is the user's to read, not a stack of Ray frames
@@ -225,14 +239,6 @@ def run_training(cfg: TrainConfig, max_failures: int | None = None, fault_at_ste
 
             raise NonFiniteError(text.split("NonFiniteError: ", 1)[1].splitlines()[0]) from None
         raise
-    summary_path = out_dir / "train_summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    summary.update({"output_dir": str(out_dir), "data_files": [str(f) for f in files]})
-    if cfg.output.export_tokasaurus:
-        from ..interop import export_tokasaurus
-
-        summary["tokasaurus"] = str(export_tokasaurus(out_dir, out_dir / "tokasaurus", out_dir.name))
-    return summary
 
 
 def format_summary(summary: dict) -> str:

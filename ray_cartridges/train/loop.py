@@ -1,8 +1,8 @@
-"""The one training loop: runs in every Ray Train worker (``train_loop_per_worker``).
+"""The training recipe: one :class:`KDRecipe` runs in every Ray Train worker (``train_loop_per_worker``).
 
 The frozen model reads a cartridge and a conversation (no memory in the prompt); the loss is the KD loss
 against the teacher's precomputed top-k logprobs at the assistant positions. Only the cartridge has
-gradients. The backend (DDP today) wraps the model; the loop itself does not change with it.
+gradients. The backend (DDP or DeepSpeed) wraps the model; the recipe does not change with it.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,8 +26,9 @@ from ..config import TrainConfig, dump_config
 from ..fsutil import write_text_atomic
 from ..loss import kd_loss_sum
 from ..models import load_model, load_tokenizer, tokenizer_fingerprint
-from .artifacts import append_jsonl, plot_losses
+from .artifacts import RunLogger
 from .backends import DDPBackend, DeepSpeedBackend
+from .no_harm import NoHarmTargets, no_harm_chunks
 from .schedule import lr_factor
 
 CARTRIDGE_FILE = "cartridge.safetensors"
@@ -79,7 +81,7 @@ def plan_steps(cfg: TrainConfig, n_train: int) -> tuple[list[list[int]], int]:
 
 
 @torch.no_grad()
-def evaluate(
+def held_out_loss(
     model, rows: list[dict], pad_id: int, top_k: int, micro: int, autocast, device: torch.device, tail: bool = False
 ) -> tuple[float, float]:
     """(sum of per-token KD loss, number of supervised tokens) over ``rows``; ``tail`` as in kd_loss_sum."""
@@ -108,312 +110,357 @@ def _load_train_state(d: Path, peft_model, backend, sched) -> int:
     return backend.load_state(d, sched)
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
-    import ray.train
-    import ray.train.torch
+@dataclass
+class WorkerInputs:
+    """What the driver hands every worker: texts travel as text, since workers may run on other nodes."""
 
-    cfg = TrainConfig.model_validate(loop_config["config"])
-    t = cfg.training
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    if device.type == "cpu":
-        # Ray pins OMP_NUM_THREADS=1 in workers; share the node's cores between its local workers instead.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size())))
-    torch.manual_seed(t.seed)
-    out_dir = Path(cfg.output.local_dir)
-    is_writer = rank == 0
+    config: dict  # the TrainConfig, as JSON
+    run_hash: str  # what makes two runs the same run (resuming across runs would mix them)
+    resume_from: str | None = None  # an earlier identical run's checkpoint directory
+    no_harm_text: str | None = None
+    callbacks: tuple = ()  # TrainCallback objects
 
-    if t.global_batch_size % world:
-        raise ValueError(
-            f"training.global_batch_size={t.global_batch_size} does not divide over scaling.num_workers={world}"
+
+class TrainCallback:
+    """Hooks into the recipe's loop; each a no-op unless overridden (the tests' fault injection is one)."""
+
+    def on_step_start(self, recipe: KDRecipe, step: int) -> None:
+        """Before optimizer step ``step`` (0-based) runs."""
+
+
+class KDRecipe:
+    """Knowledge distillation of a cartridge on one worker: ``setup()``, ``train()``, ``cleanup()``."""
+
+    def __init__(self, inputs: WorkerInputs):
+        self.inputs = inputs
+        self.cfg = TrainConfig.model_validate(inputs.config)
+        self.t = self.cfg.training
+        self.out_dir = Path(self.cfg.output.local_dir)
+
+    # --- setup
+    def setup(self) -> None:
+        self._setup_runtime()
+        self._setup_data()
+        self._setup_model()
+        self._setup_optimizer()
+        self._setup_backend()
+        self.start_step = self._resume()
+        self._setup_outputs()
+
+    def _setup_runtime(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.is_writer = self.rank == 0
+        self.device = ray.train.torch.get_device()
+        if self.device.type == "cpu":
+            # Ray pins OMP_NUM_THREADS=1 in workers; share the node's cores between its local workers instead.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size())))
+        torch.manual_seed(self.t.seed)
+        self.per_worker = self.t.global_batch_size // self.world  # divisibility: checked by the driver
+        self.micro = min(self.t.micro_batch_size or self.per_worker, self.per_worker)
+        use_autocast = self.t.bf16_autocast or self.cfg.model_dtype == "bf16"
+        self.autocast = (
+            (lambda: torch.autocast(device_type=self.device.type, dtype=torch.bfloat16))
+            if use_autocast
+            else contextlib.nullcontext
         )
-    per_worker = t.global_batch_size // world
-    micro = min(t.micro_batch_size or per_worker, per_worker)
 
-    tok = load_tokenizer(cfg.model_name)
-    model = load_model(cfg.model_name, cfg.model_dtype, device)
+    def _setup_data(self) -> None:
+        """Every worker reads the whole (unsplit) dataset and takes its slice of each global batch."""
+        import ray.data
+        import ray.train
 
-    # --- data: every worker reads the whole (unsplit) dataset and takes its slice of each global batch
-    import ray.data
+        ray.data.DataContext.get_current().enable_progress_bars = False  # one line per step is enough
+        rows = sorted((dict(r) for r in ray.train.get_dataset_shard("train").iter_rows()), key=lambda r: r["row_id"])
+        kept = [r for r in rows if len(r["input_ids"]) <= self.t.max_seq_len]
+        self.dropped = len(rows) - len(kept)
+        self.data_hash = _rows_hash(kept)
+        ds = self.cfg.input_dataset
+        self.train_rows, self.eval_rows = split_rows(kept, ds.eval_fraction, ds.split_seed)
+        self.epochs, _ = plan_steps(self.cfg, len(self.train_rows))
+        lengths = [len(r["input_ids"]) for r in self.train_rows]
+        self.plan = global_batches(lengths, self.t.global_batch_size, self.epochs, self.t.seed)
+        self.total_steps = min(len(self.plan), self.t.max_steps or len(self.plan))
+        self.eval_every = self.t.eval_every or self.total_steps
+        # under ZeRO-3 every forward is collective: each rank evaluates the whole held-out split
+        self.collective_forward = self.t.backend == "deepspeed" and self.t.zero_stage == 3
+        self.my_eval = self.eval_rows if self.collective_forward else self.eval_rows[self.rank :: self.world]
 
-    ray.data.DataContext.get_current().enable_progress_bars = False  # one line per step below is enough
-    shard = ray.train.get_dataset_shard("train")
-    rows = [dict(r) for r in shard.iter_rows()]
-    rows.sort(key=lambda r: r["row_id"])
-    n_all = len(rows)
-    rows = [r for r in rows if len(r["input_ids"]) <= t.max_seq_len]
-    dropped = n_all - len(rows)
-    train_rows, eval_rows = split_rows(rows, cfg.input_dataset.eval_fraction, cfg.input_dataset.split_seed)
-    epochs, per_epoch = plan_steps(cfg, len(train_rows))
-    plan = global_batches([len(r["input_ids"]) for r in train_rows], t.global_batch_size, epochs, t.seed)
-    total_steps = min(len(plan), t.max_steps or len(plan))
-    eval_every = t.eval_every or total_steps
-
-    # --- cartridge, optimizer, schedule
-    peft_model = create_cartridge(
-        model,
-        num_tokens=cfg.kv_cache.num_tokens,
-        num_frozen_tokens=cfg.kv_cache.num_frozen_tokens,
-        method=cfg.kv_cache.method,
-        tokenizer=tok,
-        text=init_text(cfg),
-        seed=t.seed,
-    ).to(device)
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, t.warmup_steps, t.min_lr_ratio))
-    n_micro = math.ceil(per_worker / micro)
-    no_harm = (
-        _no_harm_chunks(
-            tok, loop_config.get("no_harm_text"), t.no_harm_tokens, t.no_harm_format, cfg.student_system_prompt
+    def _setup_model(self) -> None:
+        cfg, t = self.cfg, self.t
+        self.tok = load_tokenizer(cfg.model_name)
+        self.pad_id = self.tok.pad_token_id
+        model = load_model(cfg.model_name, cfg.model_dtype, self.device)
+        self.peft_model = create_cartridge(
+            model,
+            num_tokens=cfg.kv_cache.num_tokens,
+            num_frozen_tokens=cfg.kv_cache.num_frozen_tokens,
+            method=cfg.kv_cache.method,
+            tokenizer=self.tok,
+            text=init_text(cfg),
+            seed=t.seed,
+        ).to(self.device)
+        self.meta_base = dict(
+            model_name=cfg.model_name,
+            shape=ModelShape.of(model),
+            num_tokens=cfg.kv_cache.num_tokens,
+            num_frozen_tokens=cfg.kv_cache.num_frozen_tokens,
+            tokenizer_fingerprint=tokenizer_fingerprint(self.tok),
+            init_method=cfg.kv_cache.method,
+            student_system_prompt=cfg.student_system_prompt,
         )
-        if t.no_harm_weight
-        else []
-    )
-    if t.no_harm_weight and not no_harm:
-        raise ValueError(f"training.no_harm_text_file: the text is shorter than no_harm_tokens={t.no_harm_tokens}")
-    n_micro += 1 if no_harm else 0  # the no-harm chunk is one more micro-step of each step
-    kd_tail = t.tail_mass == "all"  # the memory data's KD loss (and the held-out loss) with the tail class
-    if t.backend == "deepspeed":
-        backend = DeepSpeedBackend(
-            peft_model, params, opt, world, t.max_grad_norm, n_micro, t.zero_stage, micro, False, t.profile
-        )
-    else:
-        backend = DDPBackend(peft_model, params, opt, world, t.max_grad_norm, n_micro, t.profile)
-    train_model = backend.model
-    # under ZeRO-3 every forward is collective: each rank evaluates the whole held-out split
-    collective_forward = t.backend == "deepspeed" and t.zero_stage == 3
-    eval_sharded = not collective_forward
-
-    start_step = 0
-    ckpt = ray.train.get_checkpoint()  # set when Ray Train restarts this run after a failure
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            start_step = _load_train_state(Path(d), peft_model, backend, sched)
-    elif loop_config.get("resume_from"):  # an earlier identical run stopped (or finished) here
-        start_step = _load_train_state(Path(loop_config["resume_from"]), peft_model, backend, sched)
-    fault_at = loop_config.get("fault_at_step")  # test hook: fail once at this step (FailureConfig restarts)
-    use_autocast = t.bf16_autocast or cfg.model_dtype == "bf16"
-
-    def autocast():
-        if not use_autocast:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-    # the bare model's top-k on each no-harm chunk never changes (frozen model, fixed text): computed once per
-    # chunk, when a step first uses it (a short run over a long text reads a few chunks); under ZeRO-3 every
-    # forward is collective, so there all of them are computed here, on every rank alike
-    no_harm_targets = _NoHarmTargets(peft_model, no_harm, device, t.top_k_logits, autocast)
-    if collective_forward:
-        no_harm_targets.compute_all()
-    pad_id = tok.pad_token_id
-    my_eval = eval_rows[rank::world] if eval_sharded else eval_rows
-    metrics_path = out_dir / "metrics.jsonl"
-    run = None
-    if is_writer:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out_dir / "distillation_config.yaml", dump_config(cfg))
-        if metrics_path.exists():
-            if start_step == 0:
-                metrics_path.unlink()
-            else:  # resumed: drop what was logged after the checkpoint, it is about to be redone
-                kept = [
-                    line
-                    for line in metrics_path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= start_step
-                ]
-                write_text_atomic(metrics_path, "".join(line + "\n" for line in kept))
-        if cfg.wandb.mode != "disabled":
-            import wandb
-
-            run = wandb.init(
-                project=cfg.wandb.project,
-                entity=cfg.wandb.entity,
-                name=cfg.wandb.name,
-                mode=cfg.wandb.mode,
-                dir=str(out_dir),
-                config=cfg.model_dump(mode="json"),
-                resume="allow",
+        chunks = []
+        if t.no_harm_weight:
+            chunks = no_harm_chunks(
+                self.tok, self.inputs.no_harm_text, t.no_harm_tokens, t.no_harm_format, cfg.student_system_prompt
             )
+            if not chunks:
+                raise ValueError(
+                    f"training.no_harm_text_file: the text is shorter than no_harm_tokens={t.no_harm_tokens}"
+                )
+        self.no_harm = NoHarmTargets(self.peft_model, chunks, self.device, t.top_k_logits, self.autocast)
 
-    def run_eval(step: int) -> dict:
-        if not eval_rows:
-            return {}
-        s, c = evaluate(peft_model, my_eval, pad_id, t.top_k_logits, micro, autocast, device, kd_tail)
-        if eval_sharded:
-            s, c = _all_reduce([s, c])
-        return {"step": step, "eval/loss": s / max(c, 1.0), "eval/tokens": c}
+    def _setup_optimizer(self) -> None:
+        t = self.t
+        self.params = [p for p in self.peft_model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=t.lr, weight_decay=t.weight_decay)
+        total = self.total_steps
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: lr_factor(s, total, t.warmup_steps, t.min_lr_ratio)
+        )
 
-    def log(rec: dict) -> None:
-        if is_writer:
-            append_jsonl(metrics_path, rec)
-            if run is not None:
-                run.log({k: v for k, v in rec.items() if k != "step"}, step=rec["step"])
-
-    meta_base = dict(
-        model_name=cfg.model_name,
-        shape=ModelShape.of(model),
-        num_tokens=cfg.kv_cache.num_tokens,
-        num_frozen_tokens=cfg.kv_cache.num_frozen_tokens,
-        tokenizer_fingerprint=tokenizer_fingerprint(tok),
-        init_method=cfg.kv_cache.method,
-        student_system_prompt=cfg.student_system_prompt,
-    )
-    data_hash = _rows_hash(rows)
-
-    def checkpoint(step: int, metrics: dict, final: bool) -> None:
-        with tempfile.TemporaryDirectory() as d, backend.full_weights():  # collective under ZeRO-3
-            # one full copy, taken while gathered: PEFT's save gathers (and re-partitions) on its own under ZeRO-3
-            full = encoder(peft_model).weight.detach().clone()
-            if is_writer:
-                extra = {"step": step, "data_hash": data_hash, "metrics": metrics}
-                name = "cache-final.pt" if final else f"cache-step{step}.pt"
-                target = out_dir if final else out_dir / "checkpoints" / f"step-{step}"
-                save_cartridge(peft_model, target, CartridgeMeta(**meta_base, extra=extra), export_pt=name, weight=full)
-                if not final:
-                    os.replace(target / name, out_dir / name)
-                progress = {"metrics": metrics, "run_hash": loop_config.get("run_hash")}
-                _save_cartridge_state(Path(d), full, step, progress)
-            wrote = backend.save_state(Path(d), sched, step, is_writer)
-            ck = ray.train.Checkpoint.from_directory(d) if (is_writer or wrote) else None
-            ray.train.report({**metrics, "step": step}, checkpoint=ck)
-
-    best_dir = out_dir / "best"
-    best = {"eval/loss": math.inf, "step": None}
-    if is_writer and t.keep_best:
-        if start_step == 0:
-            shutil.rmtree(best_dir, ignore_errors=True)  # an earlier, different run's best
-        elif (best_dir / "best.json").exists():
-            best = json.loads((best_dir / "best.json").read_text())
-
-    def track_best(step: int, ev: dict) -> None:
-        """Keep the cartridge with the lowest held-out loss (a decision every rank makes alike)."""
-        if not (t.keep_best and ev):
-            return
-        # rank 0 (which holds the best so far, also after a resume) decides for every rank
-        improved = is_writer and ev["eval/loss"] < best["eval/loss"]
-        if not _all_reduce([1.0 if improved else 0.0])[0]:
-            return
-        best.update({"eval/loss": ev["eval/loss"], "step": step})
-        # saved while gathered (ZeRO-3): PEFT's save would otherwise gather on rank 0 alone and hang the others
-        with backend.full_weights():
-            full = encoder(peft_model).weight.detach().clone()
-            if is_writer:
-                extra = {"step": step, "data_hash": data_hash, "metrics": ev}
-                tmp = out_dir / ".best.tmp"
-                shutil.rmtree(tmp, ignore_errors=True)
-                save_cartridge(peft_model, tmp, CartridgeMeta(**meta_base, extra=extra), weight=full)
-                write_text_atomic(tmp / "best.json", json.dumps(best))
-                shutil.rmtree(best_dir, ignore_errors=True)
-                os.replace(tmp, best_dir)
-
-    if start_step == 0:
-        first = run_eval(0)
-        if first:
-            log(first)
-            track_best(0, first)
-    last_eval: dict = {}
-    step_metrics: dict = {}
-    timer = _PhaseTimer(t.profile, device)
-    for step in range(start_step, total_steps):
-        if fault_at is not None and step == fault_at and not (out_dir / ".fault_injected").exists():
-            if is_writer:
-                out_dir.mkdir(parents=True, exist_ok=True)
-                (out_dir / ".fault_injected").write_text(str(step))
-            raise RuntimeError(f"injected fault at step {step}")
-        t0 = time.perf_counter()
-        gbatch = plan[step]
-        global_positions = sum(int(train_rows[i]["num_positions"]) for i in gbatch)
-        global_tokens = sum(len(train_rows[i]["input_ids"]) for i in gbatch)
-        mine = worker_slice(gbatch, rank, world)
-        loss_sum = 0.0
-        chunks = [mine[i : i + micro] for i in range(0, len(mine), micro)]
-        timer.start()
-        for ci, chunk in enumerate(chunks):
-            b = collate([train_rows[i] for i in chunk], pad_id, t.top_k_logits)
-            b = {k: v.to(device) for k, v in b.items()}
-            timer.lap("data")
-            with backend.accumulate(last=ci == len(chunks) - 1 and not no_harm):
-                with autocast():
-                    logits = student_logits_at(train_model, b)
-                ls = kd_loss_sum(logits, b["topk_ids"], b["topk_logprobs"], kd_tail)
-                check_finite(ls, "KD loss", step, [train_rows[i]["row_id"] for i in chunk])
-                timer.lap("forward")
-                # data parallelism averages gradients over workers: scale so the result is the global per-token mean
-                backend.backward(ls * world / global_positions)
-                timer.lap("backward")
-            loss_sum += float(ls)
-        nh_loss = 0.0
-        if no_harm:  # last micro-step: the bare model teaches the cartridge-reading model on general text
-            x, top_ids, top_lp = no_harm_targets.get((step * world + rank) % len(no_harm))
-            timer.lap("data")
-            with backend.accumulate(last=True):
-                with autocast():
-                    student = train_model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits[
-                        0, :-1
-                    ]
-                nh = kd_loss_sum(student, top_ids, top_lp, t.tail_mass != "none") / top_ids.shape[0]
-                timer.lap("forward")
-                backend.backward(t.no_harm_weight * nh)  # the workers' mean of per-token means
-                timer.lap("backward")
-            nh_loss = float(nh)
-        lr = sched.get_last_lr()[0]
-        grad_norm = backend.step()
-        if grad_norm is not None:
-            check_finite(
-                torch.as_tensor(float(grad_norm)), "gradient norm", step, [train_rows[i]["row_id"] for i in mine]
-            )
+    def _setup_backend(self) -> None:
+        t = self.t
+        # micro-steps per optimizer step: the KD chunks and, with the no-harm term, one more
+        n_micro = math.ceil(self.per_worker / self.micro) + (1 if len(self.no_harm) else 0)
+        if t.backend == "deepspeed":
+            self.backend = DeepSpeedBackend(
+                self.peft_model, self.params, self.opt, self.world, t.max_grad_norm, n_micro, t.zero_stage,
+                self.micro, False, t.profile,
+            )  # fmt: skip
         else:
+            self.backend = DDPBackend(
+                self.peft_model, self.params, self.opt, self.world, t.max_grad_norm, n_micro, t.profile
+            )
+        self.train_model = self.backend.model
+        if self.collective_forward:  # every rank computes every no-harm target, in the same order
+            self.no_harm.compute_all()
+
+    def _resume(self) -> int:
+        """The step to start from: Ray Train's checkpoint after a worker failure, else an earlier identical
+        run's (``resume_from``), else 0."""
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is not None:
+            with ckpt.as_directory() as d:
+                return _load_train_state(Path(d), self.peft_model, self.backend, self.sched)
+        if self.inputs.resume_from:
+            return _load_train_state(Path(self.inputs.resume_from), self.peft_model, self.backend, self.sched)
+        return 0
+
+    def _setup_outputs(self) -> None:
+        cfg = self.cfg
+        if self.is_writer:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.out_dir / "distillation_config.yaml", dump_config(cfg))
+        self.logger = RunLogger(self.out_dir, self.is_writer, self.start_step, cfg.wandb, cfg.model_dump(mode="json"))
+        self.best_dir = self.out_dir / "best"
+        self.best = {"eval/loss": math.inf, "step": None}
+        if self.is_writer and self.t.keep_best:
+            if self.start_step == 0:
+                shutil.rmtree(self.best_dir, ignore_errors=True)  # an earlier, different run's best
+            elif (self.best_dir / "best.json").exists():
+                self.best = json.loads((self.best_dir / "best.json").read_text())
+        self.timer = _PhaseTimer(self.t.profile, self.device)
+        self.last_eval: dict = {}
+        self.step_metrics: dict = {}
+
+    # --- the loop
+    def train(self) -> None:
+        if self.start_step == 0:
+            self._evaluate_and_log(0)
+        for step in range(self.start_step, self.total_steps):
+            for cb in self.inputs.callbacks:
+                cb.on_step_start(self, step)
+            self.step_metrics = self.train_step(step)
+            done = step + 1 == self.total_steps
+            if (step + 1) % self.t.log_every == 0 or done:
+                self._log_step(self.step_metrics)
+            if (step + 1) % self.eval_every == 0 or done:
+                self.last_eval = self._evaluate_and_log(step + 1)
+            if done or (self.t.save_every and (step + 1) % self.t.save_every == 0):
+                self.save_checkpoint(step + 1, {**self.step_metrics, **self.last_eval}, final=done)
+
+    def train_step(self, step: int) -> dict:
+        """One optimizer step over global batch ``step``; returns its metrics (the same on every rank)."""
+        t0 = time.perf_counter()
+        gbatch = self.plan[step]
+        global_positions = sum(int(self.train_rows[i]["num_positions"]) for i in gbatch)
+        global_tokens = sum(len(self.train_rows[i]["input_ids"]) for i in gbatch)
+        mine = worker_slice(gbatch, self.rank, self.world)
+        self.timer.start()
+        loss_sum = self._kd_micro_steps(step, mine, global_positions)
+        nh_loss = self._no_harm_micro_step(step) if len(self.no_harm) else 0.0
+        lr = self.sched.get_last_lr()[0]
+        grad_norm = self.backend.step()
+        if grad_norm is None:
             grad_norm = float("nan")  # DeepSpeed without clipping computes none
-        sched.step()
-        timer.lap("optimizer")
+        else:
+            row_ids = [self.train_rows[i]["row_id"] for i in mine]
+            check_finite(torch.as_tensor(float(grad_norm)), "gradient norm", step, row_ids)
+        self.sched.step()
+        self.timer.lap("optimizer")
         loss_total, nh_total = _all_reduce([loss_sum, nh_loss])
-        timer.lap("comm")
+        self.timer.lap("comm")
         dt = time.perf_counter() - t0
-        step_metrics = {
+        return {
             "step": step + 1,
             "train/loss": loss_total / global_positions,
             "train/lr": lr,
             "train/grad_norm": float(grad_norm),
             "train/tokens_per_s": global_tokens / dt,
             "train/step_time_s": dt,
-            **timer.result(backend.comm_seconds()),
-            **({"train/no_harm_loss": nh_total / world} if no_harm else {}),
+            **self.timer.result(self.backend.comm_seconds()),
+            **({"train/no_harm_loss": nh_total / self.world} if len(self.no_harm) else {}),
         }
-        if (step + 1) % t.log_every == 0 or step + 1 == total_steps:
-            log(step_metrics)
-            if is_writer:
-                _say(
-                    f"[train] step {step + 1}/{total_steps} loss {step_metrics['train/loss']:.4f} "
-                    f"lr {lr:.2e} grad_norm {float(grad_norm):.3f} {step_metrics['train/tokens_per_s']:.0f} tok/s"
-                )
-        done = step + 1 == total_steps
-        if (step + 1) % eval_every == 0 or done:
-            last_eval = run_eval(step + 1)
-            log(last_eval)
-            track_best(step + 1, last_eval)
-            if is_writer and last_eval:
-                _say(f"[eval] step {step + 1} held-out KD loss {last_eval['eval/loss']:.4f}")
-        if done or (t.save_every and (step + 1) % t.save_every == 0):
-            checkpoint(step + 1, {**step_metrics, **last_eval}, final=done)
 
-    workers = _gather_workers(rank, device)
-    if is_writer and start_step < total_steps:  # a finished run that is re-run keeps its summary
+    def _kd_micro_steps(self, step: int, mine: list[int], global_positions: int) -> float:
+        """Forward and backward of this worker's rows of the step, ``micro`` rows at a time; the loss sum."""
+        kd_tail = self.t.tail_mass == "all"
+        chunks = [mine[i : i + self.micro] for i in range(0, len(mine), self.micro)]
+        loss_sum = 0.0
+        for ci, chunk in enumerate(chunks):
+            rows = [self.train_rows[i] for i in chunk]
+            b = {k: v.to(self.device) for k, v in collate(rows, self.pad_id, self.t.top_k_logits).items()}
+            self.timer.lap("data")
+            with self.backend.accumulate(last=ci == len(chunks) - 1 and not len(self.no_harm)):
+                with self.autocast():
+                    logits = student_logits_at(self.train_model, b)
+                ls = kd_loss_sum(logits, b["topk_ids"], b["topk_logprobs"], kd_tail)
+                check_finite(ls, "KD loss", step, [r["row_id"] for r in rows])
+                self.timer.lap("forward")
+                # data parallelism averages gradients over workers: scale so the result is the global per-token mean
+                self.backend.backward(ls * self.world / global_positions)
+                self.timer.lap("backward")
+            loss_sum += float(ls)
+        return loss_sum
+
+    def _no_harm_micro_step(self, step: int) -> float:
+        """The step's last micro-step: the bare model teaches the cartridge-reading model on general text."""
+        x, top_ids, top_lp = self.no_harm.get((step * self.world + self.rank) % len(self.no_harm))
+        self.timer.lap("data")
+        with self.backend.accumulate(last=True):
+            with self.autocast():
+                out = self.train_model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False)
+            nh = kd_loss_sum(out.logits[0, :-1], top_ids, top_lp, self.t.tail_mass != "none") / top_ids.shape[0]
+            self.timer.lap("forward")
+            self.backend.backward(self.t.no_harm_weight * nh)  # the workers' mean of per-token means
+            self.timer.lap("backward")
+        return float(nh)
+
+    def _log_step(self, m: dict) -> None:
+        self.logger.log(m)
+        if self.is_writer:
+            _say(
+                f"[train] step {m['step']}/{self.total_steps} loss {m['train/loss']:.4f} lr {m['train/lr']:.2e} "
+                f"grad_norm {m['train/grad_norm']:.3f} {m['train/tokens_per_s']:.0f} tok/s"
+            )
+
+    def evaluate(self, step: int) -> dict:
+        """The held-out KD loss per token at ``step`` (empty without a held-out split)."""
+        if not self.eval_rows:
+            return {}
+        kd_tail = self.t.tail_mass == "all"
+        s, c = held_out_loss(
+            self.peft_model, self.my_eval, self.pad_id, self.t.top_k_logits, self.micro, self.autocast, self.device,
+            kd_tail,
+        )  # fmt: skip
+        if not self.collective_forward:
+            s, c = _all_reduce([s, c])
+        return {"step": step, "eval/loss": s / max(c, 1.0), "eval/tokens": c}
+
+    def _evaluate_and_log(self, step: int) -> dict:
+        ev = self.evaluate(step)
+        self.logger.log(ev)
+        self.track_best(step, ev)
+        if self.is_writer and ev and step:
+            _say(f"[eval] step {step} held-out KD loss {ev['eval/loss']:.4f}")
+        return ev
+
+    # --- saving
+    def _meta(self, step: int, metrics: dict) -> CartridgeMeta:
+        return CartridgeMeta(**self.meta_base, extra={"step": step, "data_hash": self.data_hash, "metrics": metrics})
+
+    def save_checkpoint(self, step: int, metrics: dict, final: bool) -> None:
+        """The cartridge (final: in the output directory; else under ``checkpoints/``) and Ray Train's
+        checkpoint of the whole training state, reported with ``metrics``."""
+        import ray.train
+
+        with tempfile.TemporaryDirectory() as d, self.backend.full_weights():  # collective under ZeRO-3
+            # one full copy, taken while gathered: PEFT's save gathers (and re-partitions) on its own under ZeRO-3
+            full = encoder(self.peft_model).weight.detach().clone()
+            if self.is_writer:
+                name = "cache-final.pt" if final else f"cache-step{step}.pt"
+                target = self.out_dir if final else self.out_dir / "checkpoints" / f"step-{step}"
+                save_cartridge(self.peft_model, target, self._meta(step, metrics), export_pt=name, weight=full)
+                if not final:
+                    os.replace(target / name, self.out_dir / name)
+                progress = {"metrics": metrics, "run_hash": self.inputs.run_hash}
+                _save_cartridge_state(Path(d), full, step, progress)
+            wrote = self.backend.save_state(Path(d), self.sched, step, self.is_writer)
+            ck = ray.train.Checkpoint.from_directory(d) if (self.is_writer or wrote) else None
+            ray.train.report({**metrics, "step": step}, checkpoint=ck)
+
+    def track_best(self, step: int, ev: dict) -> None:
+        """Keep the cartridge with the lowest held-out loss (a decision every rank makes alike)."""
+        if not (self.t.keep_best and ev):
+            return
+        # rank 0 (which holds the best so far, also after a resume) decides for every rank
+        improved = self.is_writer and ev["eval/loss"] < self.best["eval/loss"]
+        if not _all_reduce([1.0 if improved else 0.0])[0]:
+            return
+        self.best.update({"eval/loss": ev["eval/loss"], "step": step})
+        # saved while gathered (ZeRO-3): PEFT's save would otherwise gather on rank 0 alone and hang the others
+        with self.backend.full_weights():
+            full = encoder(self.peft_model).weight.detach().clone()
+            if self.is_writer:
+                tmp = self.out_dir / ".best.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                save_cartridge(self.peft_model, tmp, self._meta(step, ev), weight=full)
+                write_text_atomic(tmp / "best.json", json.dumps(self.best))
+                shutil.rmtree(self.best_dir, ignore_errors=True)
+                os.replace(tmp, self.best_dir)
+
+    def cleanup(self) -> None:
+        """The run summary, the loss plot and the end of the wandb run (rank 0); a finished run that is re-run
+        keeps its summary."""
+        workers = _gather_workers(self.rank, self.device)  # collective: every rank takes part
+        if not (self.is_writer and self.start_step < self.total_steps):
+            return
         summary = {
             "workers": workers,
-            "best": best if best["step"] is not None else None,
-            "steps": total_steps,
-            "train_rows": len(train_rows),
-            "eval_rows": len(eval_rows),
-            "dropped_too_long": dropped,
-            "epochs": epochs,
-            "final": {**step_metrics, **last_eval},
+            "best": self.best if self.best["step"] is not None else None,
+            "steps": self.total_steps,
+            "train_rows": len(self.train_rows),
+            "eval_rows": len(self.eval_rows),
+            "dropped_too_long": self.dropped,
+            "epochs": self.epochs,
+            "final": {**self.step_metrics, **self.last_eval},
         }
-        write_text_atomic(out_dir / "train_summary.json", json.dumps(summary, indent=2))
-        plot_losses(metrics_path, out_dir / "loss.png")
-        if run is not None:
-            run.finish()
+        write_text_atomic(self.out_dir / "train_summary.json", json.dumps(summary, indent=2))
+        self.logger.finish(plot_to=self.out_dir / "loss.png")
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Ray Train's entry point on each worker."""
+    recipe = KDRecipe(loop_config["inputs"])
+    recipe.setup()
+    recipe.train()
+    recipe.cleanup()
 
 
 def _rows_hash(rows: list[dict]) -> str:
@@ -477,60 +524,3 @@ def _gather_workers(rank: int, device: torch.device) -> list[dict]:
     out: list = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(out, me)
     return out
-
-
-class _NoHarmTargets:
-    """(input ids, teacher top-k ids, teacher top-k logprobs) of each no-harm chunk, the teacher being the bare
-    model (the adapter disabled); each chunk's computed when first asked for and kept."""
-
-    def __init__(self, peft_model, chunks: list[list[int]], device, top_k: int, autocast):
-        self.model, self.chunks, self.device, self.top_k, self.autocast = peft_model, chunks, device, top_k, autocast
-        self.cache: dict[int, tuple] = {}
-
-    @torch.no_grad()
-    def get(self, i: int) -> tuple:
-        if i not in self.cache:
-            x = torch.tensor([self.chunks[i]], device=self.device)
-            with self.model.disable_adapter(), self.autocast():
-                base = torch.log_softmax(self.model(input_ids=x, use_cache=False).logits[0, :-1].float(), -1)
-            top_lp, top_ids = base.topk(self.top_k, dim=-1)
-            self.cache[i] = (x, top_ids, top_lp)
-        return self.cache[i]
-
-    def compute_all(self) -> None:
-        for i in range(len(self.chunks)):
-            self.get(i)
-
-
-def _no_harm_chunks(
-    tok, text: str | None, n: int, fmt: str = "raw", system_prompt: str | None = None
-) -> list[list[int]]:
-    """The general text cut into chunks of ``n`` tokens (the last partial chunk is dropped).
-
-    ``fmt``: ``raw`` the chunks as they are; ``chat`` each chunk as the assistant's answer to an unrelated
-    request, in the chat template the agent uses; ``both`` a raw and a chat version of every chunk, alternating.
-    """
-    if not text:
-        return []
-    ids = tok(text).input_ids
-    raw = [ids[i : i + n] for i in range(0, len(ids) - n + 1, n)]
-    if fmt == "raw":
-        return raw
-    chat = []
-    for i, chunk in enumerate(raw):
-        msgs = [{"role": "system", "content": system_prompt}] if system_prompt else []
-        msgs += [
-            {"role": "user", "content": GENERAL_REQUESTS[i % len(GENERAL_REQUESTS)]},
-            {"role": "assistant", "content": tok.decode(chunk)},
-        ]
-        chat.append(list(tok.apply_chat_template(msgs, tokenize=True, return_dict=False)))
-    return chat if fmt == "chat" else [c for pair in zip(raw, chat) for c in pair]
-
-
-# user turns of the chat-formatted no-harm chunks: requests that have nothing to do with any memory
-GENERAL_REQUESTS = (
-    "Tell me about something you find interesting.",
-    "Write a short paragraph on any topic.",
-    "Explain something from science or history.",
-    "Can you describe how something works?",
-)
