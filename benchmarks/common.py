@@ -98,8 +98,9 @@ def bench_dataset(path: str | None, model: str = "smollm2-135m-instruct", answer
 def teacher_rows(model, tok, memory, context: str, *, answer_tokens: int, top_k: int, limit: int | None = None):
     """(records, flat top-k rows): the transformers reference teacher, ``context`` in its prompt, answering the
     memory's questions (the first ``limit`` of them)."""
+    from ray_cartridges.contracts import SamplingParams
     from ray_cartridges.convert import convert_record
-    from ray_cartridges.generate.engines import HFEngine, Sampling
+    from ray_cartridges.generate.engines import HFEngine
     from ray_cartridges.generate.teacher import run_prompts
 
     questions = [g[0].content for g in memory.triples()][:limit]
@@ -108,6 +109,6 @@ def teacher_rows(model, tok, memory, context: str, *, answer_tokens: int, top_k:
         for i, q in enumerate(questions)
     ]
     records, _ = run_prompts(
-        HFEngine(model, tok), prompts, sampling=Sampling(max_tokens=answer_tokens, top_logprobs=top_k)
+        HFEngine(model, tok), prompts, sampling=SamplingParams(max_tokens=answer_tokens, top_logprobs=top_k)
     )
     return records, [convert_record(r, tok, top_k=top_k) for r in records]

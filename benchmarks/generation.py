@@ -126,9 +126,10 @@ def main() -> None:
 
     import ray
 
-    from ray_cartridges.generate.engines import Sampling, VLLMEngine
+    from ray_cartridges.contracts import SamplingParams
+    from ray_cartridges.generate.engines import VLLMEngine
 
-    sampling = Sampling(0.0, 1.0, args.max_tokens, 20)
+    sampling = SamplingParams(max_tokens=args.max_tokens, top_logprobs=20)
     rounds = []
     for r in range(args.repeats):
         print(f"[bench] round {r + 1}/{args.repeats}: ours (Ray Data + vLLM actor)", flush=True)

@@ -69,7 +69,8 @@ def small_train_config(tmp_path, teacher_jsonl, memory, workers, name, scaling=N
 
 def make_teacher_jsonl(path: Path, model, tokenizer, memory) -> Path:
     """Teacher data made by the transformers reference teacher: 2 phrasings of each memory question."""
-    from ray_cartridges.generate.engines import HFEngine, Sampling
+    from ray_cartridges.contracts import SamplingParams
+    from ray_cartridges.generate.engines import HFEngine
     from ray_cartridges.generate.teacher import run_prompts
 
     context = memory.render()
@@ -87,7 +88,7 @@ def make_teacher_jsonl(path: Path, model, tokenizer, memory) -> Path:
                 }
             )
     records, problems = run_prompts(
-        HFEngine(model, tokenizer), prompts, sampling=Sampling(max_tokens=24, top_logprobs=20)
+        HFEngine(model, tokenizer), prompts, sampling=SamplingParams(max_tokens=24, top_logprobs=20)
     )
     assert not problems
     path.write_text("".join(json.dumps(r) + "\n" for r in records))

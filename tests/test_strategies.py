@@ -50,9 +50,9 @@ def test_unrelated_requests_are_answered_bare_and_train_the_student_toward_its_o
     the converted row's targets are the bare model's own distribution there (what the cartridge must not move)."""
     import torch
 
-    from ray_cartridges.contracts import GENERAL_STRATEGY
+    from ray_cartridges.contracts import GENERAL_STRATEGY, SamplingParams
     from ray_cartridges.convert import convert_record
-    from ray_cartridges.generate.engines import HFEngine, Sampling
+    from ray_cartridges.generate.engines import HFEngine
     from ray_cartridges.generate.strategies import general_requests
     from ray_cartridges.generate.teacher import run_prompts
 
@@ -69,7 +69,7 @@ def test_unrelated_requests_are_answered_bare_and_train_the_student_toward_its_o
     assert not any(memory.entries[0].content in p["user"] for p in general)
 
     records, problems = run_prompts(
-        HFEngine(model, tokenizer), general[:2], sampling=Sampling(max_tokens=8, top_logprobs=20)
+        HFEngine(model, tokenizer), general[:2], sampling=SamplingParams(max_tokens=8, top_logprobs=20)
     )
     assert not problems
     for rec, p in zip(records, general):
@@ -123,7 +123,8 @@ def test_chunk_answers_can_be_scored_by_the_teacher_with_the_whole_memory(model,
     memory teacher's distribution at each of its tokens (teacher forcing); the record says who read what."""
     import torch
 
-    from ray_cartridges.generate.engines import HFEngine, Sampling
+    from ray_cartridges.contracts import SamplingParams
+    from ray_cartridges.generate.engines import HFEngine
     from ray_cartridges.generate.teacher import chat_ids, run_prompts
 
     memory = read_memory(EXAMPLE_CHECKPOINT)
@@ -137,7 +138,7 @@ def test_chunk_answers_can_be_scored_by_the_teacher_with_the_whole_memory(model,
     assert all(p["score_context"] == memory.render() != p["context"] for p in scored)
     for p in plain + scored:  # the questions as written, so both runs answer the same ones
         p["user"] = "What do you know about " + ("the boats?" if p["prompt_id"].endswith("0") else "the station?")
-    engine, sampling = HFEngine(model, tokenizer), Sampling(max_tokens=10, top_logprobs=5)
+    engine, sampling = HFEngine(model, tokenizer), SamplingParams(max_tokens=10, top_logprobs=5)
     ref, _ = run_prompts(engine, plain, sampling=sampling)
     got, problems = run_prompts(engine, scored, sampling=sampling)
     assert not problems and len(got) == len(ref) == 2
@@ -161,7 +162,8 @@ def test_chunk_answers_can_be_scored_by_the_teacher_with_the_whole_memory(model,
 
 def test_unrelated_requests_get_their_own_answer_length_and_records_keep_prompt_order(model, tokenizer):
     """general.max_tokens: those answers run longer than the memory's; mixed lengths in one call keep the order."""
-    from ray_cartridges.generate.engines import HFEngine, Sampling
+    from ray_cartridges.contracts import SamplingParams
+    from ray_cartridges.generate.engines import HFEngine
     from ray_cartridges.generate.teacher import run_prompts
 
     memory = read_memory(EXAMPLE_CHECKPOINT)
@@ -178,7 +180,9 @@ def test_unrelated_requests_get_their_own_answer_length_and_records_keep_prompt_
     assert {p.get("max_tokens") for p in prompts} == {None, 12}  # both kinds among the first eight
     for p in prompts:  # short, unrelated requests cannot stop before 3 tokens: lengths tell the kinds apart
         p["context"] = None
-    records, problems = run_prompts(HFEngine(model, tokenizer), prompts, sampling=Sampling(max_tokens=3))
+    records, problems = run_prompts(
+        HFEngine(model, tokenizer), prompts, sampling=SamplingParams(max_tokens=3, top_logprobs=20)
+    )
     assert not problems and len(records) == len(prompts)
     for rec, p in zip(records, prompts):
         assert rec["metadata"]["prompt_id"] == p["prompt_id"] and rec["messages"][-2]["content"] == p["user"]
@@ -336,3 +340,33 @@ def test_prompt_keys_follow_each_prompts_own_strategy_and_index_earlier_records(
     (shards / "shard-00000-a.jsonl").write_text(text.replace(keys[2], "0" * 16))
     assert set(read_earlier(where)) == {keys[1], keys[3]}
     assert earlier_records(shards, set()) == {}
+
+
+def test_a_self_study_prompt_without_a_usable_question_is_a_rejection_not_a_record(tokenizer):
+    """The question writer's empty output: the prompt is rejected with its reason, the others answered."""
+    from ray_cartridges.contracts import Rejection, SamplingParams
+    from ray_cartridges.generate.records import logprob_entry
+    from ray_cartridges.generate.teacher import run_prompts
+
+    class Writer:  # writes the scripted text for each question request, "ok" for each answer
+        def __init__(self, questions):
+            self.tokenizer, self.questions = tokenizer, list(questions)
+
+        def complete(self, prompts, sampling, seeds):
+            if sampling.max_tokens == 64:  # the question writer's call
+                texts = [self.questions.pop(0) for _ in prompts]
+            else:
+                texts = ["ok"] * len(prompts)
+            ids = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+            return [(i, [logprob_entry(tokenizer, t, 0.0, [(t, 0.0)]) for t in i]) for i in ids]
+
+    base = {"strategy": "self_study/fact", "context": "memory", "user": None, "split_key": "chunk-0-1"}
+    prompts = [
+        {**base, "prompt_id": "a", "question_context": "memory", "seed_prompt": "Ask.", "metadata": {}},
+        {**base, "prompt_id": "b", "question_context": "memory", "seed_prompt": "Ask.", "metadata": {}},
+    ]
+    engine = Writer(["   \n", "Question: What is kept?"])
+    records, rejected = run_prompts(engine, prompts, sampling=SamplingParams(max_tokens=4, top_logprobs=1))
+    assert rejected == [Rejection("a", "no_question", "the teacher wrote no usable question")]
+    assert [r["metadata"]["prompt_id"] for r in records] == ["b"]
+    assert records[0]["messages"][-2]["content"] == "What is kept?"

@@ -9,20 +9,11 @@ in training, whatever its padding. Returns exact token ids and, on request, top-
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-
-@dataclass
-class SamplingParams:
-    temperature: float = 0.0
-    top_p: float = 1.0
-    max_tokens: int = 128
-    stop: list[str] = field(default_factory=list)
-    top_logprobs: int = 0
-    seed: int | None = None
-    logit_bias: dict[int, float] | None = None  # added to the logits before sampling (OpenAI's logit_bias)
+from ..contracts import SamplingParams
 
 
 @dataclass

@@ -16,28 +16,31 @@ import time
 from pathlib import Path
 
 from ..config import GenerateConfig
+from ..contracts import Rejection, SamplingParams
 from ..convert import ConversionError, convert_record
 from ..flat_topk import write_flat_topk
 from ..fsutil import write_text_atomic
-from ..models import load_tokenizer, resolve_dtype, resolve_model
-from .engines import HFEngine, Sampling, VLLMEngine
-from .teacher import resolve_score_engine, run_prompts
+from ..models import load_tokenizer, resolve_model
+from .engines import HFEngine, VLLMEngine
+from .teacher import resolved_config, run_prompts
 
 
 class TeacherActor:
     def __init__(self, config: dict, shards_dir: str, base_metadata: dict):
         self.cfg = GenerateConfig.model_validate(config)
-        if self.cfg.dtype == "auto":  # run_generation resolves it; an actor built on its own does here
-            self.cfg = self.cfg.model_copy(update={"dtype": resolve_dtype("auto", gpu=self.cfg.use_gpu)})
-        self.cfg = self.cfg.model_copy(update={"score_engine": resolve_score_engine(self.cfg)})
+        self.cfg = resolved_config(self.cfg)  # run_generation did; an actor built on its own does here
         c = self.cfg
         self._engine = None  # started on the first prompt to answer: shards rebuilt from earlier answers need none
         self._scorer = None
         self._tokenizer = None
         self.shards_dir = Path(shards_dir)
         self.base_metadata = base_metadata
-        self.sampling = Sampling(c.temperature, c.top_p, c.max_tokens, c.top_logprobs)
-        self.q_sampling = Sampling(c.self_study.question_temperature, 1.0, c.self_study.question_max_tokens, 1)
+        self.sampling = SamplingParams(
+            temperature=c.temperature, top_p=c.top_p, max_tokens=c.max_tokens, top_logprobs=c.top_logprobs
+        )
+        self.q_sampling = SamplingParams(
+            temperature=c.self_study.question_temperature, max_tokens=c.self_study.question_max_tokens, top_logprobs=1
+        )
 
     @property
     def engine(self):
@@ -77,66 +80,75 @@ class TeacherActor:
         return self._scorer
 
     def __call__(self, batch: dict) -> dict:
-        fields = ("shard", "rows", "reused", "rejected", "answer_tokens", "seconds", "problems")
-        out: dict[str, list] = {k: [] for k in fields}
-        cols = zip(batch["shard"], batch["name"], batch["prompts"], batch["keys"], batch["earlier"])
-        for shard, name, prompts_json, keys_json, earlier_json in cols:
-            prompts = json.loads(prompts_json)
-            keys = json.loads(keys_json)
-            earlier = read_earlier(json.loads(earlier_json))
-            todo = [p for p, k in zip(prompts, keys) if k not in earlier]
-            engine = self.engine if todo else None  # started before the clock: seconds are time in shard work
-            t0 = time.perf_counter()
-            fresh, problems = [], []
-            if todo:
-                fresh, problems = run_prompts(
-                    engine,
-                    todo,
-                    sampling=self.sampling,
-                    question_sampling=self.q_sampling,
-                    seed=self.cfg.seed,
-                    base_metadata=self.base_metadata,
-                    scorer=self.scorer,
-                )
-            key_of = {p["prompt_id"]: k for p, k in zip(prompts, keys)}
-            for rec in fresh:
-                rec["metadata"]["prompt_key"] = key_of[rec["metadata"]["prompt_id"]]
-            by_id = {rec["metadata"]["prompt_id"]: rec for rec in [*earlier.values(), *fresh]}
-            records = [by_id[p["prompt_id"]] for p in prompts if p["prompt_id"] in by_id]  # prompt order
-            rows, kept = [], []
-            for rec in records:
-                try:
-                    rows.append(
-                        convert_record(
-                            rec,
-                            self.tokenizer,
-                            min_prob_mass=self.cfg.min_prob_mass,
-                            top_k=self.cfg.top_logprobs,
-                            student_system_prompt=self.cfg.student_system_prompt,
-                            where=f"shard {name} prompt {rec['metadata']['prompt_id']}",
-                        )
-                    )
-                    kept.append(rec)
-                except ConversionError as err:
-                    problems.append(str(err))
-            self.shards_dir.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(self.shards_dir / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
-            if rows:
-                write_flat_topk(rows, self.shards_dir / f"{name}.parquet")
-            else:
-                write_text_atomic(self.shards_dir / f"{name}.empty", "")
-            out["shard"].append(int(shard))
-            earlier_ids = {id(r) for r in earlier.values()}
-            out["rows"].append(len(rows))
-            out["reused"].append(sum(1 for r in kept if id(r) in earlier_ids))
-            out["rejected"].append(len(records) - len(rows) + sum(1 for p in problems if "no usable question" in p))
-            # tokens written now (the speed of this run), not those reused
-            out["answer_tokens"].append(
-                sum(len(r["messages"][-1]["token_ids"]) for r in kept if id(r) not in earlier_ids)
-            )
-            out["seconds"].append(time.perf_counter() - t0)
-            out["problems"].append(json.dumps(problems))
+        """One shard per row: answered (or rebuilt from earlier answers), converted and written; its counts."""
+        outs = [
+            self.write_shard(str(name), json.loads(prompts), [str(k) for k in keys], json.loads(earlier))
+            for name, prompts, keys, earlier in zip(batch["name"], batch["prompts"], batch["keys"], batch["earlier"])
+        ]
+        out = {k: [o[k] for o in outs] for k in ("rows", "reused", "rejected", "answer_tokens", "seconds", "problems")}
+        out["shard"] = [int(k) for k in batch["shard"]]
         return out
+
+    def write_shard(self, name: str, prompts: list[dict], keys: list[str], where: dict[str, list]) -> dict:
+        earlier = read_earlier(where)
+        todo = [p for p, k in zip(prompts, keys) if k not in earlier]
+        engine = self.engine if todo else None  # started before the clock: seconds are time in shard work
+        t0 = time.perf_counter()
+        fresh, rejected = [], []
+        if todo:
+            fresh, rejected = run_prompts(
+                engine,
+                todo,
+                sampling=self.sampling,
+                question_sampling=self.q_sampling,
+                seed=self.cfg.seed,
+                base_metadata=self.base_metadata,
+                scorer=self.scorer,
+            )
+        key_of = {p["prompt_id"]: k for p, k in zip(prompts, keys)}
+        for rec in fresh:
+            rec["metadata"]["prompt_key"] = key_of[rec["metadata"]["prompt_id"]]
+        by_id = {rec["metadata"]["prompt_id"]: rec for rec in [*earlier.values(), *fresh]}
+        records = [by_id[p["prompt_id"]] for p in prompts if p["prompt_id"] in by_id]  # prompt order
+        rows, kept = self._convert(name, records, rejected)
+        self.shards_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.shards_dir / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+        if rows:
+            write_flat_topk(rows, self.shards_dir / f"{name}.parquet")
+        else:
+            write_text_atomic(self.shards_dir / f"{name}.empty", "")
+        earlier_ids = {id(r) for r in earlier.values()}
+        return {
+            "rows": len(rows),
+            "reused": sum(1 for r in kept if id(r) in earlier_ids),
+            "rejected": len(rejected),
+            # tokens written now (the speed of this run), not those reused
+            "answer_tokens": sum(len(r["messages"][-1]["token_ids"]) for r in kept if id(r) not in earlier_ids),
+            "seconds": time.perf_counter() - t0,
+            "problems": [str(r) for r in rejected],
+        }
+
+    def _convert(self, name: str, records: list[dict], rejected: list[Rejection]) -> tuple[list[dict], list[dict]]:
+        """The flat top-k rows of ``records`` and the records they came from; a record that cannot be converted
+        is added to ``rejected``."""
+        rows, kept = [], []
+        for rec in records:
+            pid = rec["metadata"]["prompt_id"]
+            try:
+                rows.append(
+                    convert_record(
+                        rec,
+                        self.tokenizer,
+                        min_prob_mass=self.cfg.min_prob_mass,
+                        top_k=self.cfg.top_logprobs,
+                        student_system_prompt=self.cfg.student_system_prompt,
+                        where=f"shard {name} prompt {pid}",
+                    )
+                )
+                kept.append(rec)
+            except ConversionError as err:
+                rejected.append(Rejection(pid, "conversion", str(err)))
+        return rows, kept
 
 
 def read_earlier(where: dict[str, list]) -> dict[str, dict]:

@@ -9,22 +9,13 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from dataclasses import dataclass
 
 import torch
 
-from ..agent.decoding import SamplingParams as DecodeParams
 from ..agent.decoding import sample_next
+from ..contracts import SamplingParams
 from ..engine_env import set_engine_env
 from .records import logprob_entry
-
-
-@dataclass
-class Sampling:
-    temperature: float = 0.0
-    top_p: float = 1.0
-    max_tokens: int = 128
-    top_logprobs: int = 20
 
 
 def request_seed(base_seed: int, key: str) -> int:
@@ -81,13 +72,13 @@ class VLLMEngine:
         self.tokenizer = self.llm.get_tokenizer()
 
     def complete(
-        self, prompts: list[list[int]], sampling: Sampling, seeds: list[int]
+        self, prompts: list[list[int]], sampling: SamplingParams, seeds: list[int]
     ) -> list[tuple[list[int], list[dict]]]:
-        from vllm import SamplingParams
+        import vllm
         from vllm.inputs import TokensPrompt
 
         params = [
-            SamplingParams(
+            vllm.SamplingParams(
                 temperature=sampling.temperature,
                 top_p=sampling.top_p,
                 max_tokens=sampling.max_tokens,
@@ -162,9 +153,9 @@ class HFEngine:
         return out, n
 
     @torch.no_grad()
-    def complete_one(self, ids: list[int], sampling: Sampling, seed: int) -> tuple[list[int], list[dict]]:
+    def complete_one(self, ids: list[int], sampling: SamplingParams, seed: int) -> tuple[list[int], list[dict]]:
         gen = torch.Generator().manual_seed(seed)
-        rule = DecodeParams(temperature=sampling.temperature, top_p=sampling.top_p)
+        rule = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p)
         out, _ = self._prefill(ids)
         cache, logits = out.past_key_values, out.logits[0, -1]
         answer, entries = [], []
@@ -180,7 +171,7 @@ class HFEngine:
         return answer, entries
 
     def complete(
-        self, prompts: list[list[int]], sampling: Sampling, seeds: list[int]
+        self, prompts: list[list[int]], sampling: SamplingParams, seeds: list[int]
     ) -> list[tuple[list[int], list[dict]]]:
         return [self.complete_one(p, sampling, s) for p, s in zip(prompts, seeds)]
 

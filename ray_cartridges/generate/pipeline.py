@@ -17,6 +17,7 @@ import json
 import logging
 import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import GenerateConfig, dump_config
@@ -24,7 +25,7 @@ from ..engine_env import engine_actor_env
 from ..fsutil import atomic_writer, write_text_atomic
 from ..memory import read_memory
 from .strategies import build_prompts, render_context
-from .teacher import resolve_score_engine, scored_by_another
+from .teacher import resolved_config, scored_by_another
 
 logger = logging.getLogger(__name__)
 
@@ -119,20 +120,32 @@ def _is_done(shards_dir: Path, name: str) -> bool:
     )
 
 
+@dataclass
+class ShardPlan:
+    """What a run has to do: its prompts in shards, their names, the shards not yet written, and for those
+    their prompt keys and where earlier shards already hold an answer ({prompt key: (file, byte offset)})."""
+
+    shards: list[list[dict]]
+    names: list[str]
+    todo: list[int]
+    keys: dict[int, list[str]]
+    reusable: dict[int, dict[str, tuple[str, int]]]
+
+    @classmethod
+    def make(cls, prompts: list[dict], cfg: GenerateConfig, shards_dir: Path) -> ShardPlan:
+        shards = [prompts[i : i + cfg.shard_size] for i in range(0, len(prompts), cfg.shard_size)]
+        names = shard_names(shards, cfg)
+        todo = [k for k, n in enumerate(names) if not _is_done(shards_dir, n)]
+        keys = {k: prompt_keys(shards[k], cfg) for k in todo}  # finished shards are not read again
+        earlier = earlier_records(shards_dir, {key for k in todo for key in keys[k]})
+        reusable = {k: {key: earlier[key] for key in keys[k] if key in earlier} for k in todo}
+        return cls(shards, names, todo, keys, reusable)
+
+
 def run_generation(cfg: GenerateConfig, progress: bool = True) -> dict:
-    import ray
-    import ray.data
-    from tqdm.auto import tqdm
-
-    from ..models import BUNDLED_MODEL, ensure_bundled_model, resolve_dtype
-    from .actor import TeacherActor
-
-    if cfg.dtype == "auto":  # decided once, here: shard names, actors and metadata all see the concrete dtype
-        cfg = cfg.model_copy(update={"dtype": resolve_dtype(cfg.dtype, gpu=cfg.use_gpu)})
-        logger.info("teacher dtype auto -> %s", cfg.dtype)
-    if cfg.score_engine == "auto":  # likewise
-        cfg = cfg.model_copy(update={"score_engine": resolve_score_engine(cfg)})
-        logger.info("score_engine auto -> %s", cfg.score_engine)
+    """Generate the teacher data as configured; returns the run summary (also in ``generation.json``)."""
+    cfg = resolved_config(cfg)
+    logger.info("teacher dtype %s, score engine %s", cfg.dtype, cfg.score_engine)
     memory = read_memory(cfg.checkpoint_dir, strict=cfg.strict)
     prompts = build_prompts(memory, cfg)
     if cfg.training_top_k is not None and cfg.training_top_k != cfg.top_logprobs:
@@ -144,21 +157,15 @@ def run_generation(cfg: GenerateConfig, progress: bool = True) -> dict:
     out = Path(cfg.output_dir).resolve()
     shards_dir = out / "shards"
     shards_dir.mkdir(parents=True, exist_ok=True)
-    shards = [prompts[i : i + cfg.shard_size] for i in range(0, len(prompts), cfg.shard_size)]
-    names = shard_names(shards, cfg)
-    todo = [k for k, n in enumerate(names) if not _is_done(shards_dir, n)]
-    keys = {k: prompt_keys(shards[k], cfg) for k in todo}  # finished shards are not read again
-    earlier = earlier_records(shards_dir, {key for k in todo for key in keys[k]})
-    reusable = {k: {key: earlier[key] for key in keys[k] if key in earlier} for k in todo}
+    plan = ShardPlan.make(prompts, cfg, shards_dir)
     logger.info(
         "%d prompts in %d shards; %d shards already done; of the %d prompts in the others, %d answered before",
         len(prompts),
-        len(shards),
-        len(shards) - len(todo),
-        sum(len(shards[k]) for k in todo),
-        sum(len(r) for r in reusable.values()),
+        len(plan.shards),
+        len(plan.shards) - len(plan.todo),
+        sum(len(plan.shards[k]) for k in plan.todo),
+        sum(len(r) for r in plan.reusable.values()),
     )
-
     base_meta = {
         "checkpoint": memory.source,
         "episode": memory.episode,
@@ -166,66 +173,122 @@ def run_generation(cfg: GenerateConfig, progress: bool = True) -> dict:
         "teacher_engine": cfg.engine,
         "teacher_dtype": cfg.dtype,
     }
-    stats = {"rows": 0, "reused": 0, "rejected": 0, "answer_tokens": 0, "actor_seconds": 0.0, "problems": []}
     t0 = time.perf_counter()
-    if todo:
-        if cfg.model_name == BUNDLED_MODEL:
-            ensure_bundled_model(dtypes=(cfg.dtype,))
-        from ..raycluster import init_ray
-
-        init_ray(log_to_driver=True)
-        ray.data.DataContext.get_current().enable_progress_bars = False  # one bar over shards below
-        items = [
-            {
-                "shard": k,
-                "name": names[k],
-                "prompts": json.dumps(shards[k]),
-                "keys": json.dumps(keys[k]),
-                "earlier": json.dumps(reusable[k]),
-            }
-            for k in todo
-        ]
-        resources = {
-            **(
-                {"num_gpus": cfg.tensor_parallel_size, "num_cpus": 1}
-                if cfg.use_gpu
-                else {"num_cpus": cfg.actor_num_cpus}
-            ),
-            "runtime_env": {"env_vars": engine_actor_env(cfg.use_gpu, deterministic=cfg.deterministic)},
-        }
-        ds = ray.data.from_items(items).map_batches(
-            TeacherActor,
-            fn_constructor_kwargs={
-                "config": cfg.model_dump(mode="json"),
-                "shards_dir": str(shards_dir),
-                "base_metadata": base_meta,
-            },
-            batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=min(cfg.num_threads, len(todo))),
-            **resources,
-        )
-        bar = tqdm(total=len(todo), desc="teacher shards", unit="shard", disable=not progress)
-        for row in ds.iter_rows():
-            stats["rows"] += int(row["rows"])
-            stats["reused"] += int(row["reused"])
-            stats["rejected"] += int(row["rejected"])
-            stats["answer_tokens"] += int(row["answer_tokens"])
-            stats["actor_seconds"] += float(row["seconds"])
-            stats["problems"] += json.loads(row["problems"])
-            bar.update(1)
-            bar.set_postfix(rows=stats["rows"], tok_s=f"{stats['answer_tokens'] / (time.perf_counter() - t0):.0f}")
-        bar.close()
+    stats = _run_actors(cfg, plan, shards_dir, base_meta, progress) if plan.todo else _ShardStats()
     elapsed = time.perf_counter() - t0
+    _remove_other_shards(shards_dir, set(plan.names))
+    total_rows, total_tokens, answers = _assemble_dataset(out / "dataset.jsonl", shards_dir, plan.names)
+    _write_memory_files(out, memory, cfg)
+    summary = {
+        "output_dir": str(out),
+        "dataset_jsonl": str(out / "dataset.jsonl"),
+        "parquet_shards": str(shards_dir),
+        "rows": total_rows,
+        "answer_tokens": total_tokens,
+        "prompts": len(prompts),
+        "shards": len(plan.shards),
+        "shards_generated_now": len(plan.todo),
+        "rows_generated_now": stats.rows - stats.reused,
+        "rows_reused_now": stats.reused,  # in shards written now, answers taken from earlier shards
+        "rejected_now": stats.rejected,
+        "seconds_now": elapsed,
+        "answer_tokens_per_s_now": stats.answer_tokens / elapsed if plan.todo and elapsed > 0 else None,
+        "answer_tokens_now": stats.answer_tokens,
+        "engine_seconds_now": stats.seconds,  # time inside engine calls (no Ray or engine start-up)
+        "memory_entries": len(memory.entries),
+        "memory_lines_skipped": memory.skipped_lines,
+        "replay_answers_with_fact": fact_answer_share(answers, memory),
+        "recite_answers_with_fact": fact_answer_share(answers, memory, "recite"),
+        "problems": stats.problems[:20],
+    }
+    write_text_atomic(
+        out / "generation.json", json.dumps({"summary": summary, "config": cfg.model_dump(mode="json")}, indent=2)
+    )
+    write_text_atomic(out / "README.md", dataset_card(cfg, summary))
+    if cfg.hf_repo_id:
+        summary["hub_url"] = _push(out, cfg)
+    return summary
 
-    # drop shards of other configs, then assemble the dataset from this config's shards, in order
-    keep = set(names)
+
+@dataclass
+class _ShardStats:
+    """The actors' counts over the shards written in this run."""
+
+    rows: int = 0
+    reused: int = 0
+    rejected: int = 0
+    answer_tokens: int = 0
+    seconds: float = 0.0
+    problems: list[str] = field(default_factory=list)
+
+    def add(self, row: dict) -> None:
+        self.rows += int(row["rows"])
+        self.reused += int(row["reused"])
+        self.rejected += int(row["rejected"])
+        self.answer_tokens += int(row["answer_tokens"])
+        self.seconds += float(row["seconds"])
+        self.problems += list(row["problems"])
+
+
+def _run_actors(cfg: GenerateConfig, plan: ShardPlan, shards_dir: Path, base_meta: dict, progress: bool):
+    """The shards still to write, one per task, through a pool of teacher actors (Ray Data)."""
+    import ray.data
+    from tqdm.auto import tqdm
+
+    from ..models import BUNDLED_MODEL, ensure_bundled_model
+    from ..raycluster import init_ray
+    from .actor import TeacherActor
+
+    if cfg.model_name == BUNDLED_MODEL:
+        ensure_bundled_model(dtypes=(cfg.dtype,))
+    init_ray(log_to_driver=True)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # one bar over shards below
+    items = [
+        {
+            "shard": k,
+            "name": plan.names[k],
+            "prompts": json.dumps(plan.shards[k]),
+            "keys": plan.keys[k],
+            "earlier": json.dumps(plan.reusable[k]),
+        }
+        for k in plan.todo
+    ]
+    slots = {"num_gpus": cfg.tensor_parallel_size, "num_cpus": 1} if cfg.use_gpu else {"num_cpus": cfg.actor_num_cpus}
+    ds = ray.data.from_items(items).map_batches(
+        TeacherActor,
+        fn_constructor_kwargs={
+            "config": cfg.model_dump(mode="json"),
+            "shards_dir": str(shards_dir),
+            "base_metadata": base_meta,
+        },
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=min(cfg.num_threads, len(plan.todo))),
+        runtime_env={"env_vars": engine_actor_env(cfg.use_gpu, deterministic=cfg.deterministic)},
+        **slots,
+    )
+    stats = _ShardStats()
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(plan.todo), desc="teacher shards", unit="shard", disable=not progress)
+    for row in ds.iter_rows():
+        stats.add(row)
+        bar.update(1)
+        bar.set_postfix(rows=stats.rows, tok_s=f"{stats.answer_tokens / (time.perf_counter() - t0):.0f}")
+    bar.close()
+    return stats
+
+
+def _remove_other_shards(shards_dir: Path, keep: set[str]) -> None:
+    """Shards of other configs go: the dataset is this config's shards only."""
     for f in shards_dir.iterdir():
         if f.name.startswith("shard-") and f.name.rsplit(".", 1)[0] not in keep:
             f.unlink()
-    # streamed, one record at a time (a large dataset need not fit in memory); of each record only what the
-    # fact-answer share reads is kept
+
+
+def _assemble_dataset(path: Path, shards_dir: Path, names: list[str]) -> tuple[int, int, list[dict]]:
+    """``dataset.jsonl`` from the shards, in order, streamed one record at a time (a large dataset need not fit
+    in memory); returns (rows, answer tokens, what the fact-answer share reads of each record)."""
     total_rows, total_tokens, answers = 0, 0, []
-    with atomic_writer(out / "dataset.jsonl") as fh:
+    with atomic_writer(path) as fh:
         for n in names:
             with open(shards_dir / f"{n}.jsonl", encoding="utf-8") as shard:
                 for line in shard:
@@ -242,58 +305,27 @@ def run_generation(cfg: GenerateConfig, progress: bool = True) -> dict:
                             "messages": [{"content": rec["messages"][-1]["content"]}],
                         }
                     )
-    # the whole memory as text (history_template / history_instructions applied): the text init and the
-    # in-context reference of `eval`; a memory laid out in turns also as those turns, which `eval` reads then
+    return total_rows, total_tokens, answers
+
+
+def _write_memory_files(out: Path, memory, cfg: GenerateConfig) -> None:
+    """The whole memory as text (history_template / history_instructions applied): the text init and the
+    in-context reference of `eval`; a memory laid out in turns also as those turns, which `eval` reads then."""
     write_text_atomic(out / "memory.txt", render_context(memory, cfg, layout="system"))
     turns = out / "memory_context.json"
     if cfg.memory_layout != "system":
         write_text_atomic(turns, json.dumps(render_context(memory, cfg), ensure_ascii=False, indent=1))
     elif turns.exists():
         turns.unlink()
-    summary = {
-        "output_dir": str(out),
-        "dataset_jsonl": str(out / "dataset.jsonl"),
-        "parquet_shards": str(shards_dir),
-        "rows": total_rows,
-        "answer_tokens": total_tokens,
-        "prompts": len(prompts),
-        "shards": len(shards),
-        "shards_generated_now": len(todo),
-        "rows_generated_now": stats["rows"] - stats["reused"],
-        "rows_reused_now": stats["reused"],  # in shards written now, answers taken from earlier shards
-        "rejected_now": stats["rejected"],
-        "seconds_now": elapsed,
-        "answer_tokens_per_s_now": stats["answer_tokens"] / elapsed if todo and elapsed > 0 else None,
-        "answer_tokens_now": stats["answer_tokens"],
-        "engine_seconds_now": stats["actor_seconds"],  # time inside engine calls (no Ray or engine start-up)
-        "memory_entries": len(memory.entries),
-        "memory_lines_skipped": memory.skipped_lines,
-        "replay_answers_with_fact": fact_answer_share(answers, memory),
-        "recite_answers_with_fact": fact_answer_share(answers, memory, "recite"),
-        "problems": stats["problems"][:20],
-    }
-    write_text_atomic(
-        out / "generation.json", json.dumps({"summary": summary, "config": cfg.model_dump(mode="json")}, indent=2)
-    )
-    write_text_atomic(out / "README.md", dataset_card(cfg, summary))
-    if cfg.hf_repo_id:
-        from ..hub import push_folder
 
-        summary["hub_url"] = push_folder(
-            out,
-            cfg.hf_repo_id,
-            repo_type="dataset",
-            private=cfg.hf_private,
-            allow_patterns=[
-                "dataset.jsonl",
-                "shards/*.parquet",
-                "README.md",
-                "generation.json",
-                "memory.txt",
-                "memory_context.json",
-            ],
-        )
-    return summary
+
+_PUBLISHED = ["dataset.jsonl", "shards/*.parquet", "README.md", "generation.json", "memory.txt", "memory_context.json"]
+
+
+def _push(out: Path, cfg: GenerateConfig) -> str:
+    from ..hub import push_folder
+
+    return push_folder(out, cfg.hf_repo_id, repo_type="dataset", private=cfg.hf_private, allow_patterns=_PUBLISHED)
 
 
 def fact_answer_share(records: list[dict], memory, prefix: str = "replay/") -> dict | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..contracts import TeacherRecord
+
 
 def logprob_entry(tokenizer, token_id: int, logprob: float, top: list[tuple[int, float]]) -> dict:
     """One OpenAI-style logprob entry that also carries exact token ids (never mapped back from strings)."""
@@ -24,7 +26,7 @@ def make_record(
     answer_ids: list[int],
     entries: list[dict],
     metadata: dict,
-) -> dict:
+) -> TeacherRecord:
     """``context``: what the teacher read before ``user`` (see :func:`.teacher.chat_ids`; None: no system message).
     A memory laid out in chat turns (not only a system prompt) is kept whole in ``teacher_messages``."""
     from ..memory import MemoryContext

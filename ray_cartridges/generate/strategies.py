@@ -1,13 +1,10 @@
 """Prompt strategies: replay of the agent's own Observations, self-study questions, recitals of what each
 experience taught, and unrelated requests.
 
-Each prompt is a plain dict (JSON-serialisable, so it travels through Ray Data unchanged):
-``prompt_id``, ``strategy``, ``context`` (the teacher's system prompt, with memory), ``user`` (or, for
-self-study, ``question_context`` + ``seed_prompt`` from which the teacher first writes the user turn),
-``split_key`` (the memory entry / chunk it came from), ``metadata`` and, where another teacher scores the answer
-than the one that writes it, ``score_context`` (its system prompt: the whole memory). An unrelated request (``general/bare``)
-has no memory in ``context``: it is the student's own system prompt (None where the student has none, and the
-teacher then gets no system message), so the teacher reads exactly what the student reads.
+Each prompt is a :class:`~ray_cartridges.contracts.Prompt` (a JSON-serialisable dict, so it travels through Ray
+Data unchanged). An unrelated request (``general/bare``) has no memory in ``context``: it is the student's own
+system prompt (None where the student has none, and the teacher then gets no system message), so the teacher
+reads exactly what the student reads.
 """
 
 from __future__ import annotations
@@ -16,7 +13,7 @@ import hashlib
 import random
 
 from ..config import GenerateConfig
-from ..contracts import GENERAL_STRATEGY, SplitKey
+from ..contracts import GENERAL_STRATEGY, Prompt, SplitKey
 from ..fsutil import bundled_data
 from ..memory import DEFAULT_HISTORY_INSTRUCTIONS, DEFAULT_TEMPLATE, AgentMemory
 
@@ -87,7 +84,7 @@ def _window_around(i: int, k: int, n: int, rng: random.Random) -> tuple[int, int
     return start, start + k
 
 
-def replay_prompts(memory: AgentMemory, cfg: GenerateConfig, rng: random.Random) -> list[dict]:
+def replay_prompts(memory: AgentMemory, cfg: GenerateConfig, rng: random.Random) -> list[Prompt]:
     rc = cfg.replay
     groups = memory.triples()
     full = render_context(memory, cfg)
@@ -135,7 +132,7 @@ RECITE_REQUESTS = (
 )
 
 
-def recite_prompts(memory: AgentMemory, cfg: GenerateConfig, rng: random.Random) -> list[dict]:
+def recite_prompts(memory: AgentMemory, cfg: GenerateConfig, rng: random.Random) -> list[Prompt]:
     """For each experience: the teacher, reading it (in a window of recite.window_k experiences), says what it
     learned there. Unlike replay, this needs no question about the fact, so it covers every experience; its own
     split key kind (``recite-``) so the evaluation holds out a share of recitals independently of replay."""
@@ -161,7 +158,7 @@ def recite_prompts(memory: AgentMemory, cfg: GenerateConfig, rng: random.Random)
     return out
 
 
-def self_study_prompts(memory: AgentMemory, cfg: GenerateConfig, rng: random.Random) -> list[dict]:
+def self_study_prompts(memory: AgentMemory, cfg: GenerateConfig, rng: random.Random) -> list[Prompt]:
     sc = cfg.self_study
     groups = memory.triples()
     full = render_context(memory, cfg)
@@ -205,7 +202,7 @@ def general_requests(cfg: GenerateConfig) -> list[str]:
     return lines
 
 
-def general_prompts(cfg: GenerateConfig) -> list[dict]:
+def general_prompts(cfg: GenerateConfig) -> list[Prompt]:
     """Unrelated requests for the bare teacher: no memory, and the student's own system prompt (none by default),
     so the target is what the model says without any memory. Each request is its own split key."""
     if not cfg.general.num_samples:
@@ -228,7 +225,7 @@ def general_prompts(cfg: GenerateConfig) -> list[dict]:
     return out
 
 
-def build_prompts(memory: AgentMemory, cfg: GenerateConfig) -> list[dict]:
+def build_prompts(memory: AgentMemory, cfg: GenerateConfig) -> list[Prompt]:
     """All prompts of a run, in a reproducible order (a function of the memory and the config)."""
     rng = random.Random(cfg.seed)
     prompts = []

@@ -6,8 +6,10 @@ import re
 from dataclasses import replace
 
 from ..chat import chat_template_ids
+from ..config import GenerateConfig
+from ..contracts import Prompt, Rejection, SamplingParams, TeacherRecord
 from ..memory import MemoryContext
-from .engines import Sampling, request_seed
+from .engines import request_seed
 from .records import make_record
 
 
@@ -43,24 +45,37 @@ def resolve_score_engine(cfg) -> str:
     return "vllm" if cfg.engine == "vllm" and cfg.use_gpu else "transformers"
 
 
+def resolved_config(cfg: GenerateConfig) -> GenerateConfig:
+    """The config with its ``auto`` settings (``dtype``, ``score_engine``) decided: the driver does it once, so
+    that shard names, actors and metadata all see the concrete values."""
+    from ..models import resolve_dtype
+
+    if cfg.dtype == "auto":
+        cfg = cfg.model_copy(update={"dtype": resolve_dtype(cfg.dtype, gpu=cfg.use_gpu)})
+    if cfg.score_engine == "auto":
+        cfg = cfg.model_copy(update={"score_engine": resolve_score_engine(cfg)})
+    return cfg
+
+
 def run_prompts(
     engine,
-    prompts: list[dict],
+    prompts: list[Prompt],
     *,
-    sampling: Sampling,
-    question_sampling: Sampling | None = None,
+    sampling: SamplingParams,
+    question_sampling: SamplingParams | None = None,
     seed: int = 0,
     base_metadata: dict | None = None,
     scorer=None,
-) -> tuple[list[dict], list[str]]:
-    """Answer every prompt (writing self-study questions first); returns (records, problems). ``scorer``: what
-    reads answers whose targets come from another teacher (a callable returning an engine; default ``engine``)."""
+) -> tuple[list[TeacherRecord], list[Rejection]]:
+    """Answer every prompt (writing self-study questions first); returns (records, rejected prompts).
+    ``scorer``: what reads answers whose targets come from another teacher (a callable returning an engine;
+    default ``engine``)."""
     tok = engine.tokenizer
-    problems: list[str] = []
+    rejected: list[Rejection] = []
     todo = [dict(p) for p in prompts]
     needs_q = [p for p in todo if p.get("user") is None]
     if needs_q:
-        qs = question_sampling or Sampling(temperature=0.8, max_tokens=64, top_logprobs=1)
+        qs = question_sampling or SamplingParams(temperature=0.8, max_tokens=64, top_logprobs=1)
         outs = engine.complete(
             [chat_ids(tok, p["question_context"], p["seed_prompt"]) for p in needs_q],
             qs,
@@ -69,7 +84,7 @@ def run_prompts(
         for p, (ids, _) in zip(needs_q, outs):
             p["user"] = clean_question(tok.decode(ids, skip_special_tokens=True))
             if p["user"] is None:
-                problems.append(f"prompt {p['prompt_id']}: the teacher wrote no usable question")
+                rejected.append(Rejection(p["prompt_id"], "no_question", "the teacher wrote no usable question"))
     todo = [p for p in todo if p.get("user")]
     # a prompt may carry its own answer length (unrelated requests: longer answers than the memory's); one
     # engine call per length, results put back in prompt order
@@ -124,4 +139,4 @@ def run_prompts(
                 metadata=meta,
             )
         )
-    return records, problems
+    return records, rejected
