@@ -203,7 +203,14 @@ def _cmd_show_config(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ray-cartridges", description="Distil an agent's memory into a cartridge on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_pipeline_commands(sub)
+    _add_use_commands(sub)
+    _add_file_commands(sub)
+    return p
 
+
+def _add_pipeline_commands(sub) -> None:
+    """prepare-model, convert, generate, train."""
     s = sub.add_parser("prepare-model", help="Convert the bundled GGUF model into safetensors directories (once).")
     s.add_argument("--name", default="smollm2-135m-instruct", help="bundled model short name")
     s.set_defaults(func=_cmd_prepare_model)
@@ -231,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     s.set_defaults(func=_cmd_train)
 
+
+def _add_use_commands(sub) -> None:
+    """serve, chat, eval."""
     s = sub.add_parser("serve", help="Serve cartridges behind an OpenAI-compatible HTTP API (Ray Serve).")
     s.add_argument("--config", default=None, help="serve YAML (see configs/serve.yaml)")
     s.add_argument("--cartridge", default=None, help="serve this one cartridge (local dir or hub id)")
@@ -269,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=_cmd_eval)
 
+
+def _add_file_commands(sub) -> None:
+    """import-cartridge, export-cartridge, show-config."""
     s = sub.add_parser("import-cartridge", help="A Cartridges-trainer .pt -> a cartridge directory (PEFT adapter).")
     s.add_argument("pt_file", help="the .pt file (trainable_keys/values, frozen_* or fixed_*)")
     s.add_argument("--model", required=True, help="the model it was trained on (name, hub id or directory)")
@@ -290,7 +303,6 @@ def build_parser() -> argparse.ArgumentParser:
         "stage", choices=["train", "generate", "distill", "serve", "all"], help="which stage's config (all: every one)"
     )
     s.set_defaults(func=_cmd_show_config)
-    return p
 
 
 def user_errors() -> tuple[type[Exception], ...]:

@@ -64,6 +64,56 @@ def sample_next(logits: torch.Tensor, sp: SamplingParams, gen: torch.Generator |
     return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=gen).squeeze(-1)
 
 
+def _left_padded(prompts: list[list[int]], pad: int, p: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask over prefix + prompt, position ids starting at ``p``) of left-padded rows."""
+    B, T = len(prompts), max(map(len, prompts))
+    ids = torch.full((B, T), pad, dtype=torch.long)
+    mask = torch.zeros((B, p + T), dtype=torch.long)
+    mask[:, :p] = 1
+    pos = torch.zeros((B, T), dtype=torch.long)
+    for i, pr in enumerate(prompts):
+        n = len(pr)
+        ids[i, T - n :] = torch.tensor(pr)
+        mask[i, p + T - n :] = 1
+        pos[i, T - n :] = torch.arange(p, p + n)
+    return ids, mask, pos
+
+
+class _Rows:
+    """What each row of a batch has produced so far, and whether (and why) it is done."""
+
+    def __init__(self, tokenizer, sp: SamplingParams, n: int):
+        self.tokenizer, self.sp = tokenizer, sp
+        self.toks: list[list[int]] = [[] for _ in range(n)]
+        self.lps: list[list[dict]] = [[] for _ in range(n)]
+        self.done = [False] * n
+        self.finish = ["length"] * n
+
+    def add(self, i: int, t: int, logp: torch.Tensor | None, on_token) -> None:
+        if t == self.tokenizer.eos_token_id:
+            self.done[i], self.finish[i] = True, "stop"
+            return
+        self.toks[i].append(t)
+        if logp is not None:
+            top = torch.topk(logp[i], self.sp.top_logprobs)
+            entry = {"token_id": t, "logprob": float(logp[i, t])}
+            self.lps[i].append({**entry, "top": list(zip(top.indices.tolist(), top.values.tolist()))})
+        if on_token is not None:
+            on_token(i, t)
+        if self.sp.stop:
+            text = self.tokenizer.decode(self.toks[i], skip_special_tokens=True)
+            if any(s in text for s in self.sp.stop):
+                self.done[i], self.finish[i] = True, "stop"
+
+    def completion(self, i: int, prompt_len: int, ttft: float) -> Completion:
+        text = self.tokenizer.decode(self.toks[i], skip_special_tokens=True)
+        for s in self.sp.stop:
+            if s in text:
+                text = text[: text.index(s)]
+        lps = self.lps[i] if self.sp.top_logprobs else None
+        return Completion(self.toks[i], text, self.finish[i], lps, prompt_len, ttft)
+
+
 @torch.no_grad()
 def generate(
     model, tokenizer, prompts: list[list[int]], sp: SamplingParams, prefix_kv=None, on_token=None
@@ -74,78 +124,31 @@ def generate(
     """
     B = len(prompts)
     p = 0 if prefix_kv is None else prefix_kv[0][0].shape[1]
-    T = max(map(len, prompts))
-    pad = tokenizer.pad_token_id
-    ids = torch.full((B, T), pad, dtype=torch.long)
-    mask = torch.zeros((B, p + T), dtype=torch.long)
-    mask[:, :p] = 1
-    pos = torch.zeros((B, T), dtype=torch.long)
-    for i, pr in enumerate(prompts):
-        n = len(pr)
-        ids[i, T - n :] = torch.tensor(pr)
-        mask[i, p + T - n :] = 1
-        pos[i, T - n :] = torch.arange(p, p + n)
     dev = next(model.parameters()).device
-    ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
+    ids, mask, pos = (x.to(dev) for x in _left_padded(prompts, tokenizer.pad_token_id, p))
     cache = build_cache(model, prefix_kv, B)
     gen = torch.Generator(device=dev).manual_seed(sp.seed) if sp.seed is not None else None
-    stop_ids = {tokenizer.eos_token_id}
     t0 = time.perf_counter()
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
-    cache = out.past_key_values
-    logits = out.logits[:, -1]
+    cache, logits = out.past_key_values, out.logits[:, -1]
     next_pos = pos[:, -1] + 1
     ttft = 0.0
-    toks: list[list[int]] = [[] for _ in range(B)]
-    lps: list[list[dict]] = [[] for _ in range(B)]
-    done = [False] * B
-    finish = ["length"] * B
-    texts = [""] * B
+    rows = _Rows(tokenizer, sp, B)
     for step in range(sp.max_tokens):
         nxt = sample_next(logits, sp, gen)
         if step == 0:
             ttft = time.perf_counter() - t0
         logp = torch.log_softmax(logits.float(), -1) if sp.top_logprobs else None
         for i in range(B):
-            if done[i]:
-                continue
-            t = int(nxt[i])
-            if t in stop_ids:
-                done[i], finish[i] = True, "stop"
-                continue
-            toks[i].append(t)
-            if logp is not None:
-                top = torch.topk(logp[i], sp.top_logprobs)
-                lps[i].append(
-                    {
-                        "token_id": t,
-                        "logprob": float(logp[i, t]),
-                        "top": list(zip(top.indices.tolist(), top.values.tolist())),
-                    }
-                )
-            if on_token is not None:
-                on_token(i, t)
-            if sp.stop:
-                texts[i] = tokenizer.decode(toks[i], skip_special_tokens=True)
-                if any(s in texts[i] for s in sp.stop):
-                    done[i], finish[i] = True, "stop"
-        if all(done):
+            if not rows.done[i]:
+                rows.add(i, int(nxt[i]), logp, on_token)
+        if all(rows.done):
             break
         mask = torch.cat([mask, torch.ones((B, 1), dtype=torch.long, device=dev)], 1)
         out = model(
-            input_ids=nxt[:, None],
-            attention_mask=mask,
-            position_ids=next_pos[:, None],
-            past_key_values=cache,
+            input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos[:, None], past_key_values=cache,
             use_cache=True,
-        )
+        )  # fmt: skip
         cache, logits = out.past_key_values, out.logits[:, -1]
         next_pos = next_pos + 1
-    results = []
-    for i in range(B):
-        text = tokenizer.decode(toks[i], skip_special_tokens=True)
-        for s in sp.stop:
-            if s in text:
-                text = text[: text.index(s)]
-        results.append(Completion(toks[i], text, finish[i], lps[i] if sp.top_logprobs else None, len(prompts[i]), ttft))
-    return results
+    return [rows.completion(i, len(prompts[i]), ttft) for i in range(B)]

@@ -70,73 +70,81 @@ def run_prompts(
     """Answer every prompt (writing self-study questions first); returns (records, rejected prompts).
     ``scorer``: what reads answers whose targets come from another teacher (a callable returning an engine;
     default ``engine``)."""
-    tok = engine.tokenizer
-    rejected: list[Rejection] = []
     todo = [dict(p) for p in prompts]
-    needs_q = [p for p in todo if p.get("user") is None]
-    if needs_q:
-        qs = question_sampling or SamplingParams(temperature=0.8, max_tokens=64, top_logprobs=1)
-        outs = engine.complete(
-            [chat_ids(tok, p["question_context"], p["seed_prompt"]) for p in needs_q],
-            qs,
-            [request_seed(seed, "q:" + p["prompt_id"]) for p in needs_q],
-        )
-        for p, (ids, _) in zip(needs_q, outs):
-            p["user"] = clean_question(tok.decode(ids, skip_special_tokens=True))
-            if p["user"] is None:
-                rejected.append(Rejection(p["prompt_id"], "no_question", "the teacher wrote no usable question"))
+    qs = question_sampling or SamplingParams(temperature=0.8, max_tokens=64, top_logprobs=1)
+    rejected = _write_questions(engine, [p for p in todo if p.get("user") is None], qs, seed)
     todo = [p for p in todo if p.get("user")]
-    # a prompt may carry its own answer length (unrelated requests: longer answers than the memory's); one
-    # engine call per length, results put back in prompt order
-    outs: list = [None] * len(todo)
-    by_len: dict[int, list[int]] = {}
-    for i, p in enumerate(todo):
-        by_len.setdefault(p.get("max_tokens") or sampling.max_tokens, []).append(i)
-    for n, idx in by_len.items():
-        got = engine.complete(
-            [chat_ids(tok, todo[i]["context"], todo[i]["user"]) for i in idx],
-            replace(sampling, max_tokens=n),
-            [request_seed(seed, todo[i]["prompt_id"]) for i in idx],
-        )
-        for i, o in zip(idx, got):
-            outs[i] = o
+    outs = _answer(engine, todo, sampling, seed)
     # targets read by another teacher than the one that wrote the answer (``score_context``: the whole memory
     # re-reading an answer written from a chunk), by teacher forcing the answer's tokens
     rescore = [i for i, p in enumerate(todo) if scored_by_another(p)]
     if rescore:
         scored = (scorer() if scorer is not None else engine).score(
-            [chat_ids(tok, todo[i]["score_context"], todo[i]["user"]) for i in rescore],
+            [chat_ids(engine.tokenizer, todo[i]["score_context"], todo[i]["user"]) for i in rescore],
             [outs[i][0] for i in rescore],
             sampling.top_logprobs,
         )
         for i, entries in zip(rescore, scored):
             outs[i] = (outs[i][0], entries)
-    records = []
-    for p, (ids, entries) in zip(todo, outs):
-        rescored = scored_by_another(p)
-        meta = {
-            **(base_metadata or {}),
-            **p.get("metadata", {}),
-            "prompt_id": p["prompt_id"],
-            "strategy": p["strategy"],
-            "split_key": p["split_key"],
-            "sampling": {
-                "temperature": sampling.temperature,
-                "top_p": sampling.top_p,
-                "max_tokens": p.get("max_tokens") or sampling.max_tokens,
-                "top_logprobs": sampling.top_logprobs,
-            },
-        }
-        if rescored:  # the system message is the teacher of the targets; the answer was written from this
-            meta["answer_context"] = p["context"]
-        records.append(
-            make_record(
-                tok,
-                context=p["score_context"] if rescored else p["context"],
-                user=p["user"],
-                answer_ids=ids,
-                entries=entries,
-                metadata=meta,
-            )
-        )
+    records = [
+        _record(engine.tokenizer, p, ids, entries, sampling, base_metadata) for p, (ids, entries) in zip(todo, outs)
+    ]
     return records, rejected
+
+
+def _write_questions(engine, prompts: list[dict], sampling: SamplingParams, seed: int) -> list[Rejection]:
+    """Self-study: the teacher writes each prompt's question (``user``) from its seed prompt; those it wrote no
+    usable question for are returned."""
+    if not prompts:
+        return []
+    tok = engine.tokenizer
+    outs = engine.complete(
+        [chat_ids(tok, p["question_context"], p["seed_prompt"]) for p in prompts],
+        sampling,
+        [request_seed(seed, "q:" + p["prompt_id"]) for p in prompts],
+    )
+    rejected = []
+    for p, (ids, _) in zip(prompts, outs):
+        p["user"] = clean_question(tok.decode(ids, skip_special_tokens=True))
+        if p["user"] is None:
+            rejected.append(Rejection(p["prompt_id"], "no_question", "the teacher wrote no usable question"))
+    return rejected
+
+
+def _answer(engine, prompts: list[dict], sampling: SamplingParams, seed: int) -> list:
+    """(answer ids, logprob entries) per prompt, in prompt order. A prompt may carry its own answer length
+    (unrelated requests: longer answers than the memory's): one engine call per length."""
+    outs: list = [None] * len(prompts)
+    by_len: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_len.setdefault(p.get("max_tokens") or sampling.max_tokens, []).append(i)
+    for n, idx in by_len.items():
+        got = engine.complete(
+            [chat_ids(engine.tokenizer, prompts[i]["context"], prompts[i]["user"]) for i in idx],
+            replace(sampling, max_tokens=n),
+            [request_seed(seed, prompts[i]["prompt_id"]) for i in idx],
+        )
+        for i, o in zip(idx, got):
+            outs[i] = o
+    return outs
+
+
+def _record(tok, p: dict, ids: list[int], entries: list[dict], sampling, base_metadata) -> TeacherRecord:
+    rescored = scored_by_another(p)
+    meta = {
+        **(base_metadata or {}),
+        **p.get("metadata", {}),
+        "prompt_id": p["prompt_id"],
+        "strategy": p["strategy"],
+        "split_key": p["split_key"],
+        "sampling": {
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "max_tokens": p.get("max_tokens") or sampling.max_tokens,
+            "top_logprobs": sampling.top_logprobs,
+        },
+    }
+    if rescored:  # the system message is the teacher of the targets; the answer was written from this
+        meta["answer_context"] = p["context"]
+    context = p["score_context"] if rescored else p["context"]
+    return make_record(tok, context=context, user=p["user"], answer_ids=ids, entries=entries, metadata=meta)
