@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from .fsutil import atomic_path
+
 META_FILE = "cartridge.json"
 FORMAT_VERSION = 1
 
@@ -251,10 +253,8 @@ def export_cache_pt(peft_model, path: str | Path, weight: torch.Tensor | None = 
         "frozen_keys": [k[:, :n_frozen].unsqueeze(0).detach().cpu().clone().contiguous() for k, _ in kv],
         "frozen_values": [v[:, :n_frozen].unsqueeze(0).detach().cpu().clone().contiguous() for _, v in kv],
     }
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_cache_pt(path: str | Path) -> dict[str, list[torch.Tensor]]:

@@ -24,6 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .fsutil import temp_path
+
 SCHEMA_VERSION = "1"
 SCHEMA = pa.schema(
     [
@@ -104,7 +106,7 @@ class FlatTopkWriter:
     def __init__(self, path: str | Path, row_group_size: int = 256):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self._tmp = temp_path(self.path)
         self._writer = pq.ParquetWriter(self._tmp, SCHEMA, compression="zstd")
         self._buf: list[dict] = []
         self.row_group_size = row_group_size

@@ -10,7 +10,6 @@ Tokasaurus (cartridge branch): ``<dir>/<id>/cartridge.pt`` in that layout and a 
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 from collections import OrderedDict
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .cartridge import CartridgeMeta, CartridgeMismatchError, ModelShape, encoder, save_cartridge
+from .fsutil import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -127,10 +127,8 @@ def _cartridge_kv(cartridge_dir: Path) -> tuple[list[torch.Tensor], list[torch.T
 
 
 def _save_pt(state: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def export_cartridges_pt(cartridge_dir: str | Path, out_file: str | Path, dtype: str = "fp32") -> Path:

@@ -21,15 +21,17 @@ def chat_prompt_ids(tokenizer, messages: list[dict], system_prompt: str | None) 
 class ChatModel:
     """A frozen model that answers chat messages, optionally after a cartridge."""
 
-    def __init__(self, model, tokenizer, system_prompt: str | None = None, engine=None, cartridge=None):
+    def __init__(self, model, tokenizer, system_prompt: str | None = None, engine=None, cartridge=None, prefix_kv=None):
         self.model = model  # transformers model (reference engine); None on vLLM
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
         self.engine = engine  # a CartridgeLLM, or None for the transformers reference
         self.cartridge = cartridge  # the engine's LoadedCartridge, or None
+        self._prefix_kv = prefix_kv  # the transformers reference's cartridge: per layer (K, V) of [H, p, D]
 
     def prefix_kv(self):
-        return None
+        """What the transformers reference reads before the conversation (None: nothing)."""
+        return self._prefix_kv
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         return chat_prompt_ids(self.tokenizer, messages, self.system_prompt)

@@ -392,7 +392,7 @@ def _recall_agents(
         return {
             "no_memory": lambda: ChatModel(model, tok, system),
             "icl": lambda: icl(model=model, tokenizer=tok),
-            "cartridge": lambda: _PrefixModel(model, tok, system, mem.kv),
+            "cartridge": lambda: ChatModel(model, tok, system, prefix_kv=mem.kv),
         }
     if engine != "vllm":
         raise ValueError(f"engine must be 'vllm' or 'transformers', got {engine!r}")
@@ -408,14 +408,3 @@ def _recall_agents(
         "icl": lambda: icl(engine=eng),
         "cartridge": lambda: ChatModel(None, tok, system, engine=eng, cartridge=cart),
     }
-
-
-class _PrefixModel(ChatModel):
-    """The transformers reference reading a loaded cartridge's K/V."""
-
-    def __init__(self, model, tokenizer, system, kv):
-        super().__init__(model, tokenizer, system)
-        self._kv = kv
-
-    def prefix_kv(self):
-        return self._kv

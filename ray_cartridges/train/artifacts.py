@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-from ..fsutil import write_text_atomic
+from ..fsutil import atomic_path, write_text_atomic
 
 
 def append_jsonl(path: Path, record: dict) -> None:
@@ -95,8 +94,7 @@ def plot_losses(metrics_path: Path, out_png: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = out_png.with_name(f".{out_png.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, out_png)
     return out_png
