@@ -272,20 +272,23 @@ def test_evaluation_reads_the_memory_as_generate_rendered_it(tmp_path, model, to
 def test_a_prefix_read_once_gives_the_logits_of_reading_it_again(model, tokenizer):
     """The memory in context is read once and continued from (fidelity teacher, no-harm ICL): the logits after
     it are those of reading the whole row; a row that does not start with it is read whole."""
-    from ray_cartridges.eval.evaluate import _ids, _read_after, _system_prefix
+    from ray_cartridges.chat import chat_template_ids
+    from ray_cartridges.eval.evaluate import _read_after, _system_prefix
 
     store: dict = {}
     memory = "OBSERVATION: Where is the spare key?\nACTION: I asked.\nFEEDBACK: The spare key is in the blue tin."
     read = _system_prefix(model, tokenizer, memory, store)
     assert _system_prefix(model, tokenizer, memory, store) is read  # once per store
     user = {"role": "user", "content": "Where is the spare key?"}
-    ids = _ids(tokenizer, [{"role": "system", "content": memory}, user], True) + tokenizer("In the tin.").input_ids
+    ids = (
+        chat_template_ids(tokenizer, [{"role": "system", "content": memory}, user]) + tokenizer("In the tin.").input_ids
+    )
     with torch.no_grad():
         logits, n = _read_after(model, ids, read)
         ref = model(torch.tensor([ids])).logits[0]
         assert n == len(read.ids) > 20
         assert torch.allclose(logits, ref[n:], atol=1e-4)
-        other = _ids(tokenizer, [user], True)
+        other = chat_template_ids(tokenizer, [user])
         logits, n = _read_after(model, other, read)
         assert n == 0 and torch.allclose(logits, model(torch.tensor([other])).logits[0], atol=1e-5)
 
