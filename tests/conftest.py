@@ -15,6 +15,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from helpers import BUNDLED, EXAMPLE_CHECKPOINT, make_teacher_jsonl, tiny_llama  # noqa: E402
 
+# what makes a test an integration test (marked slow; `make test-fast` runs the rest): a Ray cluster, the
+# teacher data, the bundled model, or a vLLM engine
+INTEGRATION_FIXTURES = {"ray_cluster", "teacher_jsonl", "model"}
+VLLM_TEST_FILES = {"test_vllm_cartridges.py", "test_gpu.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())) or item.path.name in VLLM_TEST_FILES:
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def tokenizer():
@@ -28,6 +39,13 @@ def model():
     from ray_cartridges.models import load_model
 
     return load_model(BUNDLED, "fp32")
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """A 2-layer random Llama over the bundled tokenizer's vocabulary: the model of unit tests, where what is
+    checked is that two computations agree (or differ), not what a trained model answers."""
+    return tiny_llama()
 
 
 @pytest.fixture(scope="session")
