@@ -32,7 +32,7 @@ test: setup  ## the whole suite (CI runs this)
 	$(PY) -m pytest -q tests/test_multinode.py && \
 	$(PY) -m pytest -q tests/test_job_submit.py
 
-test-fast: setup  ## unit tests only
+test-fast: setup  ## unit tests only: no Ray cluster, vLLM engine, teacher data or bundled model (tests/conftest.py)
 	$(PY) -m pytest -q -m "not slow" tests
 
 lint: setup
