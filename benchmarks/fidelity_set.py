@@ -106,6 +106,9 @@ def main() -> None:
     ap.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"), help="the job config used for all")
     ap.add_argument("--memories", default=",".join(MEMORIES), help="comma-separated names of the set to run")
     ap.add_argument("--out", default=str(REPO / "outputs" / "fidelity_set"), help="where each memory's run goes")
+    ap.add_argument(
+        "--reuse", action="store_true", help="take a memory's eval.json from an earlier run under --out, if it has one"
+    )
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the job config, the same for every memory")
     args = ap.parse_args()
     out = Path(args.out)
@@ -113,7 +116,12 @@ def main() -> None:
     for name in args.memories.split(","):
         if name not in MEMORIES:
             sys.exit(f"unknown memory {name!r}; the set: {', '.join(MEMORIES)}")
-        rows.append(row(name, run_job(name, MEMORIES[name], out / name, args.config, args.overrides)))
+        done = out / name / "cartridge" / "eval.json"
+        if args.reuse and done.is_file():
+            print(f"[fidelity_set] {name}: reusing {done}", flush=True)
+            rows.append(row(name, json.loads(done.read_text())))
+        else:
+            rows.append(row(name, run_job(name, MEMORIES[name], out / name, args.config, args.overrides)))
     text, agg = table(rows)
     checks = {
         k: {
