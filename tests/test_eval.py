@@ -233,9 +233,14 @@ def test_fidelity_measures_against_the_given_teacher_context_not_the_generating_
     assert overridden["kl_cartridge"] == pytest.approx(overridden["kl_no_memory"], rel=1e-4)
 
 
-def test_evaluation_reads_the_memory_as_generate_rendered_it(tmp_path, model, tokenizer, memory, teacher_jsonl):
+def test_evaluation_reads_the_memory_as_generate_rendered_it(
+    tmp_path, tiny_model_dir, tokenizer, memory, teacher_jsonl
+):
     """The memory.txt that `generate` writes beside the dataset (here with a custom history_template) is the
-    in-context reference of fidelity and no harm, not the memory re-rendered with the default template."""
+    in-context reference of fidelity and no harm, not the memory re-rendered with the default template.
+    (Student: the tiny random Llama; what is checked is which text each reading reads.)"""
+    import dataclasses
+
     import pytest
 
     from ray_cartridges.agent.kv_memory import KVCacheMemory
@@ -249,8 +254,12 @@ def test_evaluation_reads_the_memory_as_generate_rendered_it(tmp_path, model, to
     custom = memory.render(template="Notes kept by the agent:\n{experiences}\n\n{system_prompt}")
     assert custom != memory.render()
     (data / "memory.txt").write_text(custom)
+    from ray_cartridges.models import load_model
+
+    model = load_model(str(tiny_model_dir))
     pm = create_cartridge(model, num_tokens=16, method="text", tokenizer=tokenizer, text=memory.render())
-    save_cartridge(pm, tmp_path / "c", bundled_meta(model, tokenizer, 16))
+    meta = dataclasses.replace(bundled_meta(model, tokenizer, 16), model_name=str(tiny_model_dir))
+    save_cartridge(pm, tmp_path / "c", meta)
     text = "Bread dough needs time to rise before the baker shapes it."
     ev = evaluate_cartridge(
         tmp_path / "c",

@@ -23,19 +23,19 @@ def test_text_init_cartridge_learns_from_teacher_data(tmp_path, ray_cluster, tea
             "input_dataset": {"local_path": str(teacher_jsonl), "is_converted": False, "eval_fraction": 0.2},
             "output": {"local_dir": str(out), "export_tokasaurus": True},
             "kv_cache": {"method": "text", "num_tokens": 128, "init_text": memory.render()},
-            "training": {"global_batch_size": 4, "lr": 2e-2, "max_steps": 36, "eval_every": 12, "save_every": 18},
+            "training": {"global_batch_size": 4, "lr": 2e-2, "max_steps": 24, "eval_every": 8, "save_every": 12},
             "wandb": {"mode": "offline", "project": "test"},
         },
     )
     summary = run_training(cfg)
-    assert summary["steps"] == 36
+    assert summary["steps"] == 24
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [m for m in metrics if "eval/loss" in m]
-    assert [m["step"] for m in evals] == [0, 12, 24, 36]
+    assert [m["step"] for m in evals] == [0, 8, 16, 24]
     first, last = evals[0]["eval/loss"], evals[-1]["eval/loss"]
     assert last < 0.9 * first, f"held-out KD loss {first:.3f} -> {last:.3f}"
     train_steps = [m["step"] for m in metrics if "train/loss" in m]
-    assert train_steps == list(range(1, 37))
+    assert train_steps == list(range(1, 25))
 
     # the best held-out cartridge so far is kept apart, with the step and loss it was chosen for
     best_eval = min(evals, key=lambda m: m["eval/loss"])
@@ -51,7 +51,7 @@ def test_text_init_cartridge_learns_from_teacher_data(tmp_path, ray_cluster, tea
         "adapter_model.safetensors",
         "cartridge.json",
         "cache-final.pt",
-        "cache-step18.pt",
+        "cache-step12.pt",
         "distillation_config.yaml",
         "loss.png",
     ]:
@@ -60,7 +60,7 @@ def test_text_init_cartridge_learns_from_teacher_data(tmp_path, ray_cluster, tea
     runs = list((out / "wandb").glob("offline-run-*"))  # wandb offline: run files, no login asked
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     meta = read_meta(out)
-    assert meta.num_tokens == 128 and meta.extra["step"] == 36
+    assert meta.num_tokens == 128 and meta.extra["step"] == 24
     assert validate_config(TrainConfig, __import__("yaml").safe_load((out / "distillation_config.yaml").read_text()))
 
     # the saved cartridge is the trained one: loaders agree and it differs from its init
@@ -68,9 +68,9 @@ def test_text_init_cartridge_learns_from_teacher_data(tmp_path, ray_cluster, tea
     peft = PeftModel.from_pretrained(load_model("smollm2-135m-instruct"), str(out))
     assert torch.equal(encoder(ours).weight, encoder(peft).weight)
     cache = load_cache_pt(out / "cache-final.pt")
-    step18 = load_cache_pt(out / "cache-step18.pt")
-    assert not torch.equal(cache["trainable_keys"][0], step18["trainable_keys"][0])
-    assert torch.equal(cache["frozen_keys"][0], step18["frozen_keys"][0])  # frozen tokens never move
+    step12 = load_cache_pt(out / "cache-step12.pt")
+    assert not torch.equal(cache["trainable_keys"][0], step12["trainable_keys"][0])
+    assert torch.equal(cache["frozen_keys"][0], step12["frozen_keys"][0])  # frozen tokens never move
 
     # asked for, the Tokasaurus layout of the final cartridge lies inside the artifact (pushed with it)
     toka = out / "tokasaurus" / out.name
@@ -91,95 +91,101 @@ def test_global_batch_that_does_not_divide_is_a_clear_error(tmp_path, ray_cluste
         run_training(_train_cfg(tmp_path, teacher_jsonl, memory, 2, "bad", global_batch_size=3))
 
 
-def test_killed_worker_resumes_from_checkpoint_to_the_same_cartridge(
-    tmp_path, ray_cluster, teacher_jsonl, memory, tiny_model_dir
-):
-    """A fault at step 3 (checkpoints every 2 steps): the run restarts from step 2 and ends where an
-    uninterrupted run ends, with every step logged exactly once; a re-run of a finished run is a no-op.
-    (Student: the tiny random Llama; Adam moves each cartridge entry ~lr a step whatever the model, so a resume
-    that lost or repeated a step, or the optimizer state, ends elsewhere.)"""
-    from functools import partial
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, ray_cluster, teacher_jsonl, memory, tiny_model_dir):
+    """The reference run of the mechanics tests: DDP over 2 workers, the tiny random Llama, 4 steps,
+    checkpoints every 2 (Adam moves each cartridge entry ~lr a step whatever the model, so a resume that lost or
+    repeated a step, or the optimizer state, or another backend's different update, ends elsewhere)."""
+    from ray_cartridges.train import run_training
 
+    root = tmp_path_factory.mktemp("ddp")
+    run_training(_mechanics_cfg(root, teacher_jsonl, memory, tiny_model_dir, "ddp"))
+    return root / "ddp"
+
+
+def _mechanics_cfg(root, data, memory, student, name, max_failures=0, **training):
+    cfg = small_train_config(root, data, memory, 2, name, model_name=student, save_every=2, **training)
+    return cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"max_failures": max_failures})})
+
+
+def _train_losses(out):
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [m["step"] for m in lines if "train/loss" in m], [m["train/loss"] for m in lines if "train/loss" in m]
+
+
+def _same_cartridge(a_dir, b_dir, atol):
+    from ray_cartridges.cartridge import load_cache_pt
+
+    a, b = load_cache_pt(a_dir / "cache-final.pt"), load_cache_pt(b_dir / "cache-final.pt")
+    pairs = zip(a["trainable_keys"] + a["trainable_values"], b["trainable_keys"] + b["trainable_values"])
+    return all(torch.allclose(x, y, atol=atol, rtol=0) for x, y in pairs)
+
+
+def test_killed_worker_resumes_from_checkpoint_to_the_same_cartridge(
+    tmp_path, ddp_run, teacher_jsonl, memory, tiny_model_dir
+):
+    """A fault at step 3 (checkpoints every 2 steps): the run restarts from step 2 and ends where the
+    uninterrupted run ends, with every step logged exactly once; a re-run of a finished run is a no-op; teacher
+    data regenerated at the same path is another run."""
     import helpers
     import ray.cloudpickle
 
-    from ray_cartridges.cartridge import load_cache_pt
     from ray_cartridges.train import run_training
 
     ray.cloudpickle.register_pickle_by_value(helpers)  # the workers cannot import tests/
-    _train_cfg = partial(small_train_config, model_name=tiny_model_dir)
-
     data = tmp_path / "teacher.jsonl"  # a copy: regenerated below at the same path
     data.write_text(teacher_jsonl.read_text())
-    run_training(_train_cfg(tmp_path, data, memory, 1, "clean", max_steps=6, save_every=2))
-    faulty = _train_cfg(tmp_path, teacher_jsonl, memory, 1, "faulty", max_steps=6, save_every=2)
-    faulty = faulty.model_copy(update={"scaling": faulty.scaling.model_copy(update={"max_failures": 1})})
+    faulty = _mechanics_cfg(tmp_path, data, memory, tiny_model_dir, "faulty", max_failures=1)
     run_training(faulty, callbacks=[FailOnceAt(3)])
-    assert (tmp_path / "faulty" / ".fault_injected").read_text() == "3"
-    a = load_cache_pt(tmp_path / "clean" / "cache-final.pt")
-    b = load_cache_pt(tmp_path / "faulty" / "cache-final.pt")
-    for ka, kb in zip(a["trainable_keys"] + a["trainable_values"], b["trainable_keys"] + b["trainable_values"]):
-        assert torch.allclose(ka, kb, atol=1e-5, rtol=0)
-    steps = [json.loads(x)["step"] for x in (tmp_path / "faulty" / "metrics.jsonl").read_text().splitlines()]
-    train_steps = [
-        s
-        for s, line in zip(steps, (tmp_path / "faulty" / "metrics.jsonl").read_text().splitlines())
-        if "train/loss" in line
-    ]
-    assert train_steps == [1, 2, 3, 4, 5, 6]  # continuous, nothing repeated or skipped
+    out = tmp_path / "faulty"
+    assert (out / ".fault_injected").read_text() == "3"
+    assert _same_cartridge(ddp_run, out, atol=1e-5)
+    assert _train_losses(out)[0] == [1, 2, 3, 4]  # continuous, nothing repeated or skipped
 
     # a finished run, re-run with the same config, resumes at its end and changes nothing
-    before = (tmp_path / "clean" / "cache-final.pt").read_bytes()
-    summary = run_training(_train_cfg(tmp_path, data, memory, 1, "clean", max_steps=6, save_every=2))
-    assert (tmp_path / "clean" / "cache-final.pt").read_bytes() == before and summary["steps"] == 6
+    before = (out / "cache-final.pt").read_bytes()
+    summary = run_training(faulty)
+    assert (out / "cache-final.pt").read_bytes() == before and summary["steps"] == 4
 
     # teacher data regenerated at the same path is another run: trained afresh, not resumed from the old end
     lines = teacher_jsonl.read_text().splitlines()
     data.write_text("\n".join(lines[: len(lines) * 2 // 3]) + "\n")
-    summary = run_training(_train_cfg(tmp_path, data, memory, 1, "clean", max_steps=6, save_every=2))
-    assert summary["steps"] == 6 and (tmp_path / "clean" / "cache-final.pt").read_bytes() != before
+    summary = run_training(faulty)
+    assert summary["steps"] == 4 and (out / "cache-final.pt").read_bytes() != before
 
 
-def test_deepspeed_zero2_and_zero3_match_ddp(tmp_path, ray_cluster, teacher_jsonl, memory, tiny_model_dir, tokenizer):
-    """The same loop under DeepSpeed ZeRO-2/3 (2 workers, gloo on CPU): same loss curve as DDP, and the
-    cartridge it writes loads in the agent. (Student: the tiny random Llama.)"""
-    from functools import partial
+def test_deepspeed_zero2_and_zero3_match_ddp(tmp_path, ddp_run, teacher_jsonl, memory, tiny_model_dir, tokenizer):
+    """The same loop under DeepSpeed ZeRO-2/3 (2 workers, gloo on CPU): the loss curve and the cartridge of DDP,
+    and the cartridge loads in the agent. ZeRO-2 is also profiled (DeepSpeed's own timers give its gradient
+    reduce) and killed at step 3: it resumes from DeepSpeed's checkpoint (read with weights_only=True)."""
+    import helpers
+    import ray.cloudpickle
 
     from ray_cartridges.agent import KVArtifact, KVCacheMemoryConfig, KVMemoryAgent, KVMemoryAgentConfig
-    from ray_cartridges.cartridge import load_cache_pt
     from ray_cartridges.models import load_model
     from ray_cartridges.train import run_training
 
-    _train_cfg = partial(small_train_config, model_name=tiny_model_dir)
+    ray.cloudpickle.register_pickle_by_value(helpers)
     model = load_model(str(tiny_model_dir))
-
-    def losses(name):
-        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
-        return [json.loads(x)["train/loss"] for x in lines if "train/loss" in x]
-
-    run_training(_train_cfg(tmp_path, teacher_jsonl, memory, 2, "ddp"))
-    ref = load_cache_pt(tmp_path / "ddp" / "cache-final.pt")
     for stage in (2, 3):
         name = f"zero{stage}"
-        # ZeRO-2 also profiled: DeepSpeed's own timers give its gradient reduce; results must not change
-        extra = {"profile": True} if stage == 2 else {}
-        cfg = _train_cfg(tmp_path, teacher_jsonl, memory, 2, name, backend="deepspeed", zero_stage=stage, **extra)
-        run_training(cfg)
-        assert losses(name) == pytest.approx(losses("ddp"), abs=1e-4), name
+        ds = {"backend": "deepspeed", "zero_stage": stage}
         if stage == 2:
+            cfg = _mechanics_cfg(tmp_path, teacher_jsonl, memory, tiny_model_dir, name, 1, profile=True, **ds)
+            run_training(cfg, callbacks=[FailOnceAt(3)])
+            assert (tmp_path / name / ".fault_injected").read_text() == "3"
             lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
             comm = [json.loads(x)["time/comm_s"] for x in lines if "train/loss" in x]
             assert len(comm) == 4 and all(c > 0 for c in comm)
-        got = load_cache_pt(tmp_path / name / "cache-final.pt")
-        for a, b in zip(ref["trainable_keys"], got["trainable_keys"]):
-            assert torch.allclose(a, b, atol=1e-4, rtol=0), name
+        else:
+            run_training(_mechanics_cfg(tmp_path, teacher_jsonl, memory, tiny_model_dir, name, **ds))
+        steps, losses = _train_losses(tmp_path / name)
+        assert steps == [1, 2, 3, 4] and losses == pytest.approx(_train_losses(ddp_run)[1], abs=1e-4), name
+        assert _same_cartridge(ddp_run, tmp_path / name, atol=1e-4), name
         agent = KVMemoryAgent(
             KVMemoryAgentConfig(KVCacheMemoryConfig(KVArtifact(str(tmp_path / name)))), model=model, tokenizer=tokenizer
         )
         assert agent.memory.num_tokens == 32 and agent.chat([{"role": "user", "content": "Hello"}], max_tokens=4)
-        if stage == 2:  # re-run: resumes at its end from DeepSpeed's checkpoint, read with weights_only=True
-            before = (tmp_path / name / "cache-final.pt").read_bytes()
-            assert run_training(cfg)["steps"] == 4 and (tmp_path / name / "cache-final.pt").read_bytes() == before
 
 
 def test_deepspeed_checkpoint_files_are_read_as_tensors_only(tmp_path):

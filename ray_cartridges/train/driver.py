@@ -143,13 +143,6 @@ def run_training(cfg: TrainConfig, max_failures: int | None = None, callbacks: t
     preflight(cfg, files)
     if cfg.model_name == BUNDLED_MODEL:
         ensure_bundled_model(dtypes=(cfg.model_dtype,))  # once, here, not racing in every worker
-    ensure_ray()
-    ray.data.DataContext.get_current().enable_progress_bars = False  # the loop prints one line per step
-    # Materialised before the workers start: every worker reads all of it, and on a small machine the workers
-    # may hold every CPU, which would starve the dataset's list/read tasks (a silent hang). Reads take no CPU slot.
-    ds = ray.data.read_parquet([str(f) for f in files], num_cpus=0).materialize()
-    from .loop import WorkerInputs
-
     storage = cfg.scaling.storage_path or str(out_dir / "ray_results")
     rhash = run_hash(cfg, files, no_harm_text)
     # One Ray Train run name per run hash: Ray restores a run from the checkpoints under its name, so another
@@ -158,12 +151,35 @@ def run_training(cfg: TrainConfig, max_failures: int | None = None, callbacks: t
     resume_from = None
     if cfg.training.resume and "://" not in storage:
         found = latest_checkpoint(Path(storage), run_name, rhash)
+        if found and found[0] >= cfg.training.max_steps and _finished_summary(out_dir, rhash):
+            logger.info("%s already holds this run, finished at step %d: nothing to train", out_dir, found[0])
+            return _summary(cfg, out_dir, files)
         if found:
             logger.info("resuming from %s (step %d)", found[1], found[0])
             resume_from = str(found[1])
+    ensure_ray()
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the loop prints one line per step
+    # Materialised before the workers start: every worker reads all of it, and on a small machine the workers
+    # may hold every CPU, which would starve the dataset's list/read tasks (a silent hang). Reads take no CPU slot.
+    ds = ray.data.read_parquet([str(f) for f in files], num_cpus=0).materialize()
+    from .loop import WorkerInputs
+
     inputs = WorkerInputs(cfg.model_dump(mode="json"), rhash, resume_from, no_harm_text, tuple(callbacks))
     max_failures = cfg.scaling.max_failures if max_failures is None else max_failures
     _fit(_trainer(cfg, inputs, ds, run_name, storage, max_failures))
+    return _summary(cfg, out_dir, files)
+
+
+def _finished_summary(out_dir: Path, rhash: str) -> bool:
+    """Whether ``out_dir`` holds the summary of this very run (written once its last step was saved)."""
+    try:
+        return json.loads((out_dir / "train_summary.json").read_text()).get("run_hash") == rhash
+    except (OSError, ValueError):
+        return False
+
+
+def _summary(cfg: TrainConfig, out_dir: Path, files: list[Path]) -> dict:
+    """The run's summary as the worker wrote it, with where it read and wrote (and the Tokasaurus export)."""
     summary_path = out_dir / "train_summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     summary.update({"output_dir": str(out_dir), "data_files": [str(f) for f in files]})

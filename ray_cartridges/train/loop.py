@@ -442,6 +442,7 @@ class KDRecipe:
         if not (self.is_writer and self.start_step < self.total_steps):
             return
         summary = {
+            "run_hash": self.inputs.run_hash,
             "workers": workers,
             "best": self.best if self.best["step"] is not None else None,
             "steps": self.total_steps,
