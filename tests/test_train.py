@@ -216,7 +216,7 @@ def test_no_harm_term_keeps_general_text_close_to_the_bare_model(
     text = tokenizer.decode(no_harm_chunks(tokenizer, general, 128)[0])
     ratios = {}
     for name, weight in (("plain", 0.0), ("guarded", 2.0)):
-        run_training(_train_cfg(tmp_path, teacher_jsonl, memory, 1, name, max_steps=8, lr=2e-2, no_harm_weight=weight))
+        run_training(_train_cfg(tmp_path, teacher_jsonl, memory, 1, name, max_steps=4, lr=2e-2, no_harm_weight=weight))
         peft = load_cartridge(load_model("smollm2-135m-instruct"), tmp_path / name, tokenizer)
         kv = [(k.detach().clone(), v.detach().clone()) for k, v in layer_kv(peft)]
         ratios[name] = no_harm(model, tokenizer, kv, text)["ratio"]
