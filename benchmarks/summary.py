@@ -170,7 +170,24 @@ def rows() -> list[list]:
                 ppl[1],
                 ppl[2],
             )
+    if fs := _load("fidelity_set"):
+        _fidelity_set_rows(fs, row)
     return out
+
+
+def _fidelity_set_rows(fs: dict, row) -> None:
+    """The development set's mean figures (benchmarks/fidelity_set.py), with how many memories they cover."""
+    c, n = fs["checks"], len(fs["rows"])
+    names = ", ".join(r["memory"] for r in fs["rows"])
+    for key, label in (
+        ("gap_mean", "share of the ICL gap closed, mean"),
+        ("heldout_recall_vs_icl_mean", "held-out-phrasing recall / ICL's, mean"),
+        ("harm_max", "perplexity of an unrelated chat vs base, worst"),
+    ):
+        v = c[key]["value"]
+        shown = "-" if v is None else f"{v:.3f}" if key == "harm_max" else f"{v:.2f}"
+        op = "<=" if key == "harm_max" else ">="
+        row(f"fidelity set ({n}: {names})", label, shown, "", "", f"{op} {c[key]['target']}", c[key]["met"])
 
 
 def main() -> None:
