@@ -72,6 +72,14 @@ def _f(x, spec="{:.2f}"):
     return "-" if x is None else spec.format(x)
 
 
+def _ratio_of_means(rows: list[dict]) -> float | None:
+    """Mean held-out-phrasing recall of the cartridge over that of ICL, over the memories that have both."""
+    pairs = [(r["heldout_recall"]["cartridge"], r["heldout_recall"]["icl"]) for r in rows]
+    pairs = [(c, i) for c, i in pairs if c is not None and i is not None]
+    icl = statistics.mean(i for _, i in pairs) if pairs else 0
+    return statistics.mean(c for c, _ in pairs) / icl if icl else None
+
+
 def table(rows: list[dict]) -> tuple[str, dict]:
     lines, agg = [], {}
     for r in rows:
@@ -93,6 +101,8 @@ def table(rows: list[dict]) -> tuple[str, dict]:
             "gap_worst": min(gaps),
             "gap_spread": max(gaps) - min(gaps),
             "heldout_recall_vs_icl_mean": statistics.mean(ratios) if ratios else None,
+            # beside the mean of ratios: a memory whose ICL recall is small weighs less here
+            "heldout_recall_vs_icl_of_means": _ratio_of_means(rows),
             "harm_max": max(r["chat_harm"] for r in rows if r["chat_harm"] is not None),
         }
         lines.append(["mean", _f(agg["gap_mean"]), "", "", ""])
