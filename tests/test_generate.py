@@ -94,7 +94,7 @@ def vllm_run(tmp_path_factory, ray_cluster):
     stopped["shm_left"] = _shm() - shm_before
     stopped["shards"] = {p.name: p.read_bytes() for p in shards.glob("shard-*.parquet")}
     stopped["dataset_written"] = (out / "dataset.jsonl").exists()
-    summary = run_generation(_cfg(out, engine="vllm", score_engine="vllm"), progress=False)
+    summary = run_generation(validate_config(GenerateConfig, cfg), progress=False)
     return out, summary, stopped
 
 

@@ -104,8 +104,8 @@ def ddp_run(tmp_path_factory, ray_cluster, teacher_jsonl, memory, tiny_model_dir
 
 
 def _mechanics_cfg(root, data, memory, student, name, max_failures=0, **training):
-    cfg = small_train_config(root, data, memory, 2, name, model_name=student, save_every=2, **training)
-    return cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"max_failures": max_failures})})
+    scaling = {"max_failures": max_failures}
+    return small_train_config(root, data, memory, 2, name, scaling, model_name=student, save_every=2, **training)
 
 
 def _train_losses(out):
@@ -142,7 +142,7 @@ def test_killed_worker_resumes_from_checkpoint_to_the_same_cartridge(
     assert _same_cartridge(ddp_run, out, atol=1e-5)
     assert _train_losses(out)[0] == [1, 2, 3, 4]  # continuous, nothing repeated or skipped
 
-    # a finished run, re-run with the same config, resumes at its end and changes nothing
+    # a finished run, re-run with the same config, returns its summary and changes nothing
     before = (out / "cache-final.pt").read_bytes()
     summary = run_training(faulty)
     assert (out / "cache-final.pt").read_bytes() == before and summary["steps"] == 4
