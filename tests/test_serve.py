@@ -208,23 +208,28 @@ def test_a_dropped_stream_stops_decoding_and_streams_count_against_the_queue_lim
     h = _health(base)
     assert h["running"] == 0 and h["admitted"] == 0  # 400 tokens would take far longer than 10 s here
 
-    async def many():
+    async def many(n=6):
+        codes, all_answered, probed = [], asyncio.Event(), asyncio.Event()
         async with httpx.AsyncClient(timeout=120) as client:
 
-            async def one():
+            async def one():  # a stream that got in stays open until every request has its answer and the probe
                 async with client.stream("POST", f"{base}/v1/chat/completions", json=body, headers=H) as r:
+                    codes.append(r.status_code)
+                    if len(codes) == n:
+                        all_answered.set()
                     if r.status_code == 200:
-                        async for _ in r.aiter_lines():
-                            break
-                        await asyncio.sleep(2)  # hold the stream open while the others arrive
-                    return r.status_code
+                        await asyncio.wait_for(probed.wait(), 90)
 
             async def watch():  # what the replica has admitted while the streams are held open
-                await asyncio.sleep(1.0)
-                return (await client.get(f"{base}/health")).json()["admitted"]
+                try:
+                    await asyncio.wait_for(all_answered.wait(), 60)
+                    return (await client.get(f"{base}/health")).json()["admitted"]
+                finally:
+                    probed.set()
 
-            return await asyncio.gather(watch(), *[one() for _ in range(6)])
+            admitted, *_ = await asyncio.gather(watch(), *[one() for _ in range(n)])
+        return admitted, codes
 
-    admitted, *codes = asyncio.run(many())
-    # max_queued_requests = 3, streams included (a stream that ended early frees its slot for a later one)
-    assert admitted <= 3 and codes.count(200) >= 3 and codes.count(429) >= 2, (admitted, codes)
+    admitted, codes = asyncio.run(many())
+    # max_queued_requests = 3, open streams included: three held streams, three refused
+    assert admitted == 3 and sorted(codes) == [200] * 3 + [429] * 3, (admitted, codes)
