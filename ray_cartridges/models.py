@@ -41,9 +41,8 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX). Without it torch emulates bf16 matmuls:
-    on a 2-core AMD EPYC (AVX2 only) a 512-token forward of the bundled model took 9.0 s in bf16 against 1.75 s
-    in fp32, where a CPU with AVX512-BF16 and AMX takes 0.24 s against 0.80 s."""
+    """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX); without it torch emulates bf16 matmuls,
+    several times slower than fp32 (benchmarks/README.md)."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:  # not Linux: assume no
@@ -147,6 +146,21 @@ def hub_model_id(name_or_path: str) -> str:
         if saved and not Path(saved).exists() and "/" in saved:
             return saved
     return name_or_path
+
+
+def context_limit(name_or_path: str, dtype: str = "fp32") -> int | None:
+    """The context the model was trained for (its config's ``max_position_embeddings``); None where unknown."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_model(name_or_path, resolve_dtype(dtype)))
+    return getattr(config, "max_position_embeddings", None)
+
+
+def fit_context(need: int, limit: int | None, floor: int = 4096) -> int:
+    """An engine context for requests of up to ``need`` tokens: at least ``floor``, in steps of 256 (a few
+    engine sizes, not one per memory), at most ``limit``."""
+    size = max(floor, -(-need // 256) * 256)
+    return min(limit, size) if limit else size
 
 
 def load_tokenizer(name_or_path: str):

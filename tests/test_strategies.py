@@ -1,7 +1,7 @@
 """Prompt strategies: replay phrasings and the split keys that keep held-out experiences out of training."""
 
 import pytest
-from helpers import EXAMPLE_CHECKPOINT
+from helpers import EXAMPLE_CHECKPOINT, REPO
 
 from ray_cartridges.batching import heldout_keys
 from ray_cartridges.config import GenerateConfig, validate_config
@@ -370,3 +370,27 @@ def test_a_self_study_prompt_without_a_usable_question_is_a_rejection_not_a_reco
     assert rejected == [Rejection("a", "no_question", "the teacher wrote no usable question")]
     assert [r["metadata"]["prompt_id"] for r in records] == ["b"]
     assert records[0]["messages"][-2]["content"] == "What is kept?"
+
+
+def test_the_engine_context_fits_the_longest_request_and_a_prompt_that_cannot_fit_is_named(tokenizer):
+    from ray_cartridges.config import ConfigError
+    from ray_cartridges.generate.teacher import chat_ids, fit_engine_context
+
+    memory = read_memory(REPO / "examples" / "dev_memories" / "documents" / "corpus.md")
+    cfg = validate_config(
+        GenerateConfig, {"checkpoint_dir": str(memory.source), "replay": {"mode": "full_memory"}, "max_tokens": 96}
+    )
+    prompts = build_prompts(memory, cfg)
+    fitted = fit_engine_context(cfg, prompts, memory.source).max_model_len
+    longest = max(len(chat_ids(tokenizer, p["context"], p["user"] or "")) for p in prompts)
+    assert longest > 4096  # the documents do not fit the old fixed context of 4096
+    assert longest + 96 <= fitted < longest + 96 + 64 + 8 + 256 and fitted % 256 == 0
+    # a short memory keeps the floor: the shard names of data made with the old fixed context stay the same
+    demo = read_memory(EXAMPLE_CHECKPOINT)
+    assert fit_engine_context(_cfg(), build_prompts(demo, _cfg()), demo.source).max_model_len == 4096
+    # a context set too small, and a memory past the model's own context, are errors naming the file and the field
+    with pytest.raises(ConfigError, match=r"corpus\.md: .* more than generate\.max_model_len=4096"):
+        fit_engine_context(cfg.model_copy(update={"max_model_len": 4096}), prompts, memory.source)
+    twice = [{**p, "context": p["context"] + "\n\n" + p["context"]} for p in prompts[:3]]
+    with pytest.raises(ConfigError, match=r"corpus\.md: .* more than smollm2-135m-instruct's context of 8192"):
+        fit_engine_context(cfg, twice, memory.source)

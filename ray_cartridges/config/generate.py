@@ -106,7 +106,12 @@ class GenerateConfig(StrictModel):
     temperature: float = Field(0.0, ge=0, description="Sampling temperature of answers.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of answers.")
     max_tokens: int = Field(128, gt=0, description="Max answer tokens.")
-    max_model_len: int = Field(4096, gt=0, description="Engine context length.")
+    max_model_len: int | None = Field(
+        None,
+        gt=0,
+        description="Engine context length; unset: fitted to the longest teacher request (memory, question and "
+        "answer), at least 4096 and at most the model's context. A request that does not fit is an error.",
+    )
     tensor_parallel_size: int = Field(1, gt=0, description="GPUs per engine.")
     enforce_eager: bool = Field(
         False,

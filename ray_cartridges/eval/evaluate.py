@@ -23,6 +23,7 @@ from ..chat import chat_template_ids
 from ..contracts import GENERAL_STRATEGY, SplitKey
 from ..fsutil import bundled_data
 from ..memory import AgentMemory, MemoryContext, memory_questions, read_facts
+from ..models import fit_context
 from ..scoring import score_answer
 from .metrics import kl_per_token
 
@@ -371,7 +372,7 @@ def _context_length(mem: KVCacheMemory, memory_context: MemoryContext, room: int
             f"the memory in context takes {need - room} tokens; with room for a question and answer that passes "
             f"the model's context of {limit} tokens: the in-context baseline cannot be measured with this model"
         )
-    return min(limit, max(4096, -(-need // 256) * 256))
+    return fit_context(need, limit)
 
 
 def _recall_agents(

@@ -20,7 +20,7 @@ from ..contracts import Rejection, SamplingParams
 from ..convert import ConversionError, convert_record
 from ..flat_topk import write_flat_topk
 from ..fsutil import write_text_atomic
-from ..models import load_tokenizer, resolve_model
+from ..models import context_limit, load_tokenizer, resolve_model
 from .engines import HFEngine, VLLMEngine
 from .teacher import resolved_config, run_prompts
 
@@ -51,7 +51,7 @@ class TeacherActor:
                 self._engine = VLLMEngine(
                     resolve_model(c.model_name, c.dtype),
                     dtype=c.dtype,
-                    max_model_len=c.max_model_len,
+                    max_model_len=c.max_model_len or context_limit(c.model_name, c.dtype) or 4096,
                     tensor_parallel_size=c.tensor_parallel_size,
                     seed=c.seed,
                     enforce_eager=c.enforce_eager,

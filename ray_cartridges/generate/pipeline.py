@@ -25,7 +25,7 @@ from ..engine_env import engine_actor_env
 from ..fsutil import atomic_writer, write_text_atomic
 from ..memory import read_memory
 from .strategies import build_prompts, render_context
-from .teacher import resolved_config, scored_by_another
+from .teacher import fit_engine_context, resolved_config, scored_by_another
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +148,7 @@ def run_generation(cfg: GenerateConfig, progress: bool = True) -> dict:
     logger.info("teacher dtype %s, score engine %s", cfg.dtype, cfg.score_engine)
     memory = read_memory(cfg.checkpoint_dir, strict=cfg.strict)
     prompts = build_prompts(memory, cfg)
+    cfg = fit_engine_context(cfg, prompts, memory.source)
     if cfg.training_top_k is not None and cfg.training_top_k != cfg.top_logprobs:
         logger.warning(
             "top_logprobs=%d differs from training_top_k=%d: training will refuse this data",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import replace
 
@@ -35,6 +36,55 @@ def clean_question(text: str) -> str | None:
 def scored_by_another(prompt: dict) -> bool:
     """Whether the prompt's targets come from another teacher than the one that writes its answer."""
     return prompt.get("score_context") not in (None, prompt["context"])
+
+
+def longest_request(tokenizer, prompts: list[Prompt], cfg: GenerateConfig) -> tuple[int, str]:
+    """The tokens of the longest engine request the prompts make (a prompt and its answer: a self-study question
+    counted at its longest, a rescored answer read after the whole memory), and that prompt's id."""
+    ctx_len: dict[str, int] = {}
+
+    def size(context, user: str | None, extra: int) -> int:
+        key = json.dumps(context, sort_keys=True)
+        if key not in ctx_len:
+            ctx_len[key] = len(chat_ids(tokenizer, context, ""))
+        user_len = len(tokenizer.encode(user, add_special_tokens=False)) if user else 0
+        return ctx_len[key] + user_len + extra + 8  # + 8: what the template adds around a non-empty turn
+
+    q = cfg.self_study.question_max_tokens
+    best = (0, "")
+    for p in prompts:
+        extra = (p.get("max_tokens") or cfg.max_tokens) + (q if p.get("user") is None else 0)
+        sizes = [size(p["context"], p.get("user"), extra)]
+        if scored_by_another(p):
+            sizes.append(size(p["score_context"], p.get("user"), extra))
+        if p.get("user") is None:
+            sizes.append(size(p["question_context"], p["seed_prompt"], q))
+        best = max(best, (max(sizes), p["prompt_id"]))
+    return best
+
+
+def fit_engine_context(cfg: GenerateConfig, prompts: list[Prompt], source: str) -> GenerateConfig:
+    """The config with ``max_model_len`` fitted to the prompts (unset) or checked against them (set): a prompt
+    that cannot fit is a clear error here, before any engine starts."""
+    from ..config import ConfigError
+    from ..models import context_limit, fit_context, load_tokenizer
+
+    need, prompt_id = longest_request(load_tokenizer(cfg.model_name), prompts, cfg)
+    limit = context_limit(cfg.model_name, cfg.dtype)
+    if limit and need > limit:
+        raise ConfigError(
+            f"{source}: the teacher's longest request (prompt {prompt_id}: the memory, the question and "
+            f"max_tokens={cfg.max_tokens}) takes {need} tokens, more than {cfg.model_name}'s context of {limit}; "
+            "use a model with a longer context, or a shorter memory (e.g. fewer episodes)"
+        )
+    if cfg.max_model_len is not None and need > cfg.max_model_len:
+        raise ConfigError(
+            f"{source}: the teacher's longest request (prompt {prompt_id}) takes {need} tokens, more than "
+            f"generate.max_model_len={cfg.max_model_len}; raise it, or leave it unset to fit the prompts"
+        )
+    if cfg.max_model_len is not None:
+        return cfg
+    return cfg.model_copy(update={"max_model_len": fit_context(need, limit)})
 
 
 def resolve_score_engine(cfg) -> str:
