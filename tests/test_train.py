@@ -9,33 +9,44 @@ from ray_cartridges.config import TrainConfig, validate_config
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(900)]
 
 
-def test_text_init_cartridge_learns_from_teacher_data(tmp_path, ray_cluster, teacher_jsonl, memory, tokenizer):
-    from peft import PeftModel
-
-    from ray_cartridges.cartridge import encoder, load_cache_pt, load_cartridge, read_meta
-    from ray_cartridges.models import load_model
-    from ray_cartridges.train import run_training
-
-    out = tmp_path / "cartridge"
-    cfg = validate_config(
+def _text_init_cfg(out, teacher_jsonl, memory, **training):
+    """The bundled student, a 128-token cartridge initialised from the memory's text, 12 steps."""
+    return validate_config(
         TrainConfig,
         {
             "input_dataset": {"local_path": str(teacher_jsonl), "is_converted": False, "eval_fraction": 0.2},
             "output": {"local_dir": str(out), "export_tokasaurus": True},
             "kv_cache": {"method": "text", "num_tokens": 128, "init_text": memory.render()},
-            "training": {"global_batch_size": 4, "lr": 2e-2, "max_steps": 24, "eval_every": 8, "save_every": 12},
+            "training": {"global_batch_size": 4, "lr": 2e-2, "max_steps": 12, "eval_every": 4, "save_every": 6}
+            | training,
             "wandb": {"mode": "offline", "project": "test"},
         },
     )
-    summary = run_training(cfg)
-    assert summary["steps"] == 24
+
+
+@pytest.fixture(scope="module")
+def text_init_run(tmp_path_factory, ray_cluster, teacher_jsonl, memory):
+    from ray_cartridges.train import run_training
+
+    out = tmp_path_factory.mktemp("text_init") / "cartridge"
+    return out, run_training(_text_init_cfg(out, teacher_jsonl, memory))
+
+
+def test_text_init_cartridge_learns_from_teacher_data(text_init_run, tokenizer):
+    from peft import PeftModel
+
+    from ray_cartridges.cartridge import encoder, load_cache_pt, load_cartridge, read_meta
+    from ray_cartridges.models import load_model
+
+    out, summary = text_init_run
+    assert summary["steps"] == 12
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [m for m in metrics if "eval/loss" in m]
-    assert [m["step"] for m in evals] == [0, 8, 16, 24]
+    assert [m["step"] for m in evals] == [0, 4, 8, 12]
     first, last = evals[0]["eval/loss"], evals[-1]["eval/loss"]
     assert last < 0.9 * first, f"held-out KD loss {first:.3f} -> {last:.3f}"
     train_steps = [m["step"] for m in metrics if "train/loss" in m]
-    assert train_steps == list(range(1, 25))
+    assert train_steps == list(range(1, 13))
 
     # the best held-out cartridge so far is kept apart, with the step and loss it was chosen for
     best_eval = min(evals, key=lambda m: m["eval/loss"])
@@ -51,7 +62,7 @@ def test_text_init_cartridge_learns_from_teacher_data(tmp_path, ray_cluster, tea
         "adapter_model.safetensors",
         "cartridge.json",
         "cache-final.pt",
-        "cache-step12.pt",
+        "cache-step6.pt",
         "distillation_config.yaml",
         "loss.png",
     ]:
@@ -60,7 +71,7 @@ def test_text_init_cartridge_learns_from_teacher_data(tmp_path, ray_cluster, tea
     runs = list((out / "wandb").glob("offline-run-*"))  # wandb offline: run files, no login asked
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     meta = read_meta(out)
-    assert meta.num_tokens == 128 and meta.extra["step"] == 24
+    assert meta.num_tokens == 128 and meta.extra["step"] == 12
     assert validate_config(TrainConfig, __import__("yaml").safe_load((out / "distillation_config.yaml").read_text()))
 
     # the saved cartridge is the trained one: loaders agree and it differs from its init
@@ -68,9 +79,9 @@ def test_text_init_cartridge_learns_from_teacher_data(tmp_path, ray_cluster, tea
     peft = PeftModel.from_pretrained(load_model("smollm2-135m-instruct"), str(out))
     assert torch.equal(encoder(ours).weight, encoder(peft).weight)
     cache = load_cache_pt(out / "cache-final.pt")
-    step12 = load_cache_pt(out / "cache-step12.pt")
-    assert not torch.equal(cache["trainable_keys"][0], step12["trainable_keys"][0])
-    assert torch.equal(cache["frozen_keys"][0], step12["frozen_keys"][0])  # frozen tokens never move
+    step6 = load_cache_pt(out / "cache-step6.pt")
+    assert not torch.equal(cache["trainable_keys"][0], step6["trainable_keys"][0])
+    assert torch.equal(cache["frozen_keys"][0], step6["frozen_keys"][0])  # frozen tokens never move
 
     # asked for, the Tokasaurus layout of the final cartridge lies inside the artifact (pushed with it)
     toka = out / "tokasaurus" / out.name
@@ -201,10 +212,10 @@ def test_deepspeed_checkpoint_files_are_read_as_tensors_only(tmp_path):
 
 
 def test_no_harm_term_keeps_general_text_close_to_the_bare_model(
-    tmp_path, ray_cluster, teacher_jsonl, memory, model, tokenizer
+    tmp_path, text_init_run, teacher_jsonl, memory, model, tokenizer
 ):
-    """training.no_harm_weight: the same run with the term ends with a cartridge that disturbs general text
-    less (perplexity relative to the bare model) than without it, and logs the term."""
+    """training.no_harm_weight: the text-init run again with the term ends with a cartridge that disturbs general
+    text less (perplexity relative to the bare model) than without it, and logs the term."""
     from ray_cartridges.cartridge import layer_kv, load_cartridge
     from ray_cartridges.eval.evaluate import no_harm
     from ray_cartridges.fsutil import bundled_data
@@ -214,12 +225,13 @@ def test_no_harm_term_keeps_general_text_close_to_the_bare_model(
 
     general = bundled_data("general.txt").read_text()
     text = tokenizer.decode(no_harm_chunks(tokenizer, general, 128)[0])
+    plain = text_init_run[0]
+    run_training(_text_init_cfg(tmp_path / "guarded", teacher_jsonl, memory, no_harm_weight=2.0))
     ratios = {}
-    for name, weight in (("plain", 0.0), ("guarded", 2.0)):
-        run_training(_train_cfg(tmp_path, teacher_jsonl, memory, 1, name, max_steps=4, lr=2e-2, no_harm_weight=weight))
-        peft = load_cartridge(load_model("smollm2-135m-instruct"), tmp_path / name, tokenizer)
+    for name, out in (("plain", plain), ("guarded", tmp_path / "guarded")):
+        peft = load_cartridge(load_model("smollm2-135m-instruct"), out, tokenizer)
         kv = [(k.detach().clone(), v.detach().clone()) for k, v in layer_kv(peft)]
         ratios[name] = no_harm(model, tokenizer, kv, text)["ratio"]
-        lines = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        assert any("train/no_harm_loss" in m for m in lines) == (weight > 0)
+        lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        assert any("train/no_harm_loss" in m for m in lines) == (name == "guarded")
     assert ratios["guarded"] < ratios["plain"], ratios
