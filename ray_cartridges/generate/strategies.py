@@ -121,10 +121,8 @@ def replay_prompts(memory: AgentMemory, cfg: GenerateConfig, rng: random.Random)
     return out
 
 
-# Recital requests (recite.requests overrides), sample s of an experience asks request s. With one experience in
-# context, the bundled 135M teacher stated its Feedback for 24 / 21 / 20 of the 30 demo experiences asked these
-# three (transformers, fp32, greedy); "What facts have you learned? List them." 16 (and it repeated itself),
-# "Write down everything you found out, one fact per line." 11.
+# Recital requests (recite.requests overrides), sample s of an experience asks request s: the phrasings after which
+# the bundled teacher most often states the experience's Feedback (benchmarks/README.md, "Recital requests").
 RECITE_REQUESTS = (
     "What did you find out in this experience? State the fact.",
     "What did you learn from this experience? State the facts in one sentence.",
