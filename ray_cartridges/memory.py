@@ -130,7 +130,10 @@ class AgentMemory:
         return MemoryContext(lead + turns)
 
     def triples(self) -> list[list[MemoryEntry]]:
-        """Group entries into experiences: an Observation and the Actions/Feedback that follow it."""
+        """Group entries into experiences: an Observation and the Actions/Feedback that follow it; in a corpus,
+        the units its structure gives (see :func:`corpus_sections`)."""
+        if self.is_corpus:
+            return corpus_sections(self.entries)
         groups: list[list[MemoryEntry]] = []
         for e in self.entries:
             if e.type == "Observation" or not groups:
@@ -138,6 +141,25 @@ class AgentMemory:
             else:
                 groups[-1].append(e)
         return groups
+
+
+def _is_heading(entry: MemoryEntry) -> bool:
+    return entry.content.startswith("#")
+
+
+def corpus_sections(entries: list[MemoryEntry]) -> list[list[MemoryEntry]]:
+    """A corpus's paragraphs grouped as its Markdown sections: a heading and the paragraphs under it (headings
+    with nothing under them join the next section); a text without headings, one paragraph each. Self-study
+    chunks and their split keys count these units, so a chunk never starts inside a section."""
+    if not any(_is_heading(e) for e in entries):
+        return [[e] for e in entries]
+    groups: list[list[MemoryEntry]] = []
+    for e in entries:
+        if not groups or (_is_heading(e) and not all(_is_heading(x) for x in groups[-1])):
+            groups.append([e])
+        else:
+            groups[-1].append(e)
+    return groups
 
 
 def memory_questions(memory: AgentMemory) -> list[tuple[int, str, str]]:

@@ -76,3 +76,23 @@ def test_a_broken_facts_file_names_itself(tmp_path):
     with pytest.raises(CheckpointError, match="facts.json"):
         read_facts(tmp_path)
     assert read_facts(tmp_path / "none" / "deeper" / "x" / "y" / "z") is None
+
+
+def test_a_corpus_is_chunked_by_its_sections_and_its_chunks_can_be_held_out(tmp_path):
+    """Self-study reads a corpus in runs of whole Markdown sections (plain text: paragraphs), so chunks differ,
+    never start inside a section, and some of them are held out for the fidelity reading."""
+    from ray_cartridges.batching import heldout_keys
+
+    mem = read_memory(MEMORIES["documents"])
+    sections = mem.triples()
+    assert len(sections) == sum(e.content.startswith("## ") for e in mem.entries)  # one per facility
+    assert sections[0][0].content.startswith("# ") and all(s[-1].content[0] != "#" for s in sections)
+    assert all(s[0].content.startswith("#") for s in sections)
+    cfg = load_config(DistillConfig, REPO / "configs" / "demo.yaml", [f"generate.checkpoint_dir={mem.source}"])
+    chunks = {p["split_key"] for p in build_prompts(mem, cfg.generate) if p["strategy"].startswith("self_study/")}
+    assert len(chunks) > 6 and heldout_keys(sorted(chunks), 0.15, 0)
+    plain = tmp_path / "notes.txt"
+    plain.write_text("First paragraph.\n\nSecond one.\n\n# A heading last\n")
+    assert [len(s) for s in read_memory(plain).triples()] == [2, 1]
+    plain.write_text("First paragraph.\n\nSecond one.\n\nThird.\n")
+    assert [len(s) for s in read_memory(plain).triples()] == [1, 1, 1]
