@@ -36,7 +36,9 @@ class SelfStudyConfig(StrictModel):
     enabled: bool = Field(True, description="Generate self-study prompts.")
     num_samples: int = Field(32, ge=0, description="Number of self-study conversations.")
     families: list[Literal[FAMILIES]] = Field(list(FAMILIES), description="Seed-prompt families to draw from.")
-    chunk_experiences: int = Field(6, gt=0, description="Experiences shown to the question writer.")
+    chunk_experiences: int = Field(
+        6, gt=0, description="Experiences (in a corpus: sections, or paragraphs) shown to the question writer."
+    )
     question_max_tokens: int = Field(64, gt=0, description="Max tokens of a generated question.")
     question_temperature: float = Field(0.8, ge=0, description="Sampling temperature of question writing.")
     answer_context: Literal["full_memory", "chunk"] = Field(
