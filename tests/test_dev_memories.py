@@ -96,3 +96,22 @@ def test_a_corpus_is_chunked_by_its_sections_and_its_chunks_can_be_held_out(tmp_
     assert [len(s) for s in read_memory(plain).triples()] == [2, 1]
     plain.write_text("First paragraph.\n\nSecond one.\n\nThird.\n")
     assert [len(s) for s in read_memory(plain).triples()] == [1, 1, 1]
+
+
+def test_a_corpus_recites_each_section_by_its_heading_and_never_a_heldout_phrasing():
+    from ray_cartridges.generate.strategies import section_title
+
+    mem = read_memory(MEMORIES["documents"])
+    overrides = [f"generate.checkpoint_dir={mem.source}", "generate.recite.enabled=true"]
+    cfg = load_config(DistillConfig, REPO / "configs" / "demo.yaml", overrides)
+    recitals = [p for p in build_prompts(mem, cfg.generate) if p["strategy"] == "recite"]
+    sections = mem.triples()
+    assert sorted(p["metadata"]["memory_entry"] for p in recitals) == list(range(len(sections)))
+    for p in recitals:
+        i = p["metadata"]["memory_entry"]
+        title = section_title(sections[i])
+        assert title and "#" not in title and title in p["user"] and title in p["context"]
+        assert p["split_key"] == f"recite-{i}"
+    assert section_title(sections[0]) == sections[0][1].content.lstrip("# ")  # the section's, not the document's
+    heldout = [h for f in read_facts(mem.source) for h in f.heldout]
+    assert not [(p["user"], h) for p in recitals for h in heldout if near_copy(p["user"], h)]

@@ -55,8 +55,8 @@ class SelfStudyConfig(StrictModel):
 
 
 class ReciteConfig(StrictModel):
-    """The teacher reads one experience (or a few around it) and states what it learned there: targets that carry
-    the fact of every experience in the memory, also those whose replay questions are held out for evaluation."""
+    """The teacher reads one experience (or a few around it; in a corpus, a section) and states what it learned
+    there: targets that carry the fact of every unit of the memory, also those whose questions are held out."""
 
     enabled: bool = Field(False, description="Generate recital prompts.")
     window_k: int = Field(1, gt=0, description="Experiences in the teacher's context, the recited one among them.")
@@ -66,8 +66,9 @@ class ReciteConfig(StrictModel):
     requests: list[str] | None = Field(
         None,
         min_length=1,
-        description="User turns asking for what was learned (default: the bundled RECITE_REQUESTS, chosen by how "
-        "often the 135M teacher states the experience's Feedback).",
+        description="User turns asking for what was learned; `{title}` is replaced by a corpus section's heading "
+        "(default: the bundled RECITE_REQUESTS for experiences, chosen by how often the 135M teacher states the "
+        "experience's Feedback; CORPUS_REQUESTS for a corpus, which ask about a section by name).",
     )
 
 

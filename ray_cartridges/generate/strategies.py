@@ -15,7 +15,7 @@ import random
 from ..config import GenerateConfig
 from ..contracts import GENERAL_STRATEGY, Prompt, SplitKey
 from ..fsutil import bundled_data
-from ..memory import DEFAULT_HISTORY_INSTRUCTIONS, DEFAULT_TEMPLATE, AgentMemory
+from ..memory import DEFAULT_HISTORY_INSTRUCTIONS, DEFAULT_TEMPLATE, AgentMemory, MemoryEntry
 
 SEED_PROMPTS = {
     "structuring": [
@@ -128,16 +128,27 @@ RECITE_REQUESTS = (
     "What did you learn from this experience? State the facts in one sentence.",
     "What is the key fact you learned here? Answer in one sentence.",
 )
+# A corpus's sections are recited by name: {title} is the section's heading ("this passage" where it has none)
+CORPUS_REQUESTS = (
+    "What does the text say about {title}?",
+    "Tell me the details of {title}: times, dates, numbers and names.",
+    "What are the key facts about {title}?",
+)
+
+
+def section_title(group: list[MemoryEntry]) -> str:
+    """The heading a corpus section is known by (its last heading line, without the #s)."""
+    heads = [e.content.splitlines()[0].lstrip("#").strip() for e in group if e.content.startswith("#")]
+    return heads[-1] if heads else "this passage"
 
 
 def recite_prompts(memory: AgentMemory, cfg: GenerateConfig, rng: random.Random) -> list[Prompt]:
-    """For each experience: the teacher, reading it (in a window of recite.window_k experiences), says what it
-    learned there. Unlike replay, this needs no question about the fact, so it covers every experience; its own
-    split key kind (``recite-``) so the evaluation holds out a share of recitals independently of replay."""
-    if memory.is_corpus:
-        return []
+    """For each experience (a corpus: each section): the teacher, reading it (in a window of recite.window_k
+    units), says what it learned there (a corpus: what it says about the section, named by its heading). Unlike
+    replay, this needs no question about the fact, so it covers every unit; its own split key kind
+    (``recite-``) so the evaluation holds out a share of recitals independently of replay."""
     rc = cfg.recite
-    requests = tuple(rc.requests or RECITE_REQUESTS)
+    requests = tuple(rc.requests or (CORPUS_REQUESTS if memory.is_corpus else RECITE_REQUESTS))
     groups = memory.triples()
     out = []
     for gi in range(len(groups)):
@@ -148,7 +159,7 @@ def recite_prompts(memory: AgentMemory, cfg: GenerateConfig, rng: random.Random)
                     "prompt_id": _pid("recite", gi, s, rc.window_k, cfg.seed),
                     "strategy": "recite",
                     "context": render_context(memory, cfg, groups[start:end]),
-                    "user": requests[s % len(requests)],
+                    "user": requests[s % len(requests)].replace("{title}", section_title(groups[gi])),
                     "split_key": str(SplitKey("recite", str(gi))),
                     "metadata": {"memory_entry": gi, "sample": s, "window": [start, end]},
                 }
