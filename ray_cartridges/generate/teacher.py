@@ -77,12 +77,12 @@ def fit_engine_context(cfg: GenerateConfig, prompts: list[Prompt], source: str) 
             f"max_tokens={cfg.max_tokens}) takes {need} tokens, more than {cfg.model_name}'s context of {limit}; "
             "use a model with a longer context, or a shorter memory (e.g. fewer episodes)"
         )
-    if cfg.max_model_len is not None and need > cfg.max_model_len:
-        raise ConfigError(
-            f"{source}: the teacher's longest request (prompt {prompt_id}) takes {need} tokens, more than "
-            f"generate.max_model_len={cfg.max_model_len}; raise it, or leave it unset to fit the prompts"
-        )
     if cfg.max_model_len is not None:
+        if need > cfg.max_model_len:
+            raise ConfigError(
+                f"{source}: the teacher's longest request (prompt {prompt_id}) takes {need} tokens, more than "
+                f"generate.max_model_len={cfg.max_model_len}; raise it, or leave it unset to fit the prompts"
+            )
         return cfg
     return cfg.model_copy(update={"max_model_len": fit_context(need, limit)})
 
