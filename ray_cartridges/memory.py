@@ -162,6 +162,12 @@ def corpus_sections(entries: list[MemoryEntry]) -> list[list[MemoryEntry]]:
     return groups
 
 
+def section_title(group: list[MemoryEntry]) -> str:
+    """The heading a corpus section is known by (its last heading line, without the #s)."""
+    heads = [e.content.splitlines()[0].lstrip("#").strip() for e in group if _is_heading(e)]
+    return heads[-1] if heads else "this passage"
+
+
 def memory_questions(memory: AgentMemory) -> list[tuple[int, str, str]]:
     """(entry index, question, reference answer) for experiences whose Feedback carries the answer."""
     out = []

@@ -99,7 +99,7 @@ def test_a_corpus_is_chunked_by_its_sections_and_its_chunks_can_be_held_out(tmp_
 
 
 def test_a_corpus_recites_each_section_by_its_heading_and_never_a_heldout_phrasing():
-    from ray_cartridges.generate.strategies import section_title
+    from ray_cartridges.memory import section_title
 
     mem = read_memory(MEMORIES["documents"])
     overrides = [f"generate.checkpoint_dir={mem.source}", "generate.recite.enabled=true"]

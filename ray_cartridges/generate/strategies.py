@@ -15,7 +15,7 @@ import random
 from ..config import GenerateConfig
 from ..contracts import GENERAL_STRATEGY, Prompt, SplitKey
 from ..fsutil import bundled_data
-from ..memory import DEFAULT_HISTORY_INSTRUCTIONS, DEFAULT_TEMPLATE, AgentMemory, MemoryEntry
+from ..memory import DEFAULT_HISTORY_INSTRUCTIONS, DEFAULT_TEMPLATE, AgentMemory, section_title
 
 SEED_PROMPTS = {
     "structuring": [
@@ -134,12 +134,6 @@ CORPUS_REQUESTS = (
     "Tell me the details of {title}: times, dates, numbers and names.",
     "What are the key facts about {title}?",
 )
-
-
-def section_title(group: list[MemoryEntry]) -> str:
-    """The heading a corpus section is known by (its last heading line, without the #s)."""
-    heads = [e.content.splitlines()[0].lstrip("#").strip() for e in group if e.content.startswith("#")]
-    return heads[-1] if heads else "this passage"
 
 
 def recite_prompts(memory: AgentMemory, cfg: GenerateConfig, rng: random.Random) -> list[Prompt]:
