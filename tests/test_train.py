@@ -165,6 +165,34 @@ def test_killed_worker_resumes_from_checkpoint_to_the_same_cartridge(
     assert summary["steps"] == 4 and (out / "cache-final.pt").read_bytes() != before
 
 
+def test_a_finished_run_sized_by_epochs_is_not_trained_again(
+    tmp_path, ray_cluster, teacher_jsonl, memory, tiny_model_dir
+):
+    """Without max_steps the run's length is epochs x steps per epoch; a re-run of the finished run takes its
+    step count from the run's own summary and returns it, training nothing and changing nothing."""
+    from ray_cartridges.train import run_training
+
+    cfg = small_train_config(
+        tmp_path,
+        teacher_jsonl,
+        memory,
+        1,
+        "epochs",
+        model_name=tiny_model_dir,
+        max_steps=None,
+        epochs=2,
+        global_batch_size=16,
+        eval_every=0,
+    )
+    first = run_training(cfg)
+    assert first["steps"] == 2 * (first["train_rows"] // 16) and first["epochs"] == 2
+    out = tmp_path / "epochs"
+    before = [(out / f).read_bytes() for f in ("cache-final.pt", "metrics.jsonl")]
+    again = run_training(cfg)
+    assert again["steps"] == first["steps"] and again["run_hash"] == first["run_hash"]
+    assert [(out / f).read_bytes() for f in ("cache-final.pt", "metrics.jsonl")] == before
+
+
 def test_deepspeed_zero2_and_zero3_match_ddp(tmp_path, ddp_run, teacher_jsonl, memory, tiny_model_dir, tokenizer):
     """The same loop under DeepSpeed ZeRO-2/3 (2 workers, gloo on CPU): the loss curve and the cartridge of DDP,
     and the cartridge loads in the agent. ZeRO-2 is also profiled (DeepSpeed's own timers give its gradient

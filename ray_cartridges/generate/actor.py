@@ -1,9 +1,10 @@
 """TeacherActor: the Ray Data callable class that owns a teacher engine and writes finished shards.
 
 Used as ``ds.map_batches(TeacherActor, compute=ActorPoolStrategy(size=n), batch_size=1, ...)`` over rows
-``{shard, name, prompts, keys, earlier}``: one row is one shard of prompts, answered in one batched engine call
-(the memory is the shared prefix of every prompt, so prefix caching turns N prefills into one); ``keys`` are the
-prompts' keys and ``earlier`` where earlier shards hold records under some of them (file, byte offset), which
+``{shard, name, keys, earlier_keys, earlier_files, earlier_offsets}``: one row is one shard of prompts (the
+prompts themselves reach each actor once, through the object store), answered in one batched engine call (the
+memory is the shared prefix of every prompt, so prefix caching turns N prefills into one); ``keys`` are the
+prompts' keys and ``earlier_*`` where earlier shards hold records under some of them (file, byte offset), which
 are kept, not answered again. Each shard is written as ``shards/<name>.jsonl`` (seed format) and
 ``shards/<name>.parquet`` (flat top-k), each atomically (write then rename, parquet last), so a shard is either
 complete or absent.
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 
 from ..config import GenerateConfig
-from ..contracts import Rejection, SamplingParams
+from ..contracts import Prompt, Rejection, SamplingParams
 from ..convert import ConversionError, convert_record
 from ..flat_topk import write_flat_topk
 from ..fsutil import write_text_atomic
@@ -26,7 +27,11 @@ from .teacher import resolved_config, run_prompts
 
 
 class TeacherActor:
-    def __init__(self, config: dict, shards_dir: str, base_metadata: dict):
+    def __init__(self, config: dict, shards_dir: str, base_metadata: dict, prompts):
+        """``prompts``: {shard index: its prompts}, or an object ref to it."""
+        import ray
+
+        self.prompts: dict[int, list[Prompt]] = ray.get(prompts) if isinstance(prompts, ray.ObjectRef) else prompts
         self.cfg = GenerateConfig.model_validate(config)
         self.cfg = resolved_config(self.cfg)  # run_generation did; an actor built on its own does here
         c = self.cfg
@@ -81,15 +86,22 @@ class TeacherActor:
 
     def __call__(self, batch: dict) -> dict:
         """One shard per row: answered (or rebuilt from earlier answers), converted and written; its counts."""
-        outs = [
-            self.write_shard(str(name), json.loads(prompts), [str(k) for k in keys], json.loads(earlier))
-            for name, prompts, keys, earlier in zip(batch["name"], batch["prompts"], batch["keys"], batch["earlier"])
-        ]
+        outs = []
+        for i, shard in enumerate(batch["shard"]):
+            where = zip(batch["earlier_keys"][i], batch["earlier_files"][i], batch["earlier_offsets"][i])
+            outs.append(
+                self.write_shard(
+                    str(batch["name"][i]),
+                    self.prompts[int(shard)],
+                    [str(k) for k in batch["keys"][i]],
+                    {str(k): (str(f), int(o)) for k, f, o in where},
+                )
+            )
         out = {k: [o[k] for o in outs] for k in ("rows", "reused", "rejected", "answer_tokens", "seconds", "problems")}
         out["shard"] = [int(k) for k in batch["shard"]]
         return out
 
-    def write_shard(self, name: str, prompts: list[dict], keys: list[str], where: dict[str, list]) -> dict:
+    def write_shard(self, name: str, prompts: list[Prompt], keys: list[str], where: dict[str, tuple[str, int]]) -> dict:
         earlier = read_earlier(where)
         todo = [p for p, k in zip(prompts, keys) if k not in earlier]
         engine = self.engine if todo else None  # started before the clock: seconds are time in shard work
@@ -151,7 +163,7 @@ class TeacherActor:
         return rows, kept
 
 
-def read_earlier(where: dict[str, list]) -> dict[str, dict]:
+def read_earlier(where: dict[str, tuple[str, int]]) -> dict[str, dict]:
     """The records at ``{prompt_key: (file, byte offset)}``; one that cannot be read back under its key (its
     file gone or changed since the index was made) is left out, and its prompt answered again."""
     found = {}

@@ -244,13 +244,16 @@ def _run_actors(cfg: GenerateConfig, plan: ShardPlan, shards_dir: Path, base_met
         ensure_bundled_model(dtypes=(cfg.dtype,))
     init_ray(log_to_driver=True)
     ray.data.DataContext.get_current().enable_progress_bars = False  # one bar over shards below
+    # the prompts go to the object store once; a row names its shard and carries typed columns
+    prompts = ray.put({k: plan.shards[k] for k in plan.todo})
     items = [
         {
             "shard": k,
             "name": plan.names[k],
-            "prompts": json.dumps(plan.shards[k]),
             "keys": plan.keys[k],
-            "earlier": json.dumps(plan.reusable[k]),
+            "earlier_keys": list(plan.reusable[k]),
+            "earlier_files": [f for f, _ in plan.reusable[k].values()],
+            "earlier_offsets": [o for _, o in plan.reusable[k].values()],
         }
         for k in plan.todo
     ]
@@ -261,6 +264,7 @@ def _run_actors(cfg: GenerateConfig, plan: ShardPlan, shards_dir: Path, base_met
             "config": cfg.model_dump(mode="json"),
             "shards_dir": str(shards_dir),
             "base_metadata": base_meta,
+            "prompts": prompts,
         },
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=min(cfg.num_threads, len(plan.todo))),

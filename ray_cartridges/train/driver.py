@@ -151,7 +151,8 @@ def run_training(cfg: TrainConfig, max_failures: int | None = None, callbacks: t
     resume_from = None
     if cfg.training.resume and "://" not in storage:
         found = latest_checkpoint(Path(storage), run_name, rhash)
-        if found and found[0] >= cfg.training.max_steps and _finished_summary(out_dir, rhash):
+        done = _finished_steps(out_dir, rhash)
+        if found and done is not None and found[0] >= done:
             logger.info("%s already holds this run, finished at step %d: nothing to train", out_dir, found[0])
             return _summary(cfg, out_dir, files)
         if found:
@@ -170,12 +171,15 @@ def run_training(cfg: TrainConfig, max_failures: int | None = None, callbacks: t
     return _summary(cfg, out_dir, files)
 
 
-def _finished_summary(out_dir: Path, rhash: str) -> bool:
-    """Whether ``out_dir`` holds the summary of this very run (written once its last step was saved)."""
+def _finished_steps(out_dir: Path, rhash: str) -> int | None:
+    """The step count of this very run where ``out_dir`` holds its summary (written once its last step was
+    saved); None otherwise. The count comes from the run, so it holds for ``epochs`` as for ``max_steps``."""
     try:
-        return json.loads((out_dir / "train_summary.json").read_text()).get("run_hash") == rhash
+        summary = json.loads((out_dir / "train_summary.json").read_text())
     except (OSError, ValueError):
-        return False
+        return None
+    steps = summary.get("steps") if isinstance(summary, dict) and summary.get("run_hash") == rhash else None
+    return steps if isinstance(steps, int) else None
 
 
 def _summary(cfg: TrainConfig, out_dir: Path, files: list[Path]) -> dict:

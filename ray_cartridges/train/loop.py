@@ -70,8 +70,8 @@ def check_finite(value: torch.Tensor, what: str, step: int, row_ids: list[str]) 
         )
 
 
-def plan_steps(cfg: TrainConfig, n_train: int) -> tuple[list[list[int]], int]:
-    """The global batch plan and the number of optimizer steps."""
+def plan_steps(cfg: TrainConfig, n_train: int) -> tuple[int, int]:
+    """The passes over the training rows (``epochs``, or enough for ``max_steps``) and the steps in each."""
     t = cfg.training
     per_epoch = n_train // t.global_batch_size
     if per_epoch == 0:
