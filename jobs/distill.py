@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -106,7 +107,17 @@ def run_job(cfg) -> None:
         publish(cfg, out_dir, report)
     report["seconds"] = time.perf_counter() - t_start
     write_text_atomic(out_dir / "distill_report.json", json.dumps(report, indent=2, default=str))
-    print(final_summary(out_dir, evaluation, report))
+    print(final_summary(out_dir, evaluation, report, _sample_question(cfg.generate.checkpoint_dir)))
+
+
+def _sample_question(checkpoint_dir: str) -> str:
+    """A question of the memory for the closing summary's chat examples (a generic one if it cannot be read)."""
+    from ray_cartridges.memory import read_memory, sample_question
+
+    try:
+        return sample_question(read_memory(checkpoint_dir))
+    except (OSError, ValueError):
+        return "What do you remember?"
 
 
 def evaluate(cfg, out_dir: Path, report: dict) -> dict:
@@ -175,7 +186,7 @@ def publish(cfg, out_dir: Path, report: dict) -> None:
         report["stages"]["publish"] = {"error": str(err)}
 
 
-def final_summary(out_dir: Path, evaluation: dict | None, report: dict) -> str:
+def final_summary(out_dir: Path, evaluation: dict | None, report: dict, question: str = "What do you remember?") -> str:
     name = out_dir.name
     minutes = report["seconds"] / 60
     if not (out_dir / "cartridge.json").is_file():  # training skipped (and none from an earlier run)
@@ -194,15 +205,21 @@ def final_summary(out_dir: Path, evaluation: dict | None, report: dict) -> str:
     lines += [f"  {line}" for line in evaluation_lines(evaluation)]
     if "publish" in report["stages"]:
         lines.append(f"  hub: {report['stages']['publish']}")
+    payload = json.dumps({"model": name, "messages": [{"role": "user", "content": question}]})
+    q, model = json.dumps(question), json.dumps(name)  # JSON strings are Python literals, double-quoted
+    client = (
+        'from openai import OpenAI; c = OpenAI(base_url="http://localhost:8000/v1", api_key="none"); '
+        f'print(c.chat.completions.create(model={model}, messages=[{{"role": "user", "content": {q}}}])'
+        ".choices[0].message.content)"
+    )
     lines += [
         "",
         "Chat with it:",
         f"  ray-cartridges chat --cartridge {out_dir}       # on vLLM (--engine transformers: the reference loop)",
         f"  ray-cartridges serve --cartridge {out_dir}      # OpenAI-compatible endpoint on :8000",
         "  curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\",
-        f'    -d \'{{"model": "{name}", "messages": [{{"role": "user", "content": "Who is the station doctor?"}}]}}\'',
-        "  python -c \"from openai import OpenAI; c = OpenAI(base_url='http://localhost:8000/v1', api_key='none'); "
-        f"print(c.chat.completions.create(model='{name}', messages=[{{'role': 'user', 'content': 'Who is the station doctor?'}}]).choices[0].message.content)\"",
+        f"    -d {shlex.quote(payload)}",
+        f"  python -c {shlex.quote(client)}",
         "=" * 72,
     ]
     return "\n".join(lines)

@@ -178,6 +178,17 @@ def memory_questions(memory: AgentMemory) -> list[tuple[int, str, str]]:
     return out
 
 
+def sample_question(memory: AgentMemory) -> str:
+    """A question to try a cartridge of this memory with: its first Observation, or a corpus's first section
+    asked about by its heading."""
+    groups = memory.triples()
+    if memory.is_corpus:
+        titled = [g for g in groups if any(_is_heading(e) for e in g)]
+        return f"What does the text say about {section_title(titled[0])}?" if titled else "What does the text say?"
+    asked = [g[0].content for g in groups if g[0].type == "Observation"]
+    return asked[0] if asked else "What do you remember?"
+
+
 @dataclass(frozen=True)
 class Fact:
     """A fact of a memory with a known answer (``facts.json`` beside the checkpoint): the memory's own question

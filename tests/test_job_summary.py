@@ -1,6 +1,8 @@
 """The distill job's closing summary says what was written, and offers a chat only where a cartridge exists."""
 
 import importlib.util
+import json
+import shlex
 
 from helpers import REPO
 
@@ -25,3 +27,29 @@ def test_summary_offers_chat_only_with_a_cartridge(tmp_path):
     (out / "cartridge.json").write_text("{}")
     text = distill.final_summary(out, None, {"seconds": 60.0, "stages": {"train": {}}})
     assert f"Cartridge: {out}" in text and f"ray-cartridges chat --cartridge {out}" in text
+
+
+def test_the_chat_examples_ask_a_question_of_the_memory_quoted_for_the_shell(tmp_path):
+    """The closing summary's curl and openai examples ask the memory's own first question (a corpus: its first
+    section by heading), and stay valid shell, JSON and Python whatever quotes the question holds."""
+    from helpers import EXAMPLE_CHECKPOINT
+
+    from ray_cartridges.memory import read_memory
+
+    distill = _distill()
+    first = read_memory(EXAMPLE_CHECKPOINT).triples()[0][0]
+    assert first.type == "Observation" and distill._sample_question(str(EXAMPLE_CHECKPOINT)) == first.content
+    corpus = REPO / "examples" / "dev_memories" / "documents" / "corpus.md"
+    assert distill._sample_question(str(corpus)) == "What does the text say about Harbour Library?"
+    assert distill._sample_question(str(tmp_path / "missing")) == "What do you remember?"
+
+    out = tmp_path / "cartridge"
+    out.mkdir()
+    (out / "cartridge.json").write_text("{}")
+    tricky = 'What\'s the "door code" in $HOME?'
+    lines = distill.final_summary(out, None, {"seconds": 60.0, "stages": {}}, tricky).splitlines()
+    payload = json.loads(shlex.split(next(x for x in lines if x.strip().startswith("-d ")))[1])
+    assert payload == {"model": "cartridge", "messages": [{"role": "user", "content": tricky}]}
+    code = shlex.split(next(x for x in lines if "python -c" in x))[2]
+    compile(code, "client", "exec")
+    assert json.dumps(tricky) in code and 'model="cartridge"' in code
