@@ -58,6 +58,7 @@ class Prompt(TypedDict):
     seed_prompt: NotRequired[str]  # self-study: the instruction the question is written from
     score_context: NotRequired[str]  # where another teacher (the whole memory) reads the answer's targets
     max_tokens: NotRequired[int]  # this prompt's own answer length
+    answer: NotRequired[str]  # a given answer the teacher reads (teacher forcing) instead of writing one
 
 
 class TeacherMessage(TypedDict):

@@ -178,6 +178,14 @@ def memory_questions(memory: AgentMemory) -> list[tuple[int, str, str]]:
     return out
 
 
+def unit_text(group: list[MemoryEntry], is_corpus: bool) -> str:
+    """A unit's own text, as a recital states it: a corpus section's paragraphs (not its headings), or an
+    experience's entries as the memory renders them."""
+    if is_corpus:
+        return "\n\n".join(e.content for e in group if not _is_heading(e))
+    return "\n".join(e.render() for e in group)
+
+
 def sample_question(memory: AgentMemory) -> str:
     """A question to try a cartridge of this memory with: its first Observation, or a corpus's first section
     asked about by its heading."""

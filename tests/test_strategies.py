@@ -250,10 +250,61 @@ def test_recitals_cover_every_experience_from_a_window_that_holds_it_under_their
         assert p["metadata"]["memory_entry"] in shown and len(shown) == 3 and p["user"] == "Tell."
 
 
+def test_recitals_of_a_sections_own_text_are_read_by_the_teacher_not_written(tiny_model, tokenizer):
+    """recite.answers: text: a corpus section's answer is its own paragraphs (not its headings) and the end of
+    the turn; its targets are the teacher's distribution at each of those tokens with the section in context.
+    Mixed with written answers in one call, the records keep the prompts' order."""
+    import torch
+
+    from ray_cartridges.contracts import SamplingParams
+    from ray_cartridges.generate.engines import HFEngine
+    from ray_cartridges.generate.teacher import chat_ids, run_prompts
+
+    corpus = REPO / "examples" / "dev_memories" / "documents" / "corpus.md"
+    memory, groups = read_memory(corpus), read_memory(corpus).triples()
+    cfg = validate_config(
+        GenerateConfig,
+        {
+            "checkpoint_dir": str(corpus),
+            "replay": {"enabled": False},
+            "self_study": {"num_samples": 0},
+            "recite": {"enabled": True, "answers": "text"},
+            "general": {"num_samples": 4},
+        },
+    )
+    prompts = build_prompts(memory, cfg)
+    recite = [p for p in prompts if p["strategy"] == "recite/text"]
+    assert sorted(p["metadata"]["memory_entry"] for p in recite) == list(range(len(groups)))
+    for p in recite:
+        body = [e.content for e in groups[p["metadata"]["memory_entry"]] if not e.content.startswith("#")]
+        assert p["answer"] == "\n\n".join(body) and body and body[0] in p["context"]
+    picked = prompts[:6]
+    assert {"answer" in p for p in picked} == {True, False}
+    records, problems = run_prompts(
+        HFEngine(tiny_model, tokenizer), picked, sampling=SamplingParams(max_tokens=3, top_logprobs=5)
+    )
+    assert not problems and [r["metadata"]["prompt_id"] for r in records] == [p["prompt_id"] for p in picked]
+    for rec, p in zip(records, picked):
+        ids, entries = rec["messages"][-1]["token_ids"], rec["messages"][-1]["logprobs"]["content"]
+        if "answer" not in p:
+            assert len(ids) <= 3
+            continue
+        assert ids == tokenizer.encode(p["answer"], add_special_tokens=False) + [tokenizer.eos_token_id]
+        assert rec["messages"][-1]["content"] == p["answer"]
+        prompt = chat_ids(tokenizer, p["context"], p["user"])
+        with torch.no_grad():
+            lp = torch.log_softmax(tiny_model(torch.tensor([prompt + ids])).logits[0].float(), -1)
+        lp = lp[len(prompt) - 1 : len(prompt) + len(ids) - 1]
+        assert len(entries) == len(ids)
+        for j, e in enumerate(entries):
+            assert e["token_id"] == ids[j] and abs(e["logprob"] - float(lp[j, ids[j]])) < 1e-4
+            assert [t["token_id"] for t in e["top_logprobs"]] == lp[j].topk(5).indices.tolist()
+
+
 def test_shard_names_change_with_what_changes_a_shards_content_only():
     """A re-run resumes a shard only when its content would be the same: the teacher's numerics (dtype, vLLM's
     eager mode) and sampling rename shards; where the output goes, how many actors write it, do not."""
-    from ray_cartridges.generate.pipeline import shard_names
+    from ray_cartridges.generate.pipeline import _named_settings, shard_names
 
     cfg = _cfg(mode="focused")
     prompts = build_prompts(read_memory(EXAMPLE_CHECKPOINT), cfg)
@@ -284,6 +335,10 @@ def test_shard_names_change_with_what_changes_a_shards_content_only():
         p[i : i + 16] for p in [build_prompts(read_memory(EXAMPLE_CHECKPOINT), chat)] for i in range(0, len(p), 16)
     ]
     assert not set(shard_names(chat_shards, chat)) & set(base)
+    # a field that came later, at its default, is left out of the names: data written before it keeps them
+    assert "answers" not in _named_settings(cfg, set())["recite"] and "deterministic" not in _named_settings(cfg, set())
+    text = cfg.model_copy(update={"recite": cfg.recite.model_copy(update={"answers": "text"})})
+    assert _named_settings(text, set())["recite"]["answers"] == "text"
 
 
 def test_a_deterministic_teacher_runs_its_engine_core_in_the_actors_process():

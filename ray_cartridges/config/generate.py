@@ -63,6 +63,12 @@ class ReciteConfig(StrictModel):
     samples_per_experience: int = Field(
         1, gt=0, description="Prompts per experience, each with the next request of `requests` (cycling)."
     )
+    answers: Literal["teacher", "text"] = Field(
+        "teacher",
+        description="teacher: the teacher writes each recital; text: the unit's own text is the answer and its "
+        "targets are the teacher's logprobs reading that text with the unit in context (teacher forcing: a small "
+        "teacher that cannot restate a passage faithfully still predicts each of its tokens).",
+    )
     requests: list[str] | None = Field(
         None,
         min_length=1,

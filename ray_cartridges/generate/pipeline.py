@@ -45,16 +45,20 @@ _NOT_IN_SHARD_NAME = {
 _NOT_IN_PROMPT_KEY = _NOT_IN_SHARD_NAME | {"min_prob_mass", "student_system_prompt"}
 
 
-_LATER_FIELDS = {"memory_layout": "system", "deterministic": False}
+_LATER_FIELDS = {"memory_layout": "system", "deterministic": False, "recite.answers": "teacher"}
 
 
 def _named_settings(cfg: GenerateConfig, exclude: set[str]) -> dict:
     """The settings a shard name or prompt key covers; a field at its default that predates it is left out,
     so that data written before the field existed keeps its names."""
     settings = cfg.model_dump(mode="json", exclude=exclude)
-    for key, default in _LATER_FIELDS.items():
-        if settings.get(key) == default:
-            settings.pop(key)
+    for dotted, default in _LATER_FIELDS.items():
+        *parents, key = dotted.split(".")
+        where = settings
+        for name in parents:
+            where = where.get(name) or {}
+        if where.get(key) == default:
+            where.pop(key)
     return settings
 
 

@@ -15,7 +15,7 @@ import random
 from ..config import GenerateConfig
 from ..contracts import GENERAL_STRATEGY, Prompt, SplitKey
 from ..fsutil import bundled_data
-from ..memory import DEFAULT_HISTORY_INSTRUCTIONS, DEFAULT_TEMPLATE, AgentMemory, section_title
+from ..memory import DEFAULT_HISTORY_INSTRUCTIONS, DEFAULT_TEMPLATE, AgentMemory, section_title, unit_text
 
 SEED_PROMPTS = {
     "structuring": [
@@ -140,7 +140,8 @@ def recite_prompts(memory: AgentMemory, cfg: GenerateConfig, rng: random.Random)
     """For each experience (a corpus: each section): the teacher, reading it (in a window of recite.window_k
     units), says what it learned there (a corpus: what it says about the section, named by its heading). Unlike
     replay, this needs no question about the fact, so it covers every unit; its own split key kind
-    (``recite-``) so the evaluation holds out a share of recitals independently of replay."""
+    (``recite-``) so the evaluation holds out a share of recitals independently of replay. With
+    ``recite.answers: text`` the answer is the unit's own text, which the teacher reads rather than writes."""
     rc = cfg.recite
     requests = tuple(rc.requests or (CORPUS_REQUESTS if memory.is_corpus else RECITE_REQUESTS))
     groups = memory.triples()
@@ -148,16 +149,17 @@ def recite_prompts(memory: AgentMemory, cfg: GenerateConfig, rng: random.Random)
     for gi in range(len(groups)):
         for s in range(rc.samples_per_experience):
             start, end = _window_around(gi, rc.window_k, len(groups), rng)
-            out.append(
-                {
-                    "prompt_id": _pid("recite", gi, s, rc.window_k, cfg.seed),
-                    "strategy": "recite",
-                    "context": render_context(memory, cfg, groups[start:end]),
-                    "user": requests[s % len(requests)].replace("{title}", section_title(groups[gi])),
-                    "split_key": str(SplitKey("recite", str(gi))),
-                    "metadata": {"memory_entry": gi, "sample": s, "window": [start, end]},
-                }
-            )
+            prompt: Prompt = {
+                "prompt_id": _pid("recite", gi, s, rc.window_k, cfg.seed),
+                "strategy": "recite/text" if rc.answers == "text" else "recite",
+                "context": render_context(memory, cfg, groups[start:end]),
+                "user": requests[s % len(requests)].replace("{title}", section_title(groups[gi])),
+                "split_key": str(SplitKey("recite", str(gi))),
+                "metadata": {"memory_entry": gi, "sample": s, "window": [start, end]},
+            }
+            if rc.answers == "text":
+                prompt["answer"] = unit_text(groups[gi], memory.is_corpus)
+            out.append(prompt)
     return out
 
 

@@ -53,7 +53,10 @@ def longest_request(tokenizer, prompts: list[Prompt], cfg: GenerateConfig) -> tu
     q = cfg.self_study.question_max_tokens
     best = (0, "")
     for p in prompts:
-        extra = (p.get("max_tokens") or cfg.max_tokens) + (q if p.get("user") is None else 0)
+        if p.get("answer") is not None:
+            extra = len(tokenizer.encode(p["answer"], add_special_tokens=False)) + 1
+        else:
+            extra = (p.get("max_tokens") or cfg.max_tokens) + (q if p.get("user") is None else 0)
         sizes = [size(p["context"], p.get("user"), extra)]
         if scored_by_another(p):
             sizes.append(size(p["score_context"], p.get("user"), extra))
@@ -124,7 +127,10 @@ def run_prompts(
     qs = question_sampling or SamplingParams(temperature=0.8, max_tokens=64, top_logprobs=1)
     rejected = _write_questions(engine, [p for p in todo if p.get("user") is None], qs, seed)
     todo = [p for p in todo if p.get("user")]
-    outs = _answer(engine, todo, sampling, seed)
+    given = [i for i, p in enumerate(todo) if p.get("answer") is not None]
+    outs = _answer(engine, [p for p in todo if p.get("answer") is None], sampling, seed)
+    for i, ids in zip(given, _read_given(engine, [todo[i] for i in given], sampling.top_logprobs)):
+        outs.insert(i, ids)  # ascending indices: each lands where its prompt is
     # targets read by another teacher than the one that wrote the answer (``score_context``: the whole memory
     # re-reading an answer written from a chunk), by teacher forcing the answer's tokens
     rescore = [i for i, p in enumerate(todo) if scored_by_another(p)]
@@ -159,6 +165,18 @@ def _write_questions(engine, prompts: list[dict], sampling: SamplingParams, seed
         if p["user"] is None:
             rejected.append(Rejection(p["prompt_id"], "no_question", "the teacher wrote no usable question"))
     return rejected
+
+
+def _read_given(engine, prompts: list[dict], top_logprobs: int) -> list:
+    """(answer ids, logprob entries) of prompts that carry their answer: its tokens and the end of the turn, read
+    by the teacher after the prompt (teacher forcing)."""
+    if not prompts:
+        return []
+    tok = engine.tokenizer
+    end = [] if tok.eos_token_id is None else [tok.eos_token_id]
+    answers = [tok.encode(p["answer"], add_special_tokens=False) + end for p in prompts]
+    scored = engine.score([chat_ids(tok, p["context"], p["user"]) for p in prompts], answers, top_logprobs)
+    return list(zip(answers, scored))
 
 
 def _answer(engine, prompts: list[dict], sampling: SamplingParams, seed: int) -> list:
