@@ -449,3 +449,28 @@ def test_the_engine_context_fits_the_longest_request_and_a_prompt_that_cannot_fi
     twice = [{**p, "context": p["context"] + "\n\n" + p["context"]} for p in prompts[:3]]
     with pytest.raises(ConfigError, match=r"corpus\.md: .* more than smollm2-135m-instruct's context of 8192"):
         fit_engine_context(cfg, twice, memory.source)
+
+
+def test_recitals_follow_the_memory_kind_by_default_and_name_shards_as_the_setting_they_resolve_to():
+    """recite.enabled: auto recites a corpus's sections and none of an agent's experiences; a run resolves it
+    before naming shards, so data written with the explicit setting is found again (and kept by earlier runs)."""
+    from ray_cartridges.generate.pipeline import shard_names
+    from ray_cartridges.generate.strategies import for_memory
+
+    corpus = REPO / "examples" / "dev_memories" / "documents" / "corpus.md"
+    for source, on in ((EXAMPLE_CHECKPOINT, False), (corpus, True)):
+        memory = read_memory(source)
+        auto = validate_config(GenerateConfig, {"checkpoint_dir": str(source), "self_study": {"num_samples": 4}})
+        assert auto.recite.enabled == "auto"
+        explicit = auto.model_copy(update={"recite": auto.recite.model_copy(update={"enabled": on})})
+        prompts = build_prompts(memory, auto)
+        assert prompts == build_prompts(memory, explicit)
+        recitals = [p for p in prompts if p["strategy"].startswith("recite")]
+        assert len(recitals) == (len(memory.triples()) if on else 0)
+        shards = [prompts[i : i + 8] for i in range(0, len(prompts), 8)]
+        assert shard_names(shards, for_memory(auto, memory)) == shard_names(shards, explicit)
+    # with nothing else to generate, auto is not refused up front: a corpus would still recite
+    only = {"checkpoint_dir": str(corpus), "replay": {"enabled": False}, "self_study": {"enabled": False}}
+    assert build_prompts(read_memory(corpus), validate_config(GenerateConfig, only))
+    with pytest.raises(ValueError, match="nothing to generate"):
+        validate_config(GenerateConfig, {**only, "recite": {"enabled": False}})

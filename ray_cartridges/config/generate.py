@@ -58,7 +58,11 @@ class ReciteConfig(StrictModel):
     """The teacher reads one experience (or a few around it; in a corpus, a section) and states what it learned
     there: targets that carry the fact of every unit of the memory, also those whose questions are held out."""
 
-    enabled: bool = Field(False, description="Generate recital prompts.")
+    enabled: bool | Literal["auto"] = Field(
+        "auto",
+        description="Generate recital prompts. auto: on for a document corpus (it has no questions to replay, so "
+        "recitals of its sections are what carry its facts), off for an agent's experiences (replayed instead).",
+    )
     window_k: int = Field(1, gt=0, description="Experiences in the teacher's context, the recited one among them.")
     samples_per_experience: int = Field(
         1, gt=0, description="Prompts per experience, each with the next request of `requests` (cycling)."
@@ -167,7 +171,9 @@ class GenerateConfig(StrictModel):
     @model_validator(mode="after")
     def _check(self):
         if not (
-            self.replay.enabled or self.recite.enabled or (self.self_study.enabled and self.self_study.num_samples)
+            self.replay.enabled
+            or self.recite.enabled is not False
+            or (self.self_study.enabled and self.self_study.num_samples)
         ):
             raise ValueError("nothing to generate: enable replay, recite or self_study")
         if self.score_engine == "vllm" and self.engine != "vllm":

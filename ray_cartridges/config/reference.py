@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal, get_args, get_origin
+from types import UnionType
+from typing import Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
@@ -22,6 +23,8 @@ def _type_name(ann) -> str:
     if get_origin(ann) is Literal:
         return " or ".join(repr(v) for v in get_args(ann))
     args = get_args(ann)
+    if get_origin(ann) in (Union, UnionType) and any(get_origin(a) is Literal for a in args):
+        return " or ".join(_type_name(a) for a in args)
     if get_origin(ann) is list and args and get_origin(args[0]) is Literal:
         return f"list of {_type_name(args[0])}"
     name = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")

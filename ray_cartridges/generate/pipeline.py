@@ -24,7 +24,7 @@ from ..config import GenerateConfig, dump_config
 from ..engine_env import engine_actor_env
 from ..fsutil import atomic_writer, write_text_atomic
 from ..memory import read_memory
-from .strategies import build_prompts, render_context
+from .strategies import build_prompts, for_memory, render_context
 from .teacher import fit_engine_context, resolved_config, scored_by_another
 
 logger = logging.getLogger(__name__)
@@ -151,6 +151,7 @@ def run_generation(cfg: GenerateConfig, progress: bool = True) -> dict:
     cfg = resolved_config(cfg)
     logger.info("teacher dtype %s, score engine %s", cfg.dtype, cfg.score_engine)
     memory = read_memory(cfg.checkpoint_dir, strict=cfg.strict)
+    cfg = for_memory(cfg, memory)
     prompts = build_prompts(memory, cfg)
     cfg = fit_engine_context(cfg, prompts, memory.source)
     if cfg.training_top_k is not None and cfg.training_top_k != cfg.top_logprobs:

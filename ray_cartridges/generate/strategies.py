@@ -230,8 +230,17 @@ def general_prompts(cfg: GenerateConfig) -> list[Prompt]:
     return out
 
 
+def for_memory(cfg: GenerateConfig, memory: AgentMemory) -> GenerateConfig:
+    """The config with the settings that follow the memory's kind decided (``recite.enabled: auto``), so that
+    shard names see the concrete values: an agent's memory names its shards as with recitals off."""
+    if cfg.recite.enabled != "auto":
+        return cfg
+    return cfg.model_copy(update={"recite": cfg.recite.model_copy(update={"enabled": memory.is_corpus})})
+
+
 def build_prompts(memory: AgentMemory, cfg: GenerateConfig) -> list[Prompt]:
     """All prompts of a run, in a reproducible order (a function of the memory and the config)."""
+    cfg = for_memory(cfg, memory)
     rng = random.Random(cfg.seed)
     prompts = []
     if cfg.replay.enabled:
