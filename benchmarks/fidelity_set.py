@@ -62,6 +62,7 @@ def row(name: str, ev: dict) -> dict:
     return {
         "memory": name,
         "gap": ev["fidelity"].get("icl_gap_closed"),
+        "gap_by_strategy": {k: v["icl_gap_closed"] for k, v in (ev["fidelity"].get("by_strategy") or {}).items()},
         "heldout_recall": {w: acc(reworded, w) for w in ("no_memory", "icl", "cartridge")},
         "seen_recall": {w: acc(seen, w) for w in ("no_memory", "icl", "cartridge")} if seen else None,
         "chat_harm": (ev["no_harm"].get("chat") or {}).get("ratio"),

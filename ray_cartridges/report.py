@@ -14,6 +14,9 @@ def evaluation_lines(evaluation: dict | None) -> list[str]:
             f"fidelity (held-out, per-token KL to the in-context teacher): no memory {fid['kl_no_memory']:.3f}, "
             f"cartridge {fid['kl_cartridge']:.3f} -> share of the ICL gap closed {fid['icl_gap_closed']:.2f}"
         )
+        by = {k: v["icl_gap_closed"] for k, v in (fid.get("by_strategy") or {}).items()}
+        if by:
+            lines.append("  by strategy: " + ", ".join(f"{k} {v:.2f}" for k, v in by.items() if v is not None))
     reworded = evaluation.get("recall_heldout_phrasing") or {}
     if reworded:  # the headline: questions phrased unlike any training prompt
         lines.append(

@@ -345,3 +345,38 @@ def test_the_kl_teacher_reads_a_memory_laid_out_in_turns_as_the_record_kept_it(t
     assert own["kl_cartridge"] == pytest.approx(given["kl_cartridge"], rel=1e-4)
     system_only = fidelity(model, tokenizer, kv, [{k: v for k, v in rec.items() if k != "teacher_messages"}])
     assert system_only["kl_no_memory"] != pytest.approx(own["kl_no_memory"], rel=1e-3)
+
+
+def test_fidelity_of_a_mix_of_strategies_reads_each_kind_as_it_reads_alone(tiny_model, tokenizer):
+    """A held-out set of replay and recital records: each strategy family's reading is the reading of its
+    records alone, and the whole is their token-weighted mean (runs that add recitals compare on the rest)."""
+    import pytest
+
+    from ray_cartridges.eval.evaluate import fidelity
+
+    memory_text = "The station doctor is Dr. Amara Okafor. The supply boat arrives every Thursday at 10 am."
+
+    def rec(user, answer, strategy):
+        ids = tokenizer(answer).input_ids
+        msgs = [{"content": memory_text}, {"content": user}, {"content": answer, "token_ids": ids}]
+        return {"messages": msgs, "metadata": {"strategy": strategy}}
+
+    replay = [rec("Who is the station doctor?", "Dr. Amara Okafor.", "replay/focused")]
+    recite = [
+        rec("What does the text say?", memory_text, "recite/text"),
+        rec("When does the boat come?", "Every Thursday at 10 am.", "recite"),
+    ]
+    whole = fidelity(tiny_model, tokenizer, None, replay + recite)
+    alone = {
+        "replay": fidelity(tiny_model, tokenizer, None, replay),
+        "recite": fidelity(tiny_model, tokenizer, None, recite),
+    }
+    assert set(whole["by_strategy"]) == {"replay", "recite"} and "by_strategy" not in alone["replay"]
+    for family, reading in alone.items():
+        for k in ("kl_no_memory", "tokens", "conversations"):
+            assert whole["by_strategy"][family][k] == pytest.approx(reading[k], rel=1e-5)
+    tokens = sum(r["tokens"] for r in alone.values())
+    assert whole["tokens"] == tokens and whole["conversations"] == 3
+    mixed = sum(r["kl_no_memory"] * r["tokens"] for r in alone.values()) / tokens
+    assert whole["kl_no_memory"] == pytest.approx(mixed, rel=1e-5)
+    assert alone["replay"]["kl_no_memory"] != pytest.approx(alone["recite"]["kl_no_memory"], rel=1e-2)

@@ -98,15 +98,15 @@ def fidelity(
     cache: dict | None = None,
     teacher_context: MemoryContext | str | None = None,
 ) -> dict:
-    """Mean per-token KL over the answers of ``records`` for no memory and for the cartridge.
+    """Mean per-token KL over the answers of ``records`` for no memory and for the cartridge; where the records
+    are of several strategies, also per strategy family (``by_strategy``).
 
     ``teacher_context``: the whole memory as the teacher reads it (a :class:`MemoryContext` or a system prompt);
     None reads each record's own (what the generating teacher read, which for focused replay or chunk-answered
     self-study is only part of the memory).
     ``cache``: a dict kept across calls on the same base model (a sweep over cartridges): what does not depend on
     the cartridge (the teacher's logits with the memory in context, the no-memory KL) is computed once."""
-    sums = {"no_memory": 0.0, "cartridge": 0.0}
-    n = 0
+    per: dict[str, list[float]] = {}  # strategy family -> [no-memory KL sum, cartridge KL sum, tokens, records]
     store = {} if cache is None else cache
     if isinstance(teacher_context, str):
         teacher_context = MemoryContext.from_json(teacher_context)
@@ -131,13 +131,23 @@ def fidelity(
         else:
             t_logits, kl_plain = cache[key]
         cart = _logits_after(model, s_ids, kv)[s_slice]
-        sums["no_memory"] += kl_plain
-        sums["cartridge"] += float(kl_per_token(t_logits, cart).sum())
-        n += len(a_ids)
-    out = {f"kl_{k}": v / max(n, 1) for k, v in sums.items()}
+        family = (rec.get("metadata") or {}).get("strategy", "").split("/", 1)[0] or "unknown"
+        acc = per.setdefault(family, [0.0, 0.0, 0, 0])
+        acc[0] += kl_plain
+        acc[1] += float(kl_per_token(t_logits, cart).sum())
+        acc[2] += len(a_ids)
+        acc[3] += 1
+    out = _gap_reading(*(sum(a[i] for a in per.values()) for i in range(4)))
+    if len(per) > 1:  # a mix (replay, self-study, recitals): each kind's share too, to compare runs that differ in it
+        out["by_strategy"] = {family: _gap_reading(*acc) for family, acc in sorted(per.items())}
+    return out
+
+
+def _gap_reading(kl_no_memory: float, kl_cartridge: float, tokens: int, conversations: int) -> dict:
+    """Mean per-token KLs and the share of the ICL gap closed, from KL sums over ``tokens`` answer tokens."""
+    out = {"kl_no_memory": kl_no_memory / max(tokens, 1), "kl_cartridge": kl_cartridge / max(tokens, 1)}
     out["icl_gap_closed"] = 1 - out["kl_cartridge"] / out["kl_no_memory"] if out["kl_no_memory"] > 0 else None
-    out["tokens"] = n
-    out["conversations"] = len(records)
+    out.update(tokens=tokens, conversations=conversations)
     return out
 
 
