@@ -15,6 +15,11 @@ from typing import Any, Literal, NotRequired, TypedDict
 GENERAL_STRATEGY = "general/bare"
 
 
+def strategy_family(strategy: str) -> str:
+    """The family of a ``family/variant`` strategy name (``replay/focused`` -> ``replay``)."""
+    return strategy.split("/", 1)[0]
+
+
 @dataclass(frozen=True)
 class SplitKey:
     """``kind``: entry (a replayed experience), recite, chunk (a self-study chunk) or general;

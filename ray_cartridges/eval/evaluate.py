@@ -20,7 +20,7 @@ from ..agent.decoding import SamplingParams
 from ..agent.kv_memory import KVCacheMemory
 from ..batching import heldout_keys
 from ..chat import chat_template_ids
-from ..contracts import GENERAL_STRATEGY, SplitKey
+from ..contracts import GENERAL_STRATEGY, SplitKey, strategy_family
 from ..fsutil import bundled_data
 from ..memory import AgentMemory, MemoryContext, memory_questions, read_facts
 from ..models import fit_context
@@ -106,7 +106,7 @@ def fidelity(
     self-study is only part of the memory).
     ``cache``: a dict kept across calls on the same base model (a sweep over cartridges): what does not depend on
     the cartridge (the teacher's logits with the memory in context, the no-memory KL) is computed once."""
-    per: dict[str, list[float]] = {}  # strategy family -> [no-memory KL sum, cartridge KL sum, tokens, records]
+    per: dict[str, _KLSums] = {}  # by strategy family
     store = {} if cache is None else cache
     if isinstance(teacher_context, str):
         teacher_context = MemoryContext.from_json(teacher_context)
@@ -131,24 +131,41 @@ def fidelity(
         else:
             t_logits, kl_plain = cache[key]
         cart = _logits_after(model, s_ids, kv)[s_slice]
-        family = (rec.get("metadata") or {}).get("strategy", "").split("/", 1)[0] or "unknown"
-        acc = per.setdefault(family, [0.0, 0.0, 0, 0])
-        acc[0] += kl_plain
-        acc[1] += float(kl_per_token(t_logits, cart).sum())
-        acc[2] += len(a_ids)
-        acc[3] += 1
-    out = _gap_reading(*(sum(a[i] for a in per.values()) for i in range(4)))
+        family = strategy_family((rec.get("metadata") or {}).get("strategy", "")) or "unknown"
+        per.setdefault(family, _KLSums()).add(kl_plain, float(kl_per_token(t_logits, cart).sum()), len(a_ids))
+    total = _KLSums()
+    for sums in per.values():
+        total.add(sums.no_memory, sums.cartridge, sums.tokens, sums.conversations)
+    out = total.reading()
     if len(per) > 1:  # a mix (replay, self-study, recitals): each kind's share too, to compare runs that differ in it
-        out["by_strategy"] = {family: _gap_reading(*acc) for family, acc in sorted(per.items())}
+        out["by_strategy"] = {family: sums.reading() for family, sums in sorted(per.items())}
     return out
 
 
-def _gap_reading(kl_no_memory: float, kl_cartridge: float, tokens: int, conversations: int) -> dict:
-    """Mean per-token KLs and the share of the ICL gap closed, from KL sums over ``tokens`` answer tokens."""
-    out = {"kl_no_memory": kl_no_memory / max(tokens, 1), "kl_cartridge": kl_cartridge / max(tokens, 1)}
-    out["icl_gap_closed"] = 1 - out["kl_cartridge"] / out["kl_no_memory"] if out["kl_no_memory"] > 0 else None
-    out.update(tokens=tokens, conversations=conversations)
-    return out
+@dataclass
+class _KLSums:
+    """KL sums over the answer tokens of some records: no memory and cartridge, against the in-context teacher."""
+
+    no_memory: float = 0.0
+    cartridge: float = 0.0
+    tokens: int = 0
+    conversations: int = 0
+
+    def add(self, no_memory: float, cartridge: float, tokens: int, conversations: int = 1) -> None:
+        self.no_memory += no_memory
+        self.cartridge += cartridge
+        self.tokens += tokens
+        self.conversations += conversations
+
+    def reading(self) -> dict:
+        """Mean per-token KLs and the share of the ICL gap closed."""
+        out = {
+            "kl_no_memory": self.no_memory / max(self.tokens, 1),
+            "kl_cartridge": self.cartridge / max(self.tokens, 1),
+        }
+        out["icl_gap_closed"] = 1 - out["kl_cartridge"] / out["kl_no_memory"] if out["kl_no_memory"] > 0 else None
+        out.update(tokens=self.tokens, conversations=self.conversations)
+        return out
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import GenerateConfig, dump_config
+from ..contracts import strategy_family
 from ..engine_env import engine_actor_env
 from ..fsutil import atomic_writer, write_text_atomic
 from ..memory import read_memory
@@ -89,7 +90,7 @@ def prompt_keys(prompts: list[dict], cfg: GenerateConfig) -> list[str]:
     score_engine = settings.pop("score_engine")
     keys = []
     for p in prompts:
-        family = p["strategy"].split("/", 1)[0]
+        family = strategy_family(p["strategy"])
         mine = {**settings, "strategy_settings": strategies.get(family)}
         if scored_by_another(p):
             mine["score_engine"] = score_engine
