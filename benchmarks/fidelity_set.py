@@ -54,6 +54,17 @@ def run_job(name: str, ckpt: Path, out: Path, config: str, overrides: list[str])
     return json.loads((out / "cartridge" / "eval.json").read_text())
 
 
+def heldout_near_copies(ckpt: Path, dataset: Path) -> int:
+    """Held-out phrasings with a near copy among the training data's questions (teacher-written ones included):
+    recall on those would be seen phrasing in effect, so this is reported beside it."""
+    from ray_cartridges.memory import read_facts
+    from ray_cartridges.scoring import near_copy
+
+    users = {json.loads(line)["messages"][-2]["content"] for line in dataset.open() if line.strip()}
+    held = [h for f in read_facts(ckpt) or [] for h in f.heldout]
+    return sum(any(near_copy(u, h) for u in users) for h in held)
+
+
 def row(name: str, ev: dict) -> dict:
     def acc(rec, who):
         return (rec or {}).get(who, {}).get("accuracy")
@@ -92,6 +103,7 @@ def table(rows: list[dict]) -> tuple[str, dict]:
                 f"{_f(h['cartridge'])} / {_f(h['icl'])} / {_f(h['no_memory'])}",
                 f"{_f(s.get('cartridge'))} / {_f(s.get('icl'))} / {_f(s.get('no_memory'))}",
                 _f(None if r["chat_harm"] is None else (r["chat_harm"] - 1) * 100, "{:+.1f}%"),
+                _f(r.get("heldout_near_copies"), "{}"),
             ]
         )
     gaps = [r["gap"] for r in rows if r["gap"] is not None]
@@ -106,9 +118,16 @@ def table(rows: list[dict]) -> tuple[str, dict]:
             "heldout_recall_vs_icl_of_means": _ratio_of_means(rows),
             "harm_max": max(r["chat_harm"] for r in rows if r["chat_harm"] is not None),
         }
-        lines.append(["mean", _f(agg["gap_mean"]), "", "", ""])
-        lines.append(["worst", _f(agg["gap_worst"]), "", "", _f((agg["harm_max"] - 1) * 100, "{:+.1f}%")])
-    header = ["memory", "gap share", "held-out phrasing: cart / ICL / none", "seen: cart / ICL / none", "chat harm"]
+        lines.append(["mean", _f(agg["gap_mean"]), "", "", "", ""])
+        lines.append(["worst", _f(agg["gap_worst"]), "", "", _f((agg["harm_max"] - 1) * 100, "{:+.1f}%"), ""])
+    header = [
+        "memory",
+        "gap share",
+        "held-out phrasing: cart / ICL / none",
+        "seen: cart / ICL / none",
+        "chat harm",
+        "held-out near copies in training",
+    ]
     return print_table("fidelity over the development set", header, lines), agg
 
 
@@ -133,6 +152,7 @@ def main() -> None:
             rows.append(row(name, json.loads(done.read_text())))
         else:
             rows.append(row(name, run_job(name, MEMORIES[name], out / name, args.config, args.overrides)))
+        rows[-1]["heldout_near_copies"] = heldout_near_copies(MEMORIES[name], out / name / "data" / "dataset.jsonl")
     text, agg = table(rows)
     checks = {
         k: {

@@ -22,7 +22,7 @@ def strategy_family(strategy: str) -> str:
 
 @dataclass(frozen=True)
 class SplitKey:
-    """``kind``: entry (a replayed experience), recite, chunk (a self-study chunk) or general;
+    """``kind``: entry (a replayed experience), recite, quiz, chunk (a self-study chunk) or general;
     ``index``: which one of that kind (a chunk's is its ``start-end``)."""
 
     kind: str
@@ -61,6 +61,8 @@ class Prompt(TypedDict):
     metadata: dict[str, Any]
     question_context: NotRequired[str]  # self-study: what the question writer reads
     seed_prompt: NotRequired[str]  # self-study: the instruction the question is written from
+    question_text: NotRequired[str]  # quiz: a plain-text prompt (no chat template) the question continues
+    question_temperature: NotRequired[float]  # this prompt's own question sampling temperature
     score_context: NotRequired[str]  # where another teacher (the whole memory) reads the answer's targets
     max_tokens: NotRequired[int]  # this prompt's own answer length
     answer: NotRequired[str]  # a given answer the teacher reads (teacher forcing) instead of writing one

@@ -186,6 +186,47 @@ def unit_text(group: list[MemoryEntry], is_corpus: bool) -> str:
     return "\n".join(e.render() for e in group)
 
 
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_LABEL = re.compile(r"^[A-Z][\w ]{0,30}:\s+")  # "Task: ", "Please remember this: "
+
+
+def _strings(value) -> list[str]:
+    """The text a value holds: a string itself, or every string inside a dict or list (a tool result)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def unit_sentences(group: list[MemoryEntry], is_corpus: bool, min_chars: int = 20) -> list[str]:
+    """The whole sentences of a unit's text, in order: pieces that end in ``.``, ``!`` or ``?`` and hold at least
+    ``min_chars`` characters (log lines and one-word replies are not sentences), without a leading label
+    ("Task: "). A structured entry (a JSON tool result) gives the sentences of its string values; a corpus's
+    headings give none."""
+    out = []
+    for e in group:
+        if is_corpus and _is_heading(e):
+            continue
+        value = e.raw if isinstance(e.raw, dict | list) else _maybe_json(e.content)
+        for text in _strings(value):
+            for line in text.splitlines():
+                pieces = (_LABEL.sub("", s) for s in _SENTENCE_END.split(line.strip()))
+                out += [s for s in pieces if len(s) >= min_chars and s[-1] in ".!?"]
+    return out
+
+
+def _maybe_json(text: str):
+    if text.lstrip()[:1] in ("{", "["):
+        try:
+            return json.loads(text)
+        except ValueError:
+            pass
+    return text
+
+
 def sample_question(memory: AgentMemory) -> str:
     """A question to try a cartridge of this memory with: its first Observation, or a corpus's first section
     asked about by its heading."""

@@ -3,6 +3,7 @@ and evaluation (recall) share. No torch here."""
 
 from __future__ import annotations
 
+import difflib
 import re
 import string
 
@@ -34,3 +35,10 @@ def score_answer(prediction: str, reference: str, question: str = "", threshold:
     hits = sum(1 for t in terms if t in words or (re.fullmatch(r"[\d.:-]+", t) and t in p))
     recall = hits / len(terms) if terms else float(bool(r) and r in p)
     return {"exact": p == r, "contains": bool(r) and r in p, "key_recall": recall, "correct": recall >= threshold}
+
+
+def near_copy(text: str, phrasing: str) -> bool:
+    """``text`` holds ``phrasing`` (both reduced to lowercase words), or the two read nearly alike: how a training
+    prompt is checked against a held-out question."""
+    a, b = (" ".join(re.findall(r"[a-z0-9]+", t.lower())) for t in (text, phrasing))
+    return bool(b) and b in a or difflib.SequenceMatcher(None, a, b).ratio() >= 0.85

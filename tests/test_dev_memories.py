@@ -1,7 +1,6 @@
 """The development set of memories (examples/dev_memories, the demo's facts): each reads, holds its facts, and
 no training prompt holds a held-out phrasing or a near copy of one."""
 
-import difflib
 import json
 import re
 
@@ -11,6 +10,7 @@ from helpers import EXAMPLE_CHECKPOINT, REPO
 from ray_cartridges.config import DistillConfig, load_config
 from ray_cartridges.generate.strategies import build_prompts
 from ray_cartridges.memory import CheckpointError, read_facts, read_memory
+from ray_cartridges.scoring import near_copy
 
 DEV = REPO / "examples" / "dev_memories"
 MEMORIES = {
@@ -24,12 +24,6 @@ MEMORIES = {
 
 def _norm(text: str) -> str:
     return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
-
-
-def near_copy(a: str, b: str) -> bool:
-    """``a`` holds ``b`` (normalised), or the two read nearly alike."""
-    a, b = _norm(a), _norm(b)
-    return bool(b) and b in a or difflib.SequenceMatcher(None, a, b).ratio() >= 0.85
 
 
 def test_near_copy_catches_copies_and_leaves_paraphrases():
@@ -53,7 +47,7 @@ def test_each_memory_holds_its_facts_and_its_prompts_never_the_heldout_phrasings
     prompts = build_prompts(mem, cfg.generate)
     assert prompts
     strings = {json.dumps(p.get("context")) for p in prompts} | {
-        s for p in prompts for s in (p.get("user"), p.get("seed_prompt")) if s
+        s for p in prompts for s in (p.get("user"), p.get("seed_prompt"), p.get("question_text")) if s
     }
     for f in facts:
         for h in f.heldout:

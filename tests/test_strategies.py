@@ -339,6 +339,11 @@ def test_shard_names_change_with_what_changes_a_shards_content_only():
     assert "answers" not in _named_settings(cfg, set())["recite"] and "deterministic" not in _named_settings(cfg, set())
     text = cfg.model_copy(update={"recite": cfg.recite.model_copy(update={"answers": "text"})})
     assert _named_settings(text, set())["recite"]["answers"] == "text"
+    # the quiz section is named only where it is on (off, its other settings rename nothing)
+    quiz_off = cfg.model_copy(update={"quiz": cfg.quiz.model_copy(update={"questions_per_sentence": 5})})
+    assert shard_names(shards, quiz_off) == base and "quiz" not in _named_settings(cfg, set())
+    quiz_on = cfg.model_copy(update={"quiz": cfg.quiz.model_copy(update={"enabled": True})})
+    assert all(a != b for a, b in zip(shard_names(shards, quiz_on), base))
 
 
 def test_a_deterministic_teacher_runs_its_engine_core_in_the_actors_process():
@@ -375,6 +380,7 @@ def test_prompt_keys_follow_each_prompts_own_strategy_and_index_earlier_records(
     # a strategy's setting re-keys its own prompts only; the teacher's sampling re-keys all; conversion none
     study = cfg.self_study.model_copy(update={"question_temperature": 0.3})
     assert changed(self_study=study) == [f == "self_study" for f in family]
+    assert not any(changed(quiz=cfg.quiz.model_copy(update={"enabled": True, "window_k": 2})))  # no quiz prompt
     assert all(changed(temperature=0.7)) and all(changed(model_name="other"))
     assert not any(changed(min_prob_mass=0.5, student_system_prompt="Hi.", shard_size=3, num_threads=4))
 
@@ -474,3 +480,98 @@ def test_recitals_follow_the_memory_kind_by_default_and_name_shards_as_the_setti
     assert build_prompts(read_memory(corpus), validate_config(GenerateConfig, only))
     with pytest.raises(ValueError, match="nothing to generate"):
         validate_config(GenerateConfig, {**only, "recite": {"enabled": False}})
+
+
+def test_sentences_of_a_unit_are_its_whole_sentences_also_inside_a_tool_result():
+    from ray_cartridges.memory import MemoryEntry, unit_sentences
+
+    tool = '{"log": "INFO  queue depth 12, consumers 4", "message": "The vault is led by Ann Berg. Ask her first!"}'
+    group = [
+        MemoryEntry("Observation", "Task: Who leads the backup vault?", 0),
+        MemoryEntry("Action", 'search_docs(query="vault")', 1),
+        MemoryEntry("Feedback", tool, 2),
+        MemoryEntry("Feedback", "Thanks!", 3),
+    ]
+    assert unit_sentences(group, False) == ["Who leads the backup vault?", "The vault is led by Ann Berg."]
+    assert unit_sentences(group, False, min_chars=5) == [
+        "Who leads the backup vault?",
+        "The vault is led by Ann Berg.",
+        "Ask her first!",
+        "Thanks!",
+    ]
+    section = [
+        MemoryEntry("Observation", "## Opening hours of the hall.", 0),
+        MemoryEntry("Observation", "It opens at 9 am daily.", 1),
+    ]
+    assert unit_sentences(section, True) == ["It opens at 9 am daily."]
+
+
+def test_quiz_asks_about_each_distinct_sentence_from_a_window_that_holds_its_unit():
+    """Every distinct sentence of the memory (a tool result's message included, its log lines not) is asked
+    questions_per_sentence times, each through the worked examples; the teacher answers from a window of window_k
+    experiences that holds the sentence's first unit; the quiz leaves the other strategies' prompts as they were."""
+    from ray_cartridges.generate.strategies import QUIZ_EXAMPLES, quiz_question_text
+    from ray_cartridges.memory import unit_sentences
+
+    ckpt = REPO / "examples" / "dev_memories" / "tool_agent"
+    memory = read_memory(ckpt)
+    groups = memory.triples()
+    base = {"checkpoint_dir": str(ckpt), "self_study": {"num_samples": 8}}
+    without = build_prompts(memory, validate_config(GenerateConfig, base))
+    cfg = validate_config(
+        GenerateConfig, {**base, "quiz": {"enabled": True, "questions_per_sentence": 2, "window_k": 3}}
+    )
+    prompts = build_prompts(memory, cfg)
+    quiz = [p for p in prompts if p["strategy"] == "quiz/sentence"]
+    assert {p["prompt_id"]: p for p in prompts if p not in quiz} == {p["prompt_id"]: p for p in without}
+    first = {}
+    for gi, g in enumerate(groups):
+        for sentence in unit_sentences(g, False):
+            first.setdefault(sentence, gi)
+    asked = sorted(p["metadata"]["sentence"] for p in quiz)
+    assert asked == sorted(s for s in first for _ in range(2))
+    assert "The backup vault is led by Liam O'Connor." in first and not [s for s in first if "INFO" in s]
+    assert len({p["prompt_id"] for p in quiz}) == len(quiz)
+    for p in quiz:
+        sentence, gi = p["metadata"]["sentence"], p["metadata"]["memory_entry"]
+        assert gi == first[sentence] and p["split_key"] == f"quiz-{gi}" and p["user"] is None
+        assert p["question_text"] == quiz_question_text(sentence)
+        assert p["question_text"].endswith(f"Sentence: {sentence}\nQuestion:")
+        assert all(q in p["question_text"] for _, q in QUIZ_EXAMPLES)
+        shown = [i for i, g in enumerate(groups) if g[0].render() in p["context"]]
+        assert gi in shown and len(shown) == 3
+
+
+def test_quiz_questions_continue_their_plain_text_at_their_own_temperature(tokenizer):
+    """A quiz question is written by continuing its plain text (no chat template) at the quiz's temperature; a
+    self-study question from its chat at the question writer's; each prompt is then answered with its question."""
+    from ray_cartridges.contracts import SamplingParams
+    from ray_cartridges.generate.records import logprob_entry
+    from ray_cartridges.generate.teacher import chat_ids, run_prompts
+
+    calls = []
+
+    class Writer:
+        def __init__(self):
+            self.tokenizer = tokenizer
+
+        def complete(self, prompts, sampling, seeds):
+            calls.append((prompts, sampling.temperature, sampling.max_tokens))
+            text = "Who keeps the key?\nSentence: more" if sampling.max_tokens == 64 else "Ann."
+            ids = tokenizer(text, add_special_tokens=False).input_ids
+            return [(ids, [logprob_entry(tokenizer, t, 0.0, [(t, 0.0)]) for t in ids]) for _ in prompts]
+
+    quiz = {"prompt_id": "q", "strategy": "quiz/sentence", "context": "memory", "user": None, "split_key": "quiz-0"}
+    quiz |= {"question_text": "Sentence: Ann keeps the key.\nQuestion:", "question_temperature": 0.3, "metadata": {}}
+    study = {"prompt_id": "s", "strategy": "self_study/question", "context": "memory", "user": None}
+    study |= {"split_key": "chunk-0-1", "question_context": "chunk", "seed_prompt": "Ask.", "metadata": {}}
+    qs = SamplingParams(temperature=0.8, max_tokens=64)
+    records, rejected = run_prompts(
+        Writer(), [quiz, study], sampling=SamplingParams(max_tokens=4), question_sampling=qs
+    )
+    assert not rejected
+    written = {t: p for p, t, n in calls if n == 64}
+    assert written == {0.3: [tokenizer.encode(quiz["question_text"])], 0.8: [chat_ids(tokenizer, "chunk", "Ask.")]}
+    assert [r["messages"][-2]["content"] for r in records] == ["Who keeps the key?"] * 2
+    answered = [p for p, t, n in calls if n == 4]
+    assert answered == [[chat_ids(tokenizer, "memory", "Who keeps the key?")] * 2]

@@ -82,6 +82,28 @@ class ReciteConfig(StrictModel):
     )
 
 
+class QuizConfig(StrictModel):
+    """The teacher writes questions about each sentence of the memory by continuing a few worked examples, then
+    answers each with a window of the memory around the sentence: questions about every fact, in other words
+    than the memory's own."""
+
+    enabled: bool = Field(False, description="Generate quiz prompts.")
+    questions_per_sentence: int = Field(
+        2, gt=0, description="Questions written per distinct sentence of the memory (each sampled on its own)."
+    )
+    temperature: float = Field(
+        0.8, ge=0, description="Sampling temperature of question writing (above 0: varied questions per sentence)."
+    )
+    window_k: int = Field(
+        6,
+        gt=0,
+        description="Experiences (in a corpus: sections) the answering teacher reads, the sentence's among them.",
+    )
+    min_chars: int = Field(
+        20, gt=0, description="Shortest sentence asked about (shorter ones are replies such as 'Thanks!')."
+    )
+
+
 class GeneralConfig(StrictModel):
     """Unrelated requests answered by the bare teacher (no memory): the cartridge learns to leave such answers as they were."""
 
@@ -163,6 +185,7 @@ class GenerateConfig(StrictModel):
     replay: ReplayConfig = ReplayConfig()
     self_study: SelfStudyConfig = SelfStudyConfig()
     recite: ReciteConfig = ReciteConfig()
+    quiz: QuizConfig = QuizConfig()
     general: GeneralConfig = GeneralConfig()
     training_top_k: int | None = Field(None, gt=0, description="top_k_logits of the training run (mismatch warns).")
     hf_repo_id: str | None = Field(None, description="Hub dataset repo to push to.")
@@ -173,9 +196,10 @@ class GenerateConfig(StrictModel):
         if not (
             self.replay.enabled
             or self.recite.enabled is not False
+            or self.quiz.enabled
             or (self.self_study.enabled and self.self_study.num_samples)
         ):
-            raise ValueError("nothing to generate: enable replay, recite or self_study")
+            raise ValueError("nothing to generate: enable replay, recite, quiz or self_study")
         if self.score_engine == "vllm" and self.engine != "vllm":
             raise ValueError(
                 f"score_engine 'vllm' needs engine 'vllm' (engine is {self.engine!r}: no vLLM engine is started to "

@@ -60,6 +60,8 @@ def _named_settings(cfg: GenerateConfig, exclude: set[str]) -> dict:
             where = where.get(name) or {}
         if where.get(key) == default:
             where.pop(key)
+    if not cfg.quiz.enabled:  # (a later section) named only where it is on
+        settings.pop("quiz", None)
     return settings
 
 
@@ -78,7 +80,7 @@ def shard_names(prompts: list[list[dict]], cfg: GenerateConfig) -> list[str]:
     return names
 
 
-_STRATEGY_FIELDS = ("replay", "self_study", "recite", "general")
+_STRATEGY_FIELDS = ("replay", "self_study", "recite", "quiz", "general")
 
 
 def prompt_keys(prompts: list[dict], cfg: GenerateConfig) -> list[str]:
@@ -86,7 +88,7 @@ def prompt_keys(prompts: list[dict], cfg: GenerateConfig) -> list[str]:
     answering teacher and of the prompt's own strategy only (a self-study setting does not touch a replay
     prompt's key), and the score engine only where another teacher reads the answer."""
     settings = _named_settings(cfg, _NOT_IN_PROMPT_KEY)
-    strategies = {name: settings.pop(name) for name in _STRATEGY_FIELDS}
+    strategies = {name: settings.pop(name, None) for name in _STRATEGY_FIELDS}
     score_engine = settings.pop("score_engine")
     keys = []
     for p in prompts:

@@ -1,5 +1,5 @@
 """Prompt strategies: replay of the agent's own Observations, self-study questions, recitals of what each
-experience taught, and unrelated requests.
+experience taught, quiz questions about each sentence, and unrelated requests.
 
 Each prompt is a :class:`~ray_cartridges.contracts.Prompt` (a JSON-serialisable dict, so it travels through Ray
 Data unchanged). An unrelated request (``general/bare``) has no memory in ``context``: it is the student's own
@@ -15,7 +15,14 @@ import random
 from ..config import GenerateConfig
 from ..contracts import GENERAL_STRATEGY, Prompt, SplitKey
 from ..fsutil import bundled_data
-from ..memory import DEFAULT_HISTORY_INSTRUCTIONS, DEFAULT_TEMPLATE, AgentMemory, section_title, unit_text
+from ..memory import (
+    DEFAULT_HISTORY_INSTRUCTIONS,
+    DEFAULT_TEMPLATE,
+    AgentMemory,
+    section_title,
+    unit_sentences,
+    unit_text,
+)
 
 SEED_PROMPTS = {
     "structuring": [
@@ -163,6 +170,52 @@ def recite_prompts(memory: AgentMemory, cfg: GenerateConfig, rng: random.Random)
     return out
 
 
+# Worked examples the quiz's question writer continues: statements and a question, each asked in other words.
+# (Kept apart from the development set's held-out phrasings: no "in charge of", "first opened", "dial", "begin".)
+QUIZ_EXAMPLES = (
+    ("The library opens at 9 am on weekdays.", "At what time does the library open on weekdays?"),
+    ("Our landlord is called Peter Novak.", "Who is our landlord?"),
+    ("Who cleans the kitchen on Fridays?", "On Fridays, whose job is it to clean the kitchen?"),
+    ("The printer on the second floor uses toner cartridge TN-240.", "Which toner does the second-floor printer take?"),
+)
+
+
+def quiz_question_text(sentence: str) -> str:
+    """The completion prompt the teacher continues with a question about ``sentence``."""
+    shots = "".join(f"Sentence: {s}\nQuestion: {q}\n\n" for s, q in QUIZ_EXAMPLES)
+    return f"{shots}Sentence: {sentence}\nQuestion:"
+
+
+def quiz_prompts(memory: AgentMemory, cfg: GenerateConfig, rng: random.Random) -> list[Prompt]:
+    """For each distinct sentence of the memory (the first unit that holds it): ``questions_per_sentence``
+    questions the teacher writes by continuing :data:`QUIZ_EXAMPLES`, each answered by the teacher reading a
+    random window of ``window_k`` units around that unit. Its own split key kind (``quiz-``), per unit."""
+    qc = cfg.quiz
+    groups = memory.triples()
+    seen: set[str] = set()
+    out = []
+    for gi, group in enumerate(groups):
+        for sentence in unit_sentences(group, memory.is_corpus, qc.min_chars):
+            if sentence in seen:
+                continue
+            seen.add(sentence)
+            for s in range(qc.questions_per_sentence):
+                start, end = _window_around(gi, qc.window_k, len(groups), rng)
+                out.append(
+                    {
+                        "prompt_id": _pid("quiz", sentence, s, qc.window_k, cfg.seed),
+                        "strategy": "quiz/sentence",
+                        "context": render_context(memory, cfg, groups[start:end]),
+                        "user": None,
+                        "question_text": quiz_question_text(sentence),
+                        "question_temperature": qc.temperature,
+                        "split_key": str(SplitKey("quiz", str(gi))),
+                        "metadata": {"memory_entry": gi, "sentence": sentence, "sample": s, "window": [start, end]},
+                    }
+                )
+    return out
+
+
 def self_study_prompts(memory: AgentMemory, cfg: GenerateConfig, rng: random.Random) -> list[Prompt]:
     sc = cfg.self_study
     groups = memory.triples()
@@ -249,6 +302,8 @@ def build_prompts(memory: AgentMemory, cfg: GenerateConfig) -> list[Prompt]:
         prompts += self_study_prompts(memory, cfg, rng)
     if cfg.recite.enabled:  # after the others: enabling it leaves their random windows and questions as they were
         prompts += recite_prompts(memory, cfg, rng)
+    if cfg.quiz.enabled:
+        prompts += quiz_prompts(memory, cfg, rng)
     prompts += general_prompts(cfg)
     random.Random(cfg.seed + 1).shuffle(prompts)
     if cfg.max_samples:

@@ -60,7 +60,9 @@ def longest_request(tokenizer, prompts: list[Prompt], cfg: GenerateConfig) -> tu
         sizes = [size(p["context"], p.get("user"), extra)]
         if scored_by_another(p):
             sizes.append(size(p["score_context"], p.get("user"), extra))
-        if p.get("user") is None:
+        if p.get("question_text") is not None:
+            sizes.append(len(tokenizer.encode(p["question_text"])) + q)
+        elif p.get("user") is None:
             sizes.append(size(p["question_context"], p["seed_prompt"], q))
         best = max(best, (max(sizes), p["prompt_id"]))
     return best
@@ -148,22 +150,32 @@ def run_prompts(
     return records, rejected
 
 
+def _question_ids(tok, p: dict) -> list[int]:
+    """What the question writer reads: a plain-text prompt it continues (quiz), or a chat of the memory chunk
+    and the seed prompt (self-study)."""
+    if p.get("question_text") is not None:
+        return tok.encode(p["question_text"])
+    return chat_ids(tok, p["question_context"], p["seed_prompt"])
+
+
 def _write_questions(engine, prompts: list[dict], sampling: SamplingParams, seed: int) -> list[Rejection]:
-    """Self-study: the teacher writes each prompt's question (``user``) from its seed prompt; those it wrote no
-    usable question for are returned."""
-    if not prompts:
-        return []
+    """The teacher writes each prompt's question (``user``), one engine call per question temperature (a prompt
+    may carry its own); those it wrote no usable question for are returned."""
     tok = engine.tokenizer
-    outs = engine.complete(
-        [chat_ids(tok, p["question_context"], p["seed_prompt"]) for p in prompts],
-        sampling,
-        [request_seed(seed, "q:" + p["prompt_id"]) for p in prompts],
-    )
+    by_temp: dict[float, list[dict]] = {}
+    for p in prompts:
+        by_temp.setdefault(p.get("question_temperature", sampling.temperature), []).append(p)
     rejected = []
-    for p, (ids, _) in zip(prompts, outs):
-        p["user"] = clean_question(tok.decode(ids, skip_special_tokens=True))
-        if p["user"] is None:
-            rejected.append(Rejection(p["prompt_id"], "no_question", "the teacher wrote no usable question"))
+    for temperature, group in by_temp.items():
+        outs = engine.complete(
+            [_question_ids(tok, p) for p in group],
+            replace(sampling, temperature=temperature),
+            [request_seed(seed, "q:" + p["prompt_id"]) for p in group],
+        )
+        for p, (ids, _) in zip(group, outs):
+            p["user"] = clean_question(tok.decode(ids, skip_special_tokens=True))
+            if p["user"] is None:
+                rejected.append(Rejection(p["prompt_id"], "no_question", "the teacher wrote no usable question"))
     return rejected
 
 
