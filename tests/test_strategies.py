@@ -219,6 +219,20 @@ def test_fact_answer_share_scores_replay_and_recital_answers_against_their_own_f
     recitals = [rec(i0, fb0, "recite"), rec(i1, fb1, "recite"), rec(i1, fb0, "recite"), rec(i0, fb0)]
     assert fact_answer_share(recitals, memory, "recite") == {"correct": 2, "answers": 3, "share": 2 / 3}
 
+    # a quiz answer is scored against the sentence its question was written from, the question's words aside
+    def quiz(sentence, question, answer):
+        meta = {"memory_entry": i0, "strategy": "quiz/sentence", "sentence": sentence}
+        msgs = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        return {"metadata": meta, "messages": msgs}
+
+    s = "The boat leaves from pier 4 at noon."
+    quizzes = [
+        quiz(s, "When does the boat leave?", "At noon, from pier 4."),
+        quiz(s, "Where does the boat leave from at noon?", "From pier 4."),  # noon is the question's
+        quiz(s, "When does the boat leave?", fb0),  # the experience's Feedback is not this sentence
+    ]
+    assert fact_answer_share(quizzes, memory, "quiz") == {"correct": 2, "answers": 3, "share": 2 / 3}
+
 
 def test_recitals_cover_every_experience_from_a_window_that_holds_it_under_their_own_split_keys():
     from ray_cartridges.generate.strategies import RECITE_REQUESTS

@@ -206,8 +206,7 @@ def run_generation(cfg: GenerateConfig, progress: bool = True) -> dict:
         "engine_seconds_now": stats.seconds,  # time inside engine calls (no Ray or engine start-up)
         "memory_entries": len(memory.entries),
         "memory_lines_skipped": memory.skipped_lines,
-        "replay_answers_with_fact": fact_answer_share(answers, memory),
-        "recite_answers_with_fact": fact_answer_share(answers, memory, "recite"),
+        **{f"{k}_answers_with_fact": fact_answer_share(answers, memory, k) for k, _, _ in _FACT_KINDS},
         "problems": stats.problems[:20],
     }
     write_text_atomic(
@@ -342,9 +341,10 @@ def _push(out: Path, cfg: GenerateConfig) -> str:
 
 
 def fact_answer_share(records: list[dict], memory, prefix: str = "replay/") -> dict | None:
-    """How good the teacher's targets are: of the answers (of strategies starting with ``prefix``: replay, or
-    recitals) about experiences whose Feedback carries the answer, how many state it (the recall scoring of
-    ``ray-cartridges eval``). None where there are no such answers."""
+    """How good the teacher's targets are: of the answers (of strategies starting with ``prefix``: replay,
+    recitals or the quiz) about a known fact, how many state it (the recall scoring of ``ray-cartridges eval``).
+    The fact is the Feedback of the answer's experience, or for a quiz answer the sentence its question was
+    written from. None where there are no such answers."""
     from ..memory import memory_questions
     from ..scoring import score_answer
 
@@ -352,11 +352,24 @@ def fact_answer_share(records: list[dict], memory, prefix: str = "replay/") -> d
     hits = []
     for r in records:
         meta = r.get("metadata", {})
-        entry = meta.get("memory_entry")
-        if str(meta.get("strategy", "")).startswith(prefix) and entry in facts:
-            q, ref = facts[entry]
-            hits.append(score_answer(r["messages"][-1]["content"], ref, q)["correct"])
+        if not str(meta.get("strategy", "")).startswith(prefix):
+            continue
+        if "sentence" in meta:
+            q, ref = r["messages"][-2]["content"], meta["sentence"]
+        elif meta.get("memory_entry") in facts:
+            q, ref = facts[meta["memory_entry"]]
+        else:
+            continue
+        hits.append(score_answer(r["messages"][-1]["content"], ref, q)["correct"])
     return {"correct": sum(hits), "answers": len(hits), "share": sum(hits) / len(hits)} if hits else None
+
+
+# the kinds of answer whose share of stated facts the summary reports: (strategy prefix, name, what they state)
+_FACT_KINDS = (
+    ("replay", "replay", "their experience's Feedback"),
+    ("recite", "recital", "their experience's Feedback"),
+    ("quiz", "quiz", "the sentence they ask about"),
+)
 
 
 def _reproducible(cfg: GenerateConfig) -> str:
@@ -376,8 +389,8 @@ def dataset_card(cfg: GenerateConfig, summary: dict) -> str:
         f"- top logprobs per token: {cfg.top_logprobs}\n"
         f"- reproducible run to run: {_reproducible(cfg)}\n"
         + "".join(
-            f"- {kind} answers that state their experience's Feedback: {fact['correct']}/{fact['answers']}\n"
-            for kind in ("replay", "recite")
+            f"- {what} answers that state {stated}: {fact['correct']}/{fact['answers']}\n"
+            for kind, what, stated in _FACT_KINDS
             if (fact := summary.get(f"{kind}_answers_with_fact"))
         )
         + "\n"
@@ -395,10 +408,10 @@ def format_summary(s: dict) -> str:
         f"reused from earlier shards, {s['rejected_now']} rejected)",
         f"  answer tokens: {s['answer_tokens']}",
     ]
-    for kind, what in (("replay", "replay"), ("recite", "recital")):
+    for kind, what, stated in _FACT_KINDS:
         if fact := s.get(f"{kind}_answers_with_fact"):
             lines.append(
-                f"  {what} answers that state their experience's Feedback: {fact['correct']}/{fact['answers']} "
+                f"  {what} answers that state {stated}: {fact['correct']}/{fact['answers']} "
                 f"({fact['share']:.0%}; the ceiling of what the cartridge can learn from {what}s)"
             )
     if s.get("answer_tokens_per_s_now"):
