@@ -65,6 +65,23 @@ def heldout_near_copies(ckpt: Path, dataset: Path) -> int:
     return sum(any(near_copy(u, h) for u in users) for h in held)
 
 
+def rescore(ev: dict, ckpt: Path) -> dict:
+    """``ev`` with its recall re-scored from the answers it holds by today's scoring and facts (a run evaluated
+    before the facts had values reads as a fresh one would)."""
+    from ray_cartridges.memory import read_facts
+    from ray_cartridges.scoring import score_answer
+
+    value = {f.entry: f.value for f in read_facts(ckpt) or []}
+    for part in ("recall", "recall_heldout_phrasing"):
+        for rec in (ev.get(part) or {}).values():
+            scores = [
+                score_answer(a["answer"], a["reference"], a["question"], value=value.get(a["entry"]))
+                for a in rec["answers"]
+            ]
+            rec["accuracy"] = sum(s["correct"] for s in scores) / max(len(scores), 1)
+    return ev
+
+
 def row(name: str, ev: dict) -> dict:
     def acc(rec, who):
         return (rec or {}).get(who, {}).get("accuracy")
@@ -149,7 +166,7 @@ def main() -> None:
         done = out / name / "cartridge" / "eval.json"
         if args.reuse and done.is_file():
             print(f"[fidelity_set] {name}: reusing {done}", flush=True)
-            rows.append(row(name, json.loads(done.read_text())))
+            rows.append(row(name, rescore(json.loads(done.read_text()), MEMORIES[name])))
         else:
             rows.append(row(name, run_job(name, MEMORIES[name], out / name, args.config, args.overrides)))
         rows[-1]["heldout_near_copies"] = heldout_near_copies(MEMORIES[name], out / name / "data" / "dataset.jsonl")

@@ -8,7 +8,8 @@ can be scored, and with questions phrased unlike the memory's own (held out: nev
   tool_agent     a tool-using agent's tasks, tool calls and tool results (dict contents) (HistoryAgent)
   documents      a plain document corpus (Markdown) about the facilities of a town
 
-Each holds ``facts.json``: ``[{"entry", "answer", "question", "heldout"}]`` where ``question`` is the memory's
+Each holds ``facts.json``: ``[{"entry", "answer", "value", "question", "heldout"}]`` where ``value`` is the part of
+the answer a question asks for (what recall checks), ``question`` is the memory's
 own phrasing (None where the memory asks none) and ``heldout`` the other phrasings. The bundled demo memory
 (examples/agent_checkpoint) gets its ``facts.json`` here too and is the fifth member of the set.
 """
@@ -284,7 +285,10 @@ def main(out: Path) -> None:
         for i, f in enumerate(facts):
             f["entry"] = i
         (root / "facts.json").write_text(
-            json.dumps([{k: f[k] for k in ("entry", "answer", "question", "heldout")} for f in facts], indent=1) + "\n"
+            json.dumps(
+                [{k: f[k] for k in ("entry", "answer", "value", "question", "heldout")} for f in facts], indent=1
+            )
+            + "\n"
         )
     demo_facts(HERE / "agent_checkpoint")
 
@@ -324,13 +328,51 @@ DEMO_HELDOUT = [
 ]
 
 
+# the part of each demo answer that its held-out question asks for (what recall checks), in its order
+DEMO_VALUES = [
+    "blue tin",
+    "heron-42-tide",
+    "Amara Okafor",
+    "Thursday 10 am",
+    "16",
+    "24",
+    "Pixel",
+    "green",
+    "80",
+    "Tomas Lindqvist",
+    "6:30 pm",
+    "Kestrel",
+    "east",
+    "7391",
+    "14",
+    "Lena Park",
+    "Echo Seven Harbor",
+    "boot room",
+    "Puffins",
+    "40",
+    "radio room desk",
+    "Ruth Ellis",
+    "pairs",
+    "Sunday",
+    "no boats may leave",
+    "drawer 3",
+    "Marco Bianchi",
+    "Hut D",
+    "6",
+    "glacier-moss-9",
+]
+
+
 def demo_facts(root: Path) -> None:
     sys.path.insert(0, str(HERE.parent))
     from ray_cartridges.memory import memory_questions, read_memory
 
     qs = memory_questions(read_memory(root))
-    assert len(qs) == len(DEMO_HELDOUT)
-    facts = [{"entry": i, "answer": ref, "question": q, "heldout": [h]} for (i, q, ref), h in zip(qs, DEMO_HELDOUT)]
+    assert len(qs) == len(DEMO_HELDOUT) == len(DEMO_VALUES)
+    facts = [
+        {"entry": i, "answer": ref, "value": v, "question": q, "heldout": [h]}
+        for (i, q, ref), h, v in zip(qs, DEMO_HELDOUT, DEMO_VALUES)
+    ]
     (root / "facts.json").write_text(json.dumps(facts, indent=1) + "\n")
 
 

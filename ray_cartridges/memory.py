@@ -247,6 +247,7 @@ class Fact:
     answer: str
     question: str | None
     heldout: tuple[str, ...]
+    value: str | None = None  # the part of ``answer`` a question asks for ("Room 4C"): what recall checks
 
 
 FACTS_FILE = "facts.json"
@@ -263,11 +264,11 @@ def read_facts(checkpoint_dir: str | Path) -> list[Fact] | None:
         return None
     try:
         return [
-            Fact(int(x["entry"]), x["answer"], x.get("question"), tuple(x.get("heldout") or ()))
+            Fact(int(x["entry"]), x["answer"], x.get("question"), tuple(x.get("heldout") or ()), x.get("value"))
             for x in json.loads(f.read_text(encoding="utf-8"))
         ]
     except (ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{f}: expected a list of {{entry, answer, question, heldout}} ({err})") from None
+        raise CheckpointError(f"{f}: expected a list of {{entry, answer, value, question, heldout}} ({err})") from None
 
 
 def _content_text(content) -> str:

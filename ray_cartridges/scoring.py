@@ -26,15 +26,24 @@ def key_terms(reference: str, question: str = "") -> list[str]:
     return [w for w in normalise(reference).split() if w not in STOPWORDS and w not in q]
 
 
-def score_answer(prediction: str, reference: str, question: str = "", threshold: float = 0.5) -> dict:
-    """exact (normalised equality), contains (reference inside prediction), key_recall (share of the
-    reference's key terms found in the prediction) and correct (key_recall >= threshold)."""
+def score_answer(
+    prediction: str, reference: str, question: str = "", threshold: float = 0.5, value: str | None = None
+) -> dict:
+    """exact (normalised equality), contains (reference inside prediction), key_recall (share of the key terms
+    found in the prediction) and correct. Without ``value``: the reference's key terms, correct from
+    ``threshold`` on. With the fact's ``value`` (the part of the reference the question asks for, e.g. "Room
+    4C"): the value's key terms, all of them needed (the reference's other words, "takes place", are not the
+    fact, and "am" of a wrong "11:30 am" is not half of "9:40 am")."""
     p, r = normalise(prediction), normalise(reference)
-    terms = key_terms(reference, question)
+    terms = key_terms(value if value is not None else reference, question)
     words = set(p.split())
     hits = sum(1 for t in terms if t in words or (re.fullmatch(r"[\d.:-]+", t) and t in p))
-    recall = hits / len(terms) if terms else float(bool(r) and r in p)
-    return {"exact": p == r, "contains": bool(r) and r in p, "key_recall": recall, "correct": recall >= threshold}
+    if terms:
+        recall = hits / len(terms)
+    else:  # every word of the fact is in the question: the fact stated whole
+        recall = float(bool(r) and r in p) if value is None else float(normalise(value) in p)
+    needed = 1.0 if value is not None else threshold
+    return {"exact": p == r, "contains": bool(r) and r in p, "key_recall": recall, "correct": recall >= needed}
 
 
 def near_copy(text: str, phrasing: str) -> bool:

@@ -275,18 +275,21 @@ def no_harm(
 
 
 def recall(agents: dict[str, ChatModel], questions, max_tokens: int = 40, batch: int = 8) -> dict:
+    """Each agent's answers to ``questions``, ``(entry, question, reference[, value])``, scored by
+    :func:`~ray_cartridges.scoring.score_answer` (on the fact's value where a fact has one)."""
     out = {}
     for name, agent in agents.items():
         scores, answers = [], []
         for s in range(0, len(questions), batch):
             chunk = questions[s : s + batch]
             comps = agent.complete(
-                [[{"role": "user", "content": q}] for _, q, _ in chunk], SamplingParams(max_tokens=max_tokens)
+                [[{"role": "user", "content": q[1]}] for q in chunk], SamplingParams(max_tokens=max_tokens)
             )
-            for (i, q, ref), c in zip(chunk, comps):
-                sc = score_answer(c.text, ref, q)
+            for (i, q, ref, *value), c in zip(chunk, comps):
+                sc = score_answer(c.text, ref, q, value=value[0] if value else None)
                 scores.append(sc)
-                answers.append({"entry": i, "question": q, "reference": ref, "answer": c.text, **sc})
+                fact = {"entry": i, "question": q, "reference": ref, "value": value[0] if value else None}
+                answers.append({**fact, "answer": c.text, **sc})
         out[name] = {
             "accuracy": sum(s["correct"] for s in scores) / max(len(scores), 1),
             "key_recall": sum(s["key_recall"] for s in scores) / max(len(scores), 1),
@@ -343,8 +346,8 @@ def evaluate_cartridge(
     qs = memory_questions(memory)[:max_questions]
     facts, reworded = read_facts(memory.source), []
     if facts is not None:  # the memory's own questions where it asks them, and the held-out phrasings
-        qs = [(f.entry, f.question, f.answer) for f in facts if f.question][:max_questions]
-        reworded = [(f.entry, f.heldout[0], f.answer) for f in facts if f.heldout][:max_questions]
+        qs = [(f.entry, f.question, f.answer, f.value) for f in facts if f.question][:max_questions]
+        reworded = [(f.entry, f.heldout[0], f.answer, f.value) for f in facts if f.heldout][:max_questions]
     held_entries = {
         int(key.index)
         for key in (SplitKey.parse(r["metadata"].get("split_key", "")) for r in held)
