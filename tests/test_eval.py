@@ -380,3 +380,25 @@ def test_fidelity_of_a_mix_of_strategies_reads_each_kind_as_it_reads_alone(tiny_
     mixed = sum(r["kl_no_memory"] * r["tokens"] for r in alone.values()) / tokens
     assert whole["kl_no_memory"] == pytest.approx(mixed, rel=1e-5)
     assert alone["replay"]["kl_no_memory"] != pytest.approx(alone["recite"]["kl_no_memory"], rel=1e-2)
+
+
+def test_recall_on_a_facts_value_needs_the_value_and_not_the_references_other_words():
+    from helpers import EXAMPLE_CHECKPOINT, REPO
+
+    from ray_cartridges.memory import read_facts
+    from ray_cartridges.scoring import score_answer
+
+    ref, q = "My physio appointment takes place in Room 4C.", "In which room is my physio appointment held?"
+    right, echo = "It is held in Room 4C.", "It takes place in a room."
+    assert not score_answer(right, ref, q)["correct"] and score_answer(right, ref, q, value="Room 4C")["correct"]
+    assert not score_answer(echo, ref, q, value="Room 4C")["correct"]
+    ref, q = "My pottery class starts at 9:40 am.", "When does my pottery class begin?"
+    assert not score_answer("It begins at 11:30 am.", ref, q, value="9:40 am")["correct"]
+    assert score_answer("At 9:40 am.", ref, q, value="9:40 am")["correct"]
+    ref, q = "The access code for my Spanish course is 7153.", "Which code opens my Spanish course?"
+    assert score_answer("The access code for it.", ref, q)["correct"]  # the old rule's false hit
+    assert not score_answer("The access code for it.", ref, q, value="7153")["correct"]
+    dev = REPO / "examples" / "dev_memories"
+    for ckpt in (EXAMPLE_CHECKPOINT, dev / "team_qa", dev / "assistant_log", dev / "tool_agent", dev / "documents"):
+        for f in read_facts(ckpt):  # a value is the answer's own words, so the answer itself scores right
+            assert f.value and score_answer(f.answer, f.answer, f.heldout[0], value=f.value)["correct"], f
