@@ -68,17 +68,19 @@ def heldout_near_copies(ckpt: Path, dataset: Path) -> int:
 def rescore(ev: dict, ckpt: Path) -> dict:
     """``ev`` with its recall re-scored from the answers it holds by today's scoring and facts (a run evaluated
     before the facts had values reads as a fresh one would)."""
+    from ray_cartridges.eval.evaluate import heldout_accuracy, recall_scores
     from ray_cartridges.memory import read_facts
     from ray_cartridges.scoring import score_answer
 
     value = {f.entry: f.value for f in read_facts(ckpt) or []}
     for part in ("recall", "recall_heldout_phrasing"):
         for rec in (ev.get(part) or {}).values():
-            scores = [
-                score_answer(a["answer"], a["reference"], a["question"], value=value.get(a["entry"]))
-                for a in rec["answers"]
-            ]
-            rec["accuracy"] = sum(s["correct"] for s in scores) / max(len(scores), 1)
+            for a in rec["answers"]:
+                a["value"] = value.get(a["entry"])
+                a.update(score_answer(a["answer"], a["reference"], a["question"], value=a["value"]))
+            rec.update(recall_scores(rec["answers"]))
+            if "heldout_accuracy" in rec:
+                rec["heldout_accuracy"] = heldout_accuracy(rec["answers"], set(ev.get("heldout_entries", ())))
     return ev
 
 

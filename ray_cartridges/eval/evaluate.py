@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -274,28 +275,46 @@ def no_harm(
     return out
 
 
+class RecallQuestion(NamedTuple):
+    """A question recall asks, and the fact its answer is scored against."""
+
+    entry: int
+    question: str
+    reference: str
+    value: str | None = None  # the part of ``reference`` the question asks for (``Fact.value``)
+
+
+def recall_scores(answers: list[dict]) -> dict:
+    """Accuracy, key-term recall and exact share over scored answers (each with ``score_answer``'s fields)."""
+    n = max(len(answers), 1)
+    return {
+        k: sum(a[f] for a in answers) / n
+        for k, f in (("accuracy", "correct"), ("key_recall", "key_recall"), ("exact", "exact"))
+    }
+
+
+def heldout_accuracy(answers: list[dict], held_entries) -> float | None:
+    """Accuracy over the answers about experiences held out of training (None where none are)."""
+    held = [a["correct"] for a in answers if a["entry"] in held_entries]
+    return sum(held) / len(held) if held else None
+
+
 def recall(agents: dict[str, ChatModel], questions, max_tokens: int = 40, batch: int = 8) -> dict:
-    """Each agent's answers to ``questions``, ``(entry, question, reference[, value])``, scored by
+    """Each agent's answers to ``questions`` (:class:`RecallQuestion` or its fields as a tuple), scored by
     :func:`~ray_cartridges.scoring.score_answer` (on the fact's value where a fact has one)."""
+    questions = [RecallQuestion(*q) for q in questions]
     out = {}
     for name, agent in agents.items():
-        scores, answers = [], []
+        answers = []
         for s in range(0, len(questions), batch):
             chunk = questions[s : s + batch]
             comps = agent.complete(
-                [[{"role": "user", "content": q[1]}] for q in chunk], SamplingParams(max_tokens=max_tokens)
+                [[{"role": "user", "content": q.question}] for q in chunk], SamplingParams(max_tokens=max_tokens)
             )
-            for (i, q, ref, *value), c in zip(chunk, comps):
-                sc = score_answer(c.text, ref, q, value=value[0] if value else None)
-                scores.append(sc)
-                fact = {"entry": i, "question": q, "reference": ref, "value": value[0] if value else None}
-                answers.append({**fact, "answer": c.text, **sc})
-        out[name] = {
-            "accuracy": sum(s["correct"] for s in scores) / max(len(scores), 1),
-            "key_recall": sum(s["key_recall"] for s in scores) / max(len(scores), 1),
-            "exact": sum(s["exact"] for s in scores) / max(len(scores), 1),
-            "answers": answers,
-        }
+            for q, c in zip(chunk, comps):
+                sc = score_answer(c.text, q.reference, q.question, value=q.value)
+                answers.append({**q._asdict(), "answer": c.text, **sc})
+        out[name] = {**recall_scores(answers), "answers": answers}
     return out
 
 
@@ -346,8 +365,10 @@ def evaluate_cartridge(
     qs = memory_questions(memory)[:max_questions]
     facts, reworded = read_facts(memory.source), []
     if facts is not None:  # the memory's own questions where it asks them, and the held-out phrasings
-        qs = [(f.entry, f.question, f.answer, f.value) for f in facts if f.question][:max_questions]
-        reworded = [(f.entry, f.heldout[0], f.answer, f.value) for f in facts if f.heldout][:max_questions]
+        qs = [RecallQuestion(f.entry, f.question, f.answer, f.value) for f in facts if f.question][:max_questions]
+        reworded = [RecallQuestion(f.entry, f.heldout[0], f.answer, f.value) for f in facts if f.heldout][
+            :max_questions
+        ]
     held_entries = {
         int(key.index)
         for key in (SplitKey.parse(r["metadata"].get("split_key", "")) for r in held)
@@ -359,8 +380,7 @@ def evaluate_cartridge(
     batch = max(len(qs), 1) if engine == "vllm" else 8
     rec = recall(agents, qs, max_tokens=max_tokens, batch=batch) if qs else {}
     for name in rec:
-        held_scores = [a["correct"] for a in rec[name]["answers"] if a["entry"] in held_entries]
-        rec[name]["heldout_accuracy"] = sum(held_scores) / len(held_scores) if held_scores else None
+        rec[name]["heldout_accuracy"] = heldout_accuracy(rec[name]["answers"], held_entries)
     rec_reworded = recall(agents, reworded, max_tokens=max_tokens, batch=batch) if reworded else None
     if unrelated_text is None:
         unrelated_text = bundled_data("unrelated.txt").read_text()
