@@ -32,7 +32,12 @@ MEMORIES = {
     "tool_agent": DEV / "tool_agent",
     "documents": DEV / "documents" / "corpus.md",
 }
-TARGETS = {"gap_mean": 0.75, "heldout_recall_vs_icl_mean": 0.5, "harm_max": 1.05}
+TARGETS = {
+    "gap_mean": 0.75,
+    "heldout_recall_vs_icl_mean": 0.5,
+    "heldout_recall_vs_icl_uncopied_mean": 0.5,  # the honest one where teacher-written questions came close
+    "harm_max": 1.05,
+}
 
 
 def run_job(name: str, ckpt: Path, out: Path, config: str, overrides: list[str]) -> dict:
@@ -54,15 +59,25 @@ def run_job(name: str, ckpt: Path, out: Path, config: str, overrides: list[str])
     return json.loads((out / "cartridge" / "eval.json").read_text())
 
 
-def heldout_near_copies(ckpt: Path, dataset: Path) -> int:
+def near_copied(ckpt: Path, dataset: Path) -> set[str]:
     """Held-out phrasings with a near copy among the training data's questions (teacher-written ones included):
-    recall on those would be seen phrasing in effect, so this is reported beside it."""
+    recall on those would be seen phrasing in effect, so it is also reported without them."""
     from ray_cartridges.memory import read_facts
     from ray_cartridges.scoring import near_copy
 
     users = {json.loads(line)["messages"][-2]["content"] for line in dataset.open() if line.strip()}
     held = [h for f in read_facts(ckpt) or [] for h in f.heldout]
-    return sum(any(near_copy(u, h) for u in users) for h in held)
+    return {h for h in held if any(near_copy(u, h) for u in users)}
+
+
+def uncopied_recall(ev: dict, copied: set[str]) -> dict[str, float | None]:
+    """Held-out-phrasing recall of the cartridge and of ICL over the questions with no near copy in training."""
+    out = {}
+    for who in ("cartridge", "icl"):
+        answers = ((ev.get("recall_heldout_phrasing") or {}).get(who) or {}).get("answers", [])
+        kept = [a["correct"] for a in answers if a["question"] not in copied]
+        out[who] = sum(kept) / len(kept) if kept else None
+    return out
 
 
 def rescore(ev: dict, ckpt: Path) -> dict:
@@ -84,6 +99,19 @@ def rescore(ev: dict, ckpt: Path) -> dict:
     return ev
 
 
+# the held-out conversations every recipe has: a gap over them compares recipes that add strategies of their own
+BASE_FAMILIES = ("replay", "self_study")
+
+
+def base_gap(fid: dict) -> float | None:
+    """Share of the ICL gap closed over the held-out conversations of the base families only."""
+    parts = [v for k, v in (fid.get("by_strategy") or {}).items() if k in BASE_FAMILIES]
+    if not parts:  # one family: the whole held-out set is that family's
+        return fid.get("icl_gap_closed")
+    no_memory = sum(v["kl_no_memory"] * v["tokens"] for v in parts)
+    return 1 - sum(v["kl_cartridge"] * v["tokens"] for v in parts) / no_memory if no_memory > 0 else None
+
+
 def row(name: str, ev: dict) -> dict:
     def acc(rec, who):
         return (rec or {}).get(who, {}).get("accuracy")
@@ -92,6 +120,7 @@ def row(name: str, ev: dict) -> dict:
     return {
         "memory": name,
         "gap": ev["fidelity"].get("icl_gap_closed"),
+        "gap_base": base_gap(ev["fidelity"]),
         "gap_by_strategy": {k: v["icl_gap_closed"] for k, v in (ev["fidelity"].get("by_strategy") or {}).items()},
         "heldout_recall": {w: acc(reworded, w) for w in ("no_memory", "icl", "cartridge")},
         "seen_recall": {w: acc(seen, w) for w in ("no_memory", "icl", "cartridge")} if seen else None,
@@ -101,6 +130,13 @@ def row(name: str, ev: dict) -> dict:
 
 def _f(x, spec="{:.2f}"):
     return "-" if x is None else spec.format(x)
+
+
+def _mean_ratio(rows: list[dict], field: str) -> float | None:
+    """Mean over the memories of the cartridge's held-out-phrasing recall over ICL's (``field``: which recall)."""
+    recalls = [r.get(field) or {} for r in rows]
+    ratios = [h["cartridge"] / h["icl"] for h in recalls if h.get("icl") and h.get("cartridge") is not None]
+    return statistics.mean(ratios) if ratios else None
 
 
 def _ratio_of_means(rows: list[dict]) -> float | None:
@@ -114,38 +150,45 @@ def _ratio_of_means(rows: list[dict]) -> float | None:
 def table(rows: list[dict]) -> tuple[str, dict]:
     lines, agg = [], {}
     for r in rows:
-        h, s = r["heldout_recall"], r["seen_recall"] or {}
+        h, s, u = r["heldout_recall"], r["seen_recall"] or {}, r.get("heldout_recall_uncopied") or {}
         lines.append(
             [
                 r["memory"],
                 _f(r["gap"]),
+                _f(r.get("gap_base")),
                 f"{_f(h['cartridge'])} / {_f(h['icl'])} / {_f(h['no_memory'])}",
                 f"{_f(s.get('cartridge'))} / {_f(s.get('icl'))} / {_f(s.get('no_memory'))}",
                 _f(None if r["chat_harm"] is None else (r["chat_harm"] - 1) * 100, "{:+.1f}%"),
-                _f(r.get("heldout_near_copies"), "{}"),
+                f"{_f(r.get('heldout_near_copies'), '{}')} ({_f(u.get('cartridge'))} / {_f(u.get('icl'))})",
             ]
         )
     gaps = [r["gap"] for r in rows if r["gap"] is not None]
-    ratios = [r["heldout_recall"]["cartridge"] / r["heldout_recall"]["icl"] for r in rows if r["heldout_recall"]["icl"]]
+    ratios = _mean_ratio(rows, "heldout_recall")
     if gaps:
         agg = {
             "gap_mean": statistics.mean(gaps),
             "gap_worst": min(gaps),
+            "gap_base_mean": statistics.mean(r["gap_base"] for r in rows if r.get("gap_base") is not None),
             "gap_spread": max(gaps) - min(gaps),
-            "heldout_recall_vs_icl_mean": statistics.mean(ratios) if ratios else None,
+            "heldout_recall_vs_icl_mean": ratios,
             # beside the mean of ratios: a memory whose ICL recall is small weighs less here
             "heldout_recall_vs_icl_of_means": _ratio_of_means(rows),
+            "heldout_recall_vs_icl_uncopied_mean": _mean_ratio(rows, "heldout_recall_uncopied"),
             "harm_max": max(r["chat_harm"] for r in rows if r["chat_harm"] is not None),
         }
-        lines.append(["mean", _f(agg["gap_mean"]), "", "", "", ""])
-        lines.append(["worst", _f(agg["gap_worst"]), "", "", _f((agg["harm_max"] - 1) * 100, "{:+.1f}%"), ""])
+        base = [r["gap_base"] for r in rows if r.get("gap_base") is not None]
+        lines.append(["mean", _f(agg["gap_mean"]), _f(agg["gap_base_mean"]), "", "", "", ""])
+        lines.append(
+            ["worst", _f(agg["gap_worst"]), _f(min(base)), "", "", _f((agg["harm_max"] - 1) * 100, "{:+.1f}%"), ""]
+        )
     header = [
         "memory",
         "gap share",
+        "gap share, replay + self-study",
         "held-out phrasing: cart / ICL / none",
         "seen: cart / ICL / none",
         "chat harm",
-        "held-out near copies in training",
+        "held-out near copies in training (cart / ICL without them)",
     ]
     return print_table("fidelity over the development set", header, lines), agg
 
@@ -168,10 +211,13 @@ def main() -> None:
         done = out / name / "cartridge" / "eval.json"
         if args.reuse and done.is_file():
             print(f"[fidelity_set] {name}: reusing {done}", flush=True)
-            rows.append(row(name, rescore(json.loads(done.read_text()), MEMORIES[name])))
+            ev = rescore(json.loads(done.read_text()), MEMORIES[name])
         else:
-            rows.append(row(name, run_job(name, MEMORIES[name], out / name, args.config, args.overrides)))
-        rows[-1]["heldout_near_copies"] = heldout_near_copies(MEMORIES[name], out / name / "data" / "dataset.jsonl")
+            ev = run_job(name, MEMORIES[name], out / name, args.config, args.overrides)
+        rows.append(row(name, ev))
+        copied = near_copied(MEMORIES[name], out / name / "data" / "dataset.jsonl")
+        rows[-1]["heldout_near_copies"] = len(copied)
+        rows[-1]["heldout_recall_uncopied"] = uncopied_recall(ev, copied)
     text, agg = table(rows)
     checks = {
         k: {
