@@ -412,7 +412,7 @@ def format_summary(s: dict) -> str:
         if fact := s.get(f"{kind}_answers_with_fact"):
             lines.append(
                 f"  {what} answers that state {stated}: {fact['correct']}/{fact['answers']} "
-                f"({fact['share']:.0%}; the ceiling of what the cartridge can learn from {what}s)"
+                f"({fact['share']:.0%}; the ceiling of what the cartridge can learn from them)"
             )
     if s.get("answer_tokens_per_s_now"):
         lines.append(
