@@ -9,9 +9,13 @@ from ray_cartridges.generate.strategies import build_prompts
 from ray_cartridges.memory import read_memory
 
 
+def _gen(fields: dict) -> GenerateConfig:
+    """A generation config with the quiz off unless ``fields`` turn it on: each test here looks at its own strategy."""
+    return validate_config(GenerateConfig, {"quiz": {"enabled": False}, **fields})
+
+
 def _cfg(**replay):
-    return validate_config(
-        GenerateConfig,
+    return _gen(
         {"checkpoint_dir": str(EXAMPLE_CHECKPOINT), "replay": replay, "self_study": {"num_samples": 8}},
     )
 
@@ -57,8 +61,7 @@ def test_unrelated_requests_are_answered_bare_and_train_the_student_toward_its_o
     from ray_cartridges.generate.teacher import run_prompts
 
     memory = read_memory(EXAMPLE_CHECKPOINT)
-    cfg = validate_config(
-        GenerateConfig,
+    cfg = _gen(
         {"checkpoint_dir": str(EXAMPLE_CHECKPOINT), "self_study": {"num_samples": 0}, "general": {"num_samples": 6}},
     )
     requests = general_requests(cfg)
@@ -106,8 +109,7 @@ def test_focused_replay_shows_the_teacher_a_window_that_holds_the_current_experi
 def test_self_study_answers_from_the_chunk_only_when_asked_to():
     memory = read_memory(EXAMPLE_CHECKPOINT)
     full = build_prompts(memory, _cfg())
-    cfg = validate_config(
-        GenerateConfig,
+    cfg = _gen(
         {"checkpoint_dir": str(EXAMPLE_CHECKPOINT), "self_study": {"num_samples": 8, "answer_context": "chunk"}},
     )
     chunk = build_prompts(memory, cfg)
@@ -130,10 +132,8 @@ def test_chunk_answers_can_be_scored_by_the_teacher_with_the_whole_memory(model,
     memory = read_memory(EXAMPLE_CHECKPOINT)
     base = {"checkpoint_dir": str(EXAMPLE_CHECKPOINT), "replay": {"enabled": False}}
     ss = {"num_samples": 2, "answer_context": "chunk"}
-    plain = build_prompts(memory, validate_config(GenerateConfig, {**base, "self_study": ss}))
-    scored = build_prompts(
-        memory, validate_config(GenerateConfig, {**base, "self_study": {**ss, "targets": "full_memory"}})
-    )
+    plain = build_prompts(memory, _gen({**base, "self_study": ss}))
+    scored = build_prompts(memory, _gen({**base, "self_study": {**ss, "targets": "full_memory"}}))
     assert all("score_context" not in p for p in plain)
     assert all(p["score_context"] == memory.render() != p["context"] for p in scored)
     for p in plain + scored:  # the questions as written, so both runs answer the same ones
@@ -167,8 +167,7 @@ def test_unrelated_requests_get_their_own_answer_length_and_records_keep_prompt_
     from ray_cartridges.generate.teacher import run_prompts
 
     memory = read_memory(EXAMPLE_CHECKPOINT)
-    cfg = validate_config(
-        GenerateConfig,
+    cfg = _gen(
         {
             "checkpoint_dir": str(EXAMPLE_CHECKPOINT),
             "self_study": {"num_samples": 0},
@@ -240,8 +239,8 @@ def test_recitals_cover_every_experience_from_a_window_that_holds_it_under_their
     memory = read_memory(EXAMPLE_CHECKPOINT)
     groups = memory.triples()
     base = {"checkpoint_dir": str(EXAMPLE_CHECKPOINT), "self_study": {"num_samples": 8}}
-    without = build_prompts(memory, validate_config(GenerateConfig, base))
-    cfg = validate_config(GenerateConfig, {**base, "recite": {"enabled": True, "samples_per_experience": 2}})
+    without = build_prompts(memory, _gen(base))
+    cfg = _gen({**base, "recite": {"enabled": True, "samples_per_experience": 2}})
     prompts = build_prompts(memory, cfg)
     recite = [p for p in prompts if p["strategy"] == "recite"]
     # the other strategies' prompts (their random windows and questions) are unchanged by enabling recitals
@@ -258,7 +257,7 @@ def test_recitals_cover_every_experience_from_a_window_that_holds_it_under_their
     held = heldout_keys([p["split_key"] for p in prompts], 0.15, 0)
     assert any(k.startswith("recite-") for k in held) and any(k.startswith("entry-") for k in held)
 
-    wide = validate_config(GenerateConfig, {**base, "recite": {"enabled": True, "window_k": 3, "requests": ["Tell."]}})
+    wide = _gen({**base, "recite": {"enabled": True, "window_k": 3, "requests": ["Tell."]}})
     for p in [p for p in build_prompts(memory, wide) if p["strategy"] == "recite"]:
         shown = [i for i, g in enumerate(groups) if g[0].render() in p["context"]]
         assert p["metadata"]["memory_entry"] in shown and len(shown) == 3 and p["user"] == "Tell."
@@ -276,8 +275,7 @@ def test_recitals_of_a_sections_own_text_are_read_by_the_teacher_not_written(tin
 
     corpus = REPO / "examples" / "dev_memories" / "documents" / "corpus.md"
     memory, groups = read_memory(corpus), read_memory(corpus).triples()
-    cfg = validate_config(
-        GenerateConfig,
+    cfg = _gen(
         {
             "checkpoint_dir": str(corpus),
             "replay": {"enabled": False},
@@ -378,8 +376,7 @@ def test_prompt_keys_follow_each_prompts_own_strategy_and_index_earlier_records(
     from ray_cartridges.generate.actor import read_earlier
     from ray_cartridges.generate.pipeline import earlier_records, prompt_keys
 
-    cfg = validate_config(
-        GenerateConfig,
+    cfg = _gen(
         {"checkpoint_dir": str(EXAMPLE_CHECKPOINT), "self_study": {"num_samples": 4}, "recite": {"enabled": True}},
     )
     prompts = build_prompts(read_memory(EXAMPLE_CHECKPOINT), cfg)
@@ -452,9 +449,7 @@ def test_the_engine_context_fits_the_longest_request_and_a_prompt_that_cannot_fi
     from ray_cartridges.generate.teacher import chat_ids, fit_engine_context
 
     memory = read_memory(REPO / "examples" / "dev_memories" / "documents" / "corpus.md")
-    cfg = validate_config(
-        GenerateConfig, {"checkpoint_dir": str(memory.source), "replay": {"mode": "full_memory"}, "max_tokens": 96}
-    )
+    cfg = _gen({"checkpoint_dir": str(memory.source), "replay": {"mode": "full_memory"}, "max_tokens": 96})
     prompts = build_prompts(memory, cfg)
     fitted = fit_engine_context(cfg, prompts, memory.source).max_model_len
     longest = max(len(chat_ids(tokenizer, p["context"], p["user"] or "")) for p in prompts)
@@ -480,7 +475,7 @@ def test_recitals_follow_the_memory_kind_by_default_and_name_shards_as_the_setti
     corpus = REPO / "examples" / "dev_memories" / "documents" / "corpus.md"
     for source, on in ((EXAMPLE_CHECKPOINT, False), (corpus, True)):
         memory = read_memory(source)
-        auto = validate_config(GenerateConfig, {"checkpoint_dir": str(source), "self_study": {"num_samples": 4}})
+        auto = _gen({"checkpoint_dir": str(source), "self_study": {"num_samples": 4}})
         assert auto.recite.enabled == "auto"
         explicit = auto.model_copy(update={"recite": auto.recite.model_copy(update={"enabled": on})})
         prompts = build_prompts(memory, auto)
@@ -491,9 +486,9 @@ def test_recitals_follow_the_memory_kind_by_default_and_name_shards_as_the_setti
         assert shard_names(shards, for_memory(auto, memory)) == shard_names(shards, explicit)
     # with nothing else to generate, auto is not refused up front: a corpus would still recite
     only = {"checkpoint_dir": str(corpus), "replay": {"enabled": False}, "self_study": {"enabled": False}}
-    assert build_prompts(read_memory(corpus), validate_config(GenerateConfig, only))
+    assert build_prompts(read_memory(corpus), _gen(only))
     with pytest.raises(ValueError, match="nothing to generate"):
-        validate_config(GenerateConfig, {**only, "recite": {"enabled": False}})
+        _gen({**only, "recite": {"enabled": False}})
 
 
 def test_sentences_of_a_unit_are_its_whole_sentences_also_inside_a_tool_result():
@@ -531,10 +526,8 @@ def test_quiz_asks_about_each_distinct_sentence_from_a_window_that_holds_its_uni
     memory = read_memory(ckpt)
     groups = memory.triples()
     base = {"checkpoint_dir": str(ckpt), "self_study": {"num_samples": 8}}
-    without = build_prompts(memory, validate_config(GenerateConfig, base))
-    cfg = validate_config(
-        GenerateConfig, {**base, "quiz": {"enabled": True, "questions_per_sentence": 2, "window_k": 3}}
-    )
+    without = build_prompts(memory, _gen(base))
+    cfg = _gen({**base, "quiz": {"enabled": True, "questions_per_sentence": 2, "window_k": 3}})
     prompts = build_prompts(memory, cfg)
     quiz = [p for p in prompts if p["strategy"] == "quiz/sentence"]
     assert {p["prompt_id"]: p for p in prompts if p not in quiz} == {p["prompt_id"]: p for p in without}

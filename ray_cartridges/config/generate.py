@@ -87,7 +87,9 @@ class QuizConfig(StrictModel):
     answers each with a window of the memory around the sentence: questions about every fact, in other words
     than the memory's own."""
 
-    enabled: bool = Field(False, description="Generate quiz prompts.")
+    enabled: bool = Field(
+        True, description="Generate quiz prompts (questions in other words than the memory's: held-out-phrasing recall)."
+    )
     questions_per_sentence: int = Field(
         2, gt=0, description="Questions written per distinct sentence of the memory (each sampled on its own)."
     )
@@ -95,9 +97,10 @@ class QuizConfig(StrictModel):
         0.8, ge=0, description="Sampling temperature of question writing (above 0: varied questions per sentence)."
     )
     window_k: int = Field(
-        6,
+        1,
         gt=0,
-        description="Experiences (in a corpus: sections) the answering teacher reads, the sentence's among them.",
+        description="Experiences (in a corpus: sections) the answering teacher reads, the sentence's among them "
+        "(1: the small teacher states the sentence most often when it reads little else).",
     )
     min_chars: int = Field(
         20, gt=0, description="Shortest sentence asked about (shorter ones are replies such as 'Thanks!')."
