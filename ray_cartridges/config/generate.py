@@ -88,7 +88,8 @@ class QuizConfig(StrictModel):
     than the memory's own."""
 
     enabled: bool = Field(
-        True, description="Generate quiz prompts (questions in other words than the memory's: held-out-phrasing recall)."
+        True,
+        description="Generate quiz prompts (questions in other words than the memory's: held-out-phrasing recall).",
     )
     questions_per_sentence: int = Field(
         2, gt=0, description="Questions written per distinct sentence of the memory (each sampled on its own)."
