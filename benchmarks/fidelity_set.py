@@ -163,12 +163,13 @@ def table(rows: list[dict]) -> tuple[str, dict]:
             ]
         )
     gaps = [r["gap"] for r in rows if r["gap"] is not None]
+    base = [r["gap_base"] for r in rows if r.get("gap_base") is not None]
     ratios = _mean_ratio(rows, "heldout_recall")
     if gaps:
         agg = {
             "gap_mean": statistics.mean(gaps),
             "gap_worst": min(gaps),
-            "gap_base_mean": statistics.mean(r["gap_base"] for r in rows if r.get("gap_base") is not None),
+            "gap_base_mean": statistics.mean(base) if base else None,
             "gap_spread": max(gaps) - min(gaps),
             "heldout_recall_vs_icl_mean": ratios,
             # beside the mean of ratios: a memory whose ICL recall is small weighs less here
@@ -176,10 +177,17 @@ def table(rows: list[dict]) -> tuple[str, dict]:
             "heldout_recall_vs_icl_uncopied_mean": _mean_ratio(rows, "heldout_recall_uncopied"),
             "harm_max": max(r["chat_harm"] for r in rows if r["chat_harm"] is not None),
         }
-        base = [r["gap_base"] for r in rows if r.get("gap_base") is not None]
         lines.append(["mean", _f(agg["gap_mean"]), _f(agg["gap_base_mean"]), "", "", "", ""])
         lines.append(
-            ["worst", _f(agg["gap_worst"]), _f(min(base)), "", "", _f((agg["harm_max"] - 1) * 100, "{:+.1f}%"), ""]
+            [
+                "worst",
+                _f(agg["gap_worst"]),
+                _f(min(base, default=None)),
+                "",
+                "",
+                _f((agg["harm_max"] - 1) * 100, "{:+.1f}%"),
+                "",
+            ]
         )
     header = [
         "memory",

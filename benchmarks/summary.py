@@ -193,7 +193,7 @@ def _fidelity_set_rows(fs: dict, row) -> None:
         row(
             f"fidelity set ({n})",
             "gap closed on replay + self-study conversations, mean",
-            f"{base:.2f}",
+            f"{base:.3f}",
             "",
             "",
             "report",
