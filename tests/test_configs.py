@@ -107,6 +107,7 @@ def test_every_field_has_help():
         for row in rows:
             cells = [c.strip() for c in row.strip("|").split(" | ")]
             assert cells[1] == "section" or cells[-1], f"no description for {cells[0]}"
+            assert "Annotated" not in cells[1] and "Literal" not in cells[1], f"{cells[0]}: type {cells[1]}"
 
 
 def test_config_reference_document_is_up_to_date():

@@ -4,7 +4,7 @@ import pytest
 from helpers import EXAMPLE_CHECKPOINT, REPO
 
 from ray_cartridges.batching import heldout_keys
-from ray_cartridges.config import GenerateConfig, validate_config
+from ray_cartridges.config import ConfigError, GenerateConfig, validate_config
 from ray_cartridges.generate.strategies import build_prompts
 from ray_cartridges.memory import read_memory
 
@@ -445,7 +445,6 @@ def test_a_self_study_prompt_without_a_usable_question_is_a_rejection_not_a_reco
 
 
 def test_the_engine_context_fits_the_longest_request_and_a_prompt_that_cannot_fit_is_named(tokenizer):
-    from ray_cartridges.config import ConfigError
     from ray_cartridges.generate.teacher import chat_ids, fit_engine_context
 
     memory = read_memory(REPO / "examples" / "dev_memories" / "documents" / "corpus.md")
@@ -489,6 +488,31 @@ def test_recitals_follow_the_memory_kind_by_default_and_name_shards_as_the_setti
     assert build_prompts(read_memory(corpus), _gen(only))
     with pytest.raises(ValueError, match="nothing to generate"):
         _gen({**only, "recite": {"enabled": False}})
+
+
+def test_self_study_count_follows_the_memorys_units_by_default_and_names_shards_as_it_resolves():
+    """self_study.num_samples: auto writes per_unit conversations per unit (an experience, a corpus section), so a
+    memory with more units gets more; the run resolves it before naming shards, as an explicit count would."""
+    from ray_cartridges.generate.pipeline import shard_names
+    from ray_cartridges.generate.strategies import for_memory
+
+    log = REPO / "examples" / "dev_memories" / "assistant_log"
+    counts = {}
+    for source in (EXAMPLE_CHECKPOINT, log):
+        memory = read_memory(source)
+        auto = _gen({"checkpoint_dir": str(source), "self_study": {"per_unit": 1.5}})
+        assert auto.self_study.num_samples == "auto"
+        n = round(1.5 * len(memory.triples()))
+        explicit = _gen({"checkpoint_dir": str(source), "self_study": {"num_samples": n}})
+        prompts = build_prompts(memory, auto)
+        assert prompts == build_prompts(memory, explicit)
+        counts[source] = sum(p["strategy"].startswith("self_study") for p in prompts)
+        assert counts[source] == n
+        shards = [prompts[i : i + 8] for i in range(0, len(prompts), 8)]
+        assert shard_names(shards, for_memory(auto, memory)) == shard_names(shards, for_memory(explicit, memory))
+    assert counts[log] > counts[EXAMPLE_CHECKPOINT]  # the log has more experiences than the demo
+    with pytest.raises(ConfigError, match="num_samples"):
+        _gen({"checkpoint_dir": str(log), "self_study": {"num_samples": -1}})
 
 
 def test_sentences_of_a_unit_are_its_whole_sentences_also_inside_a_tool_result():

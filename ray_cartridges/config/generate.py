@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -34,7 +34,14 @@ class SelfStudyConfig(StrictModel):
     """The teacher, seeing a memory chunk, writes a question; then answers it with the memory (or the chunk) in context."""
 
     enabled: bool = Field(True, description="Generate self-study prompts.")
-    num_samples: int = Field(32, ge=0, description="Number of self-study conversations.")
+    num_samples: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto",
+        description="Number of self-study conversations; auto: per_unit for each unit of the memory (experience or "
+        "section), so coverage follows the memory's size.",
+    )
+    per_unit: float = Field(
+        3.2, gt=0, description="Self-study conversations per unit of the memory when num_samples is auto."
+    )
     families: list[Literal[FAMILIES]] = Field(list(FAMILIES), description="Seed-prompt families to draw from.")
     chunk_experiences: int = Field(
         6, gt=0, description="Experiences (in a corpus: sections, or paragraphs) shown to the question writer."
@@ -92,7 +99,7 @@ class QuizConfig(StrictModel):
         description="Generate quiz prompts (questions in other words than the memory's: held-out-phrasing recall).",
     )
     questions_per_sentence: int = Field(
-        2, gt=0, description="Questions written per distinct sentence of the memory (each sampled on its own)."
+        1, gt=0, description="Questions written per distinct sentence of the memory (each sampled on its own)."
     )
     temperature: float = Field(
         0.8, ge=0, description="Sampling temperature of question writing (above 0: varied questions per sentence)."

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from types import UnionType
-from typing import Literal, Union, get_args, get_origin
+from typing import Annotated, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
@@ -20,6 +20,8 @@ def _stages():
 
 def _type_name(ann) -> str:
     """A field's type as the reference prints it; a Literal lists its allowed values."""
+    if get_origin(ann) is Annotated:  # a constrained type prints as its type
+        return _type_name(get_args(ann)[0])
     if get_origin(ann) is Literal:
         return " or ".join(repr(v) for v in get_args(ann))
     args = get_args(ann)

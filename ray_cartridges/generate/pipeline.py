@@ -62,6 +62,8 @@ def _named_settings(cfg: GenerateConfig, exclude: set[str]) -> dict:
             where.pop(key)
     if not cfg.quiz.enabled:  # (a later section) named only where it is on
         settings.pop("quiz", None)
+    if isinstance(cfg.self_study.num_samples, int):  # the resolved count is named; how it was derived is not
+        settings.get("self_study", {}).pop("per_unit", None)
     return settings
 
 

@@ -284,11 +284,15 @@ def general_prompts(cfg: GenerateConfig) -> list[Prompt]:
 
 
 def for_memory(cfg: GenerateConfig, memory: AgentMemory) -> GenerateConfig:
-    """The config with the settings that follow the memory's kind decided (``recite.enabled: auto``), so that
-    shard names see the concrete values: an agent's memory names its shards as with recitals off."""
-    if cfg.recite.enabled != "auto":
-        return cfg
-    return cfg.model_copy(update={"recite": cfg.recite.model_copy(update={"enabled": memory.is_corpus})})
+    """The config with the settings that follow the memory decided (``recite.enabled: auto``: its kind;
+    ``self_study.num_samples: auto``: its number of units), so that shard names see the concrete values."""
+    update = {}
+    if cfg.recite.enabled == "auto":
+        update["recite"] = cfg.recite.model_copy(update={"enabled": memory.is_corpus})
+    if cfg.self_study.num_samples == "auto":
+        n = round(cfg.self_study.per_unit * len(memory.triples()))
+        update["self_study"] = cfg.self_study.model_copy(update={"num_samples": n})
+    return cfg.model_copy(update=update) if update else cfg
 
 
 def build_prompts(memory: AgentMemory, cfg: GenerateConfig) -> list[Prompt]:
