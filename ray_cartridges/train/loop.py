@@ -346,7 +346,7 @@ class KDRecipe:
                 # data parallelism averages gradients over workers: scale so the result is the global per-token mean
                 self.backend.backward(ls * self.world / global_positions)
                 self.timer.lap("backward")
-            loss_sum += float(ls)
+            loss_sum += float(ls.detach())
         return loss_sum
 
     def _no_harm_micro_step(self, step: int) -> float:
