@@ -360,7 +360,7 @@ class KDRecipe:
             self.timer.lap("forward")
             self.backend.backward(self.t.no_harm_weight * nh)  # the workers' mean of per-token means
             self.timer.lap("backward")
-        return float(nh)
+        return float(nh.detach())
 
     def _log_step(self, m: dict) -> None:
         self.logger.log(m)
