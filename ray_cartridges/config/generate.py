@@ -99,7 +99,7 @@ class QuizConfig(StrictModel):
         description="Generate quiz prompts (questions in other words than the memory's: held-out-phrasing recall).",
     )
     questions_per_sentence: int = Field(
-        1, gt=0, description="Questions written per distinct sentence of the memory (each sampled on its own)."
+        2, gt=0, description="Questions written per distinct sentence of the memory (each sampled on its own)."
     )
     temperature: float = Field(
         0.8, ge=0, description="Sampling temperature of question writing (above 0: varied questions per sentence)."
