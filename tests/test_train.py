@@ -104,8 +104,8 @@ def test_global_batch_that_does_not_divide_is_a_clear_error(tmp_path, ray_cluste
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory, ray_cluster, teacher_jsonl, memory, tiny_model_dir):
-    """The reference run of the mechanics tests: DDP over 2 workers, the tiny random Llama, one pass over the
-    32 training rows in batches of 8 (4 steps), checkpoints every 2 (Adam moves each cartridge entry ~lr a step
+    """The reference run of the mechanics tests: DDP over 2 workers, the tiny random Llama, two passes over the
+    32 training rows in batches of 16 (4 steps), checkpoints every 2 (Adam moves each cartridge entry ~lr a step
     whatever the model, so a resume that lost or repeated a step, or the optimizer state, or another backend's
     different update, ends elsewhere)."""
     from ray_cartridges.train import run_training
@@ -115,11 +115,20 @@ def ddp_run(tmp_path_factory, ray_cluster, teacher_jsonl, memory, tiny_model_dir
     return root / "ddp", summary
 
 
+MECHANICS_EPOCHS, MECHANICS_BATCH = 2, 16
+
+
 def _mechanics_cfg(root, data, memory, student, name, max_failures=0, **training):
     """Sized by passes over the data (no max_steps): a re-run of a finished run must find its length itself."""
     scaling = {"max_failures": max_failures}
-    sizing = {"max_steps": None, "epochs": 1, "global_batch_size": 8, "save_every": 2}
+    sizing = {"max_steps": None, "epochs": MECHANICS_EPOCHS, "global_batch_size": MECHANICS_BATCH, "save_every": 2}
     return small_train_config(root, data, memory, 2, name, scaling, model_name=student, **sizing, **training)
+
+
+def _sized_by_epochs(summary) -> bool:
+    """The run's steps are its passes times the full batches of its training rows."""
+    steps = MECHANICS_EPOCHS * (summary["train_rows"] // MECHANICS_BATCH)
+    return summary["steps"] == steps >= 1 and summary["epochs"] == MECHANICS_EPOCHS
 
 
 def _train_losses(out):
@@ -147,7 +156,7 @@ def test_killed_worker_resumes_from_checkpoint_to_the_same_cartridge(
     from ray_cartridges.train import run_training
 
     ddp_out, ddp_summary = ddp_run
-    assert ddp_summary["steps"] == ddp_summary["train_rows"] // 8 == 4 and ddp_summary["epochs"] == 1
+    assert _sized_by_epochs(ddp_summary) and ddp_summary["steps"] == 4
     ray.cloudpickle.register_pickle_by_value(helpers)  # the workers cannot import tests/
     data = tmp_path / "teacher.jsonl"  # a copy: regenerated below at the same path
     data.write_text(teacher_jsonl.read_text())
@@ -168,7 +177,7 @@ def test_killed_worker_resumes_from_checkpoint_to_the_same_cartridge(
     lines = teacher_jsonl.read_text().splitlines()
     data.write_text("\n".join(lines[: len(lines) * 2 // 3]) + "\n")
     summary = run_training(faulty)
-    assert summary["run_hash"] != first["run_hash"] and summary["steps"] == summary["train_rows"] // 8 >= 1
+    assert summary["run_hash"] != first["run_hash"] and _sized_by_epochs(summary)
     assert _train_losses(out)[0] == list(range(1, summary["steps"] + 1))
     assert (out / "cache-final.pt").read_bytes() != before[0]
 
