@@ -515,6 +515,47 @@ def test_self_study_count_follows_the_memorys_units_by_default_and_names_shards_
         _gen({"checkpoint_dir": str(log), "self_study": {"num_samples": -1}})
 
 
+def test_auto_replay_windows_hold_about_the_token_budget_on_short_and_long_experiences(tokenizer):
+    """replay.window_k: auto shows the teacher as many experiences as hold window_tokens tokens of the memory's
+    median experience: more of the demo's short experiences than of a tool agent's long ones, about the same text
+    in both; the run resolves it before naming shards, as the explicit count would."""
+    import statistics
+
+    from ray_cartridges.generate.pipeline import shard_names
+    from ray_cartridges.generate.strategies import for_memory
+    from ray_cartridges.memory import unit_text
+
+    tools = REPO / "examples" / "dev_memories" / "tool_agent"
+    shown_sizes = {}
+    for source in (EXAMPLE_CHECKPOINT, tools):
+        memory = read_memory(source)
+        groups = memory.triples()
+        auto = _cfg(mode="focused", window_k="auto", window_tokens=300)
+        k = for_memory(auto, memory, tokenizer).replay.window_k
+        explicit = _cfg(mode="focused", window_k=k)
+        prompts = build_prompts(memory, auto)
+        assert prompts == build_prompts(memory, explicit)
+        shards = [prompts[i : i + 8] for i in range(0, len(prompts), 8)]
+        assert shard_names(shards, for_memory(auto, memory, tokenizer)) == shard_names(
+            shards, for_memory(explicit, memory)
+        )
+        windows = []
+        for p in prompts:
+            if p["strategy"] == "replay/focused":
+                shown = [g for g in groups if g[0].render() in p["context"]]
+                assert len(shown) == k
+                windows.append(sum(len(tokenizer(unit_text(g, False)).input_ids) for g in shown))
+        shown_sizes[source] = (k, statistics.median(windows))
+    (k_demo, demo_tokens), (k_tools, tool_tokens) = shown_sizes[EXAMPLE_CHECKPOINT], shown_sizes[tools]
+    assert k_demo > k_tools >= 1
+    for tokens in (demo_tokens, tool_tokens):
+        assert 0.6 * 300 <= tokens <= 1.5 * 300, shown_sizes
+    one = _cfg(mode="focused", window_k="auto", window_tokens=1)  # never less than the experience asked about
+    assert for_memory(one, read_memory(tools), tokenizer).replay.window_k == 1
+    with pytest.raises(ConfigError, match="window_k"):
+        _cfg(window_k=0)
+
+
 def test_sentences_of_a_unit_are_its_whole_sentences_also_inside_a_tool_result():
     from ray_cartridges.memory import MemoryEntry, unit_sentences
 

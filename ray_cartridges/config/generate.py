@@ -21,7 +21,14 @@ class ReplayConfig(StrictModel):
         "of other experiences, or (focused) a random window of window_k experiences that holds the current one "
         "(a small teacher reads a short context more reliably: better targets than its whole-memory answers).",
     )
-    window_k: int = Field(8, gt=0, description="random_sampling / focused: experiences per window.")
+    window_k: Annotated[int, Field(gt=0)] | Literal["auto"] = Field(
+        8,
+        description="random_sampling / focused: experiences per window; auto: as many as hold window_tokens "
+        "tokens of the memory's median experience, so that a window holds about as much text on any memory.",
+    )
+    window_tokens: int = Field(
+        240, gt=0, description="window_k auto: the teacher tokens a window aims at (at least one experience)."
+    )
     samples_per_observation: int = Field(
         1,
         gt=0,

@@ -64,6 +64,8 @@ def _named_settings(cfg: GenerateConfig, exclude: set[str]) -> dict:
         settings.pop("quiz", None)
     if isinstance(cfg.self_study.num_samples, int):  # the resolved count is named; how it was derived is not
         settings.get("self_study", {}).pop("per_unit", None)
+    if isinstance(cfg.replay.window_k, int):  # likewise the resolved window
+        settings.get("replay", {}).pop("window_tokens", None)
     return settings
 
 
@@ -156,7 +158,10 @@ def run_generation(cfg: GenerateConfig, progress: bool = True) -> dict:
     cfg = resolved_config(cfg)
     logger.info("teacher dtype %s, score engine %s", cfg.dtype, cfg.score_engine)
     memory = read_memory(cfg.checkpoint_dir, strict=cfg.strict)
+    auto_window = cfg.replay.window_k == "auto"
     cfg = for_memory(cfg, memory)
+    if auto_window and cfg.replay.enabled and not memory.is_corpus:
+        logger.info("replay windows: %d experiences (about %d tokens)", cfg.replay.window_k, cfg.replay.window_tokens)
     prompts = build_prompts(memory, cfg)
     cfg = fit_engine_context(cfg, prompts, memory.source)
     if cfg.training_top_k is not None and cfg.training_top_k != cfg.top_logprobs:

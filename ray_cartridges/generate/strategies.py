@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import statistics
 
 from ..config import GenerateConfig
 from ..contracts import GENERAL_STRATEGY, Prompt, SplitKey
@@ -283,10 +284,25 @@ def general_prompts(cfg: GenerateConfig) -> list[Prompt]:
     return out
 
 
-def for_memory(cfg: GenerateConfig, memory: AgentMemory) -> GenerateConfig:
+def units_in_budget(memory: AgentMemory, tokens: int, tokenizer) -> int:
+    """How many of the memory's units (experiences, corpus sections) hold about ``tokens`` tokens: the budget
+    over the median unit's length in ``tokenizer``'s tokens, at least 1."""
+    sizes = [len(tokenizer(unit_text(g, memory.is_corpus)).input_ids) for g in memory.triples()]
+    return max(1, round(tokens / max(statistics.median(sizes), 1)))
+
+
+def for_memory(cfg: GenerateConfig, memory: AgentMemory, tokenizer=None) -> GenerateConfig:
     """The config with the settings that follow the memory decided (``recite.enabled: auto``: its kind;
-    ``self_study.num_samples: auto``: its number of units), so that shard names see the concrete values."""
+    ``self_study.num_samples: auto``: its number of units; ``replay.window_k: auto``: its units' length in
+    ``tokenizer``'s tokens, the teacher's by default), so that shard names see the concrete values."""
     update = {}
+    if cfg.replay.window_k == "auto":
+        if tokenizer is None:
+            from ..models import load_tokenizer
+
+            tokenizer = load_tokenizer(cfg.model_name)
+        k = units_in_budget(memory, cfg.replay.window_tokens, tokenizer)
+        update["replay"] = cfg.replay.model_copy(update={"window_k": k})
     if cfg.recite.enabled == "auto":
         update["recite"] = cfg.recite.model_copy(update={"enabled": memory.is_corpus})
     if cfg.self_study.num_samples == "auto":
