@@ -37,6 +37,7 @@ TARGETS = {
     "heldout_recall_vs_icl_mean": 0.5,
     "heldout_recall_vs_icl_uncopied_mean": 0.5,  # the honest one where teacher-written questions came close
     "harm_max": 1.05,
+    "seen_recall_vs_icl_of_means": 1.0,  # recall in the memory's own phrasing at least in-context memory's
 }
 
 
@@ -139,9 +140,9 @@ def _mean_ratio(rows: list[dict], field: str) -> float | None:
     return statistics.mean(ratios) if ratios else None
 
 
-def _ratio_of_means(rows: list[dict]) -> float | None:
-    """Mean held-out-phrasing recall of the cartridge over that of ICL, over the memories that have both."""
-    pairs = [(r["heldout_recall"]["cartridge"], r["heldout_recall"]["icl"]) for r in rows]
+def _ratio_of_means(rows: list[dict], field: str = "heldout_recall") -> float | None:
+    """Mean recall (``field``) of the cartridge over that of ICL, over the memories that have both."""
+    pairs = [((r[field] or {}).get("cartridge"), (r[field] or {}).get("icl")) for r in rows]
     pairs = [(c, i) for c, i in pairs if c is not None and i is not None]
     icl = statistics.mean(i for _, i in pairs) if pairs else 0
     return statistics.mean(c for c, _ in pairs) / icl if icl else None
@@ -175,6 +176,7 @@ def table(rows: list[dict]) -> tuple[str, dict]:
             # beside the mean of ratios: a memory whose ICL recall is small weighs less here
             "heldout_recall_vs_icl_of_means": _ratio_of_means(rows),
             "heldout_recall_vs_icl_uncopied_mean": _mean_ratio(rows, "heldout_recall_uncopied"),
+            "seen_recall_vs_icl_of_means": _ratio_of_means(rows, "seen_recall"),
             "harm_max": max(r["chat_harm"] for r in rows if r["chat_harm"] is not None),
         }
         lines.append(["mean", _f(agg["gap_mean"]), _f(agg["gap_base_mean"]), "", "", "", ""])
@@ -209,6 +211,11 @@ def main() -> None:
     ap.add_argument(
         "--reuse", action="store_true", help="take a memory's eval.json from an earlier run under --out, if it has one"
     )
+    ap.add_argument(
+        "--rows-from",
+        help="an earlier fidelity_set.json: the set's memories not in --memories take their rows from it (a partial "
+        "rerun of a change that leaves those memories' data and runs as they were)",
+    )
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the job config, the same for every memory")
     args = ap.parse_args()
     out = Path(args.out)
@@ -226,6 +233,10 @@ def main() -> None:
         copied = near_copied(MEMORIES[name], out / name / "data" / "dataset.jsonl")
         rows[-1]["heldout_near_copies"] = len(copied)
         rows[-1]["heldout_recall_uncopied"] = uncopied_recall(ev, copied)
+    if args.rows_from:
+        earlier = {r["memory"]: r for r in json.loads(Path(args.rows_from).read_text())["rows"]}
+        rows += [earlier[m] for m in MEMORIES if m not in args.memories.split(",") and m in earlier]
+        rows.sort(key=lambda r: list(MEMORIES).index(r["memory"]))
     text, agg = table(rows)
     checks = {
         k: {

@@ -184,7 +184,10 @@ def _fidelity_set_rows(fs: dict, row) -> None:
         ("heldout_recall_vs_icl_mean", "held-out-phrasing recall / ICL's, mean"),
         ("heldout_recall_vs_icl_uncopied_mean", "the same, phrasings with a near copy in training left out"),
         ("harm_max", "perplexity of an unrelated chat vs base, worst"),
+        ("seen_recall_vs_icl_of_means", "seen-phrasing recall / ICL's, of the means"),
     ):
+        if key not in c:  # results written before this check existed
+            continue
         v = c[key]["value"]
         shown = "-" if v is None else f"{v:.3f}"
         op = "<=" if key == "harm_max" else ">="
