@@ -129,6 +129,13 @@ def row(name: str, ev: dict) -> dict:
     }
 
 
+def with_earlier_rows(rows: list[dict], earlier: list[dict]) -> list[dict]:
+    """``rows`` plus the earlier run's rows of the set's memories that ``rows`` lacks, in the set's order."""
+    ran = {r["memory"] for r in rows}
+    merged = rows + [r for r in earlier if r["memory"] in MEMORIES and r["memory"] not in ran]
+    return sorted(merged, key=lambda r: list(MEMORIES).index(r["memory"]))
+
+
 def _f(x, spec="{:.2f}"):
     return "-" if x is None else spec.format(x)
 
@@ -234,9 +241,7 @@ def main() -> None:
         rows[-1]["heldout_near_copies"] = len(copied)
         rows[-1]["heldout_recall_uncopied"] = uncopied_recall(ev, copied)
     if args.rows_from:
-        earlier = {r["memory"]: r for r in json.loads(Path(args.rows_from).read_text())["rows"]}
-        rows += [earlier[m] for m in MEMORIES if m not in args.memories.split(",") and m in earlier]
-        rows.sort(key=lambda r: list(MEMORIES).index(r["memory"]))
+        rows = with_earlier_rows(rows, json.loads(Path(args.rows_from).read_text())["rows"])
     text, agg = table(rows)
     checks = {
         k: {
