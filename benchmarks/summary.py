@@ -80,7 +80,19 @@ def rows() -> list[list]:
             f"{where}, bf16 frozen model: tok/s vs fp32 (losses within {s['max_rel_loss_diff']:.1%})",
             f"{m['bf16']['tokens_per_s']:.0f}",
             f"{m['fp32']['tokens_per_s']:.0f}",
-            f"{s['speedup_bf16_vs_fp32']:.2f}x",
+            f"{s['speedup']['bf16'] if 'speedup' in s else s['speedup_bf16_vs_fp32']:.2f}x",
+            "report",
+            None,
+        )
+    if s := _load("train_attention"):
+        m = s["median"]
+        row(
+            "training",
+            f"{s['machine'].get('cuda') or 'CPU'}, eager attention: tok/s vs sdpa "
+            f"(losses within {s['max_rel_loss_diff']:.1%})",
+            f"{m['eager']['tokens_per_s']:.0f}",
+            f"{m['sdpa']['tokens_per_s']:.0f}",
+            f"{s['speedup']['eager']:.2f}x",
             "report",
             None,
         )

@@ -17,7 +17,6 @@ import os
 import statistics
 import sys
 import tempfile
-from argparse import Namespace
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -25,51 +24,56 @@ from common import print_table, write_json  # noqa: E402
 from train_scaling import run_args, run_one, start  # noqa: E402
 
 
+def compare_variants(args, field: str, values: tuple[str, ...], fixed: dict | None = None) -> dict:
+    """Interleaved rounds of the real job, once per value of the top-level config ``field`` per round; the
+    first value is the baseline. Prints the table and writes ``results/<args.name>.json``; returns its dict."""
+    data = start(args)
+    runs: dict[str, list[dict]] = {v: [] for v in values}
+    with tempfile.TemporaryDirectory(prefix=field) as tmp:
+        for r in range(args.repeats):
+            for v in values:
+                print(f"[bench] round {r + 1}/{args.repeats}: {field}={v}", flush=True)
+                extra = {**(fixed or {}), field: v}
+                runs[v].append(run_one(data, "ddp", 1, args, Path(tmp) / f"{v}-{r}", extra))
+
+    def med(v, key):
+        return statistics.median(x for run in runs[v] for x in run[key])
+
+    base = values[0]
+    # same data, seed and step order in every run: compare the loss of each step with the baseline's
+    loss_gap = max(
+        abs(a - b) / abs(b)
+        for v in values[1:]
+        for ra, rb in zip(runs[v], runs[base])
+        for a, b in zip(ra["loss"], rb["loss"])
+    )
+    speedup = {v: med(base, "step_s") / med(v, "step_s") for v in values}
+    rows = [[v, f"{med(v, 'step_s'):.3f}", f"{med(v, 'tokens_per_s'):.0f}", f"{speedup[v]:.2f}x"] for v in values]
+    device = "GPU" if args.use_gpu else f"CPU ({os.cpu_count()} cores)"
+    table = print_table(
+        f"{field} on {device}{''.join(f', {k}={x}' for k, x in (fixed or {}).items())}: p={args.p}, global batch "
+        f"{args.global_batch}, median over steps {args.warmup + 1}..{args.steps} x {args.repeats} runs; largest "
+        f"per-step loss difference vs {base}: {loss_gap:.2%}",
+        [field, "step s", "tokens/s", f"speed vs {base}"],
+        rows,
+    )
+    result = {
+        "config": {**vars(args), "field": field, "values": list(values), "fixed": fixed or {}},
+        "speedup": speedup,
+        "max_rel_loss_diff": loss_gap,
+        "median": {v: {k: med(v, k) for k in ("step_s", "tokens_per_s")} for v in values},
+        "runs": runs,
+        "table": table,
+    }
+    write_json(args.name, result)
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     run_args(ap, "train_dtype", steps=12)
     args = ap.parse_args()
-    data = start(args)
-    dtypes = ("fp32", "bf16")
-    runs: dict[str, list[dict]] = {d: [] for d in dtypes}
-    with tempfile.TemporaryDirectory(prefix="dtype") as tmp:
-        for r in range(args.repeats):
-            for d in dtypes:
-                print(f"[bench] round {r + 1}/{args.repeats}: {d}", flush=True)
-                one = Namespace(**{**vars(args), "dtype": d})
-                runs[d].append(run_one(data, "ddp", 1, one, Path(tmp) / f"{d}-{r}"))
-
-    def med(d, key):
-        return statistics.median(x for run in runs[d] for x in run[key])
-
-    # same data, seed and step order in every run: compare the loss of each step across the dtypes
-    loss_gap = max(
-        abs(a - b) / abs(b) for ra, rb in zip(runs["bf16"], runs["fp32"]) for a, b in zip(ra["loss"], rb["loss"])
-    )
-    speedup = med("fp32", "step_s") / med("bf16", "step_s")
-    rows = [
-        [d, f"{med(d, 'step_s'):.3f}", f"{med(d, 'tokens_per_s'):.0f}", "1.00x" if d == "fp32" else f"{speedup:.2f}x"]
-        for d in dtypes
-    ]
-    device = "GPU" if args.use_gpu else f"CPU ({os.cpu_count()} cores)"
-    table = print_table(
-        f"frozen-model dtype on {device}: p={args.p}, global batch {args.global_batch}, median over steps "
-        f"{args.warmup + 1}..{args.steps} x {args.repeats} runs; largest per-step loss difference "
-        f"bf16 vs fp32: {loss_gap:.2%}",
-        ["dtype", "step s", "tokens/s", "speed vs fp32"],
-        rows,
-    )
-    write_json(
-        args.name,
-        {
-            "config": vars(args),
-            "speedup_bf16_vs_fp32": speedup,
-            "max_rel_loss_diff": loss_gap,
-            "median": {d: {k: med(d, k) for k in ("step_s", "tokens_per_s")} for d in dtypes},
-            "runs": runs,
-            "table": table,
-        },
-    )
+    compare_variants(args, "model_dtype", ("fp32", "bf16"))
 
 
 if __name__ == "__main__":

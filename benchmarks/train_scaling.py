@@ -30,7 +30,8 @@ from common import bench_dataset, print_table, write_json  # noqa: E402
 PHASES = ("data", "forward", "backward", "optimizer", "comm")
 
 
-def run_one(data: Path, backend: str, workers: int, args, out: Path) -> dict:
+def run_one(data: Path, backend: str, workers: int, args, out: Path, extra: dict | None = None) -> dict:
+    """One real training run; ``extra``: more top-level TrainConfig keys (e.g. ``attn_implementation``)."""
     import json
 
     from ray_cartridges.config import TrainConfig, validate_config
@@ -52,10 +53,11 @@ def run_one(data: Path, backend: str, workers: int, args, out: Path) -> dict:
         {
             "input_dataset": {"local_path": str(data), "eval_fraction": 0.0},
             "output": {"local_dir": str(out)},
-            "model_dtype": args.dtype,
+            "model_dtype": getattr(args, "dtype", "fp32"),
             "kv_cache": {"method": "random", "num_tokens": args.p},
             "training": training,
             "scaling": {"num_workers": workers, "use_gpu": args.use_gpu},
+            **(extra or {}),
         },
     )
     run_training(cfg)

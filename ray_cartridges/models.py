@@ -61,6 +61,14 @@ def resolve_dtype(name: str, gpu: bool = False) -> str:
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
+def resolve_attention(name: str, gpu: bool = False) -> str:
+    """A config's attention kernel; ``auto``: ``sdpa`` on GPUs, ``eager`` on CPUs, where PyTorch's flash-attention
+    backward is slower than plain matmuls at a cartridge's short sequences (benchmarks/README.md)."""
+    if name != "auto":
+        return name
+    return "sdpa" if gpu else "eager"
+
+
 def _dtype_tag(dtype: str) -> str:
     return "bf16" if torch_dtype(dtype) == torch.bfloat16 else "fp32"
 
@@ -182,11 +190,14 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
-def load_model(name_or_path: str, dtype: str = "fp32", device: str | torch.device = "cpu"):
-    """Load a frozen causal LM in eval mode."""
+def load_model(
+    name_or_path: str, dtype: str = "fp32", device: str | torch.device = "cpu", attn_implementation: str | None = None
+):
+    """Load a frozen causal LM in eval mode (``attn_implementation``: transformers' kernel name; None: its default)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(resolve_model(name_or_path, dtype), dtype=torch_dtype(dtype))
+    kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(name_or_path, dtype), dtype=torch_dtype(dtype), **kw)
     model.to(resolve_device(device)).eval()
     for p in model.parameters():
         p.requires_grad_(False)

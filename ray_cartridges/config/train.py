@@ -173,6 +173,11 @@ class TrainConfig(StrictModel):
         description="dtype of the frozen model weights (the cartridge stays fp32). auto: bf16 on GPUs and on CPUs "
         "with AVX512-BF16/AMX, fp32 elsewhere (CPUs without them emulate bf16, much slower than fp32).",
     )
+    attn_implementation: Literal["auto", "eager", "sdpa"] = Field(
+        "auto",
+        description="Attention kernel of the frozen model in training. auto: sdpa on GPUs, eager on CPUs (where "
+        "PyTorch's flash-attention backward is slower than plain matmuls at these short sequences).",
+    )
     student_system_prompt: str | None = Field(
         None, description="System prompt of the student conversation (null: none; the template's default applies)."
     )

@@ -196,14 +196,17 @@ def _summary(cfg: TrainConfig, out_dir: Path, files: list[Path]) -> dict:
 
 def _prepared_config(cfg: TrainConfig) -> tuple[TrainConfig, str | None]:
     """The config as the workers get it (validated again: ``model_copy`` skips the validators), with what
-    was left to decide decided once, here (``auto`` dtype, the output as an absolute path, the init text
+    was left to decide decided once, here (``auto`` dtype and attention, the output as an absolute path, the init text
     read), and the no-harm text. Texts are shipped as text: workers may run on other nodes or in another cwd."""
-    from ..models import resolve_dtype
+    from ..models import resolve_attention, resolve_dtype
 
     cfg = TrainConfig.model_validate(cfg.model_dump(mode="json"))
     if cfg.model_dtype == "auto":  # the run hash, the workers and the artifact see the result
         cfg = cfg.model_copy(update={"model_dtype": resolve_dtype(cfg.model_dtype, gpu=cfg.scaling.use_gpu)})
         logger.info("model_dtype auto -> %s", cfg.model_dtype)
+    if cfg.attn_implementation == "auto":
+        attn = resolve_attention(cfg.attn_implementation, gpu=cfg.scaling.use_gpu)
+        cfg = cfg.model_copy(update={"attn_implementation": attn})
     out = cfg.output.model_copy(update={"local_dir": str(Path(cfg.output.local_dir).resolve())})
     cfg = cfg.model_copy(update={"output": out})
     kv = cfg.kv_cache

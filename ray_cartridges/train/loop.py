@@ -25,7 +25,7 @@ from ..cartridge import CartridgeMeta, ModelShape, create_cartridge, encoder, sa
 from ..config import TrainConfig, dump_config
 from ..fsutil import write_text_atomic
 from ..loss import kd_loss_sum
-from ..models import load_model, load_tokenizer, tokenizer_fingerprint
+from ..models import load_model, load_tokenizer, resolve_attention, tokenizer_fingerprint
 from .artifacts import RunLogger
 from .backends import DDPBackend, DeepSpeedBackend
 from .no_harm import NoHarmTargets, no_harm_chunks
@@ -193,7 +193,8 @@ class KDRecipe:
         cfg, t = self.cfg, self.t
         self.tok = load_tokenizer(cfg.model_name)
         self.pad_id = self.tok.pad_token_id
-        model = load_model(cfg.model_name, cfg.model_dtype, self.device)
+        attn = resolve_attention(cfg.attn_implementation, gpu=self.device.type == "cuda")  # the driver resolves it too
+        model = load_model(cfg.model_name, cfg.model_dtype, self.device, attn)
         self.peft_model = create_cartridge(
             model,
             num_tokens=cfg.kv_cache.num_tokens,
