@@ -55,6 +55,7 @@ bench: setup  ## every benchmark (~1.5 h on 2 CPU cores); tables on stdout, JSON
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/train_scaling.py
 	$(PY) benchmarks/train_dtype.py
+	$(PY) benchmarks/train_attention.py
 	$(PY) benchmarks/serving.py
 	$(PY) benchmarks/fidelity.py
 	$(PY) benchmarks/summary.py

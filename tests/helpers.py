@@ -28,7 +28,7 @@ def bundled_meta(model, tokenizer, num_tokens: int, num_frozen_tokens: int = 1):
     )
 
 
-def tiny_llama(layers=2, kv_heads=2, heads=4, head_dim=16, vocab=49152, seed=0):
+def tiny_llama(layers=2, kv_heads=2, heads=4, head_dim=16, vocab=49152, seed=0, attn="sdpa"):
     """A small random Llama (no download) for shape and compatibility tests."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -42,6 +42,7 @@ def tiny_llama(layers=2, kv_heads=2, heads=4, head_dim=16, vocab=49152, seed=0):
         num_key_value_heads=kv_heads,
         head_dim=head_dim,
         max_position_embeddings=512,
+        attn_implementation=attn,
     )
     m = LlamaForCausalLM(cfg).eval()
     for p in m.parameters():

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from ray_cartridges.batching import collate, global_batches, heldout_keys, split_rows, worker_slice
+from ray_cartridges.batching import collate, global_batches, heldout_keys, split_rows, student_logits_at, worker_slice
 
 
 def test_plan_is_deterministic_and_covers_each_epoch_once():
@@ -69,3 +69,42 @@ def test_collate_positions_and_padding():
     assert b["pred_b"].tolist() == [0, 0, 1] and b["pred_t"].tolist() == [1, 2, 0]
     assert b["topk_ids"].tolist() == [[9, 10], [11, 0], [3, 0]]
     assert torch.isinf(b["topk_logprobs"][1, 1]) and b["topk_logprobs"][0, 1] == pytest.approx(-2.0)
+
+
+@pytest.mark.parametrize("pad_short_row", [False, True])
+def test_eager_and_sdpa_attention_train_the_cartridge_alike(pad_short_row):
+    """training.attn_implementation picks a kernel, not a different model: same logits, same gradients."""
+    from helpers import tiny_llama
+
+    from ray_cartridges.cartridge import create_cartridge, encoder
+    from ray_cartridges.loss import kd_loss_sum
+    from ray_cartridges.models import resolve_attention
+
+    assert resolve_attention("auto", gpu=False) == "eager" and resolve_attention("auto", gpu=True) == "sdpa"
+    assert resolve_attention("sdpa", gpu=False) == "sdpa" and resolve_attention("eager", gpu=True) == "eager"
+    rng = np.random.default_rng(0)
+    lengths = [19, 11 if pad_short_row else 19]
+    rows = []
+    for i, n in enumerate(lengths):
+        pos = np.repeat(np.arange(n - 5, n), 3)
+        rows.append(
+            {
+                "row_id": i,
+                "input_ids": rng.integers(5, 500, size=n),
+                "topk_pos": pos,
+                "topk_ids": rng.integers(5, 500, size=len(pos)),
+                "topk_logprobs": np.log(np.tile([0.6, 0.3, 0.1], 5)).astype(np.float32),
+            }
+        )
+    batch = collate(rows, pad_id=0, top_k=3)
+    results = {}
+    for attn in ("eager", "sdpa"):
+        pm = create_cartridge(
+            tiny_llama(vocab=512, attn=attn), num_tokens=6, num_frozen_tokens=1, method="random", seed=2
+        )
+        logits = student_logits_at(pm, batch)
+        kd_loss_sum(logits, batch["topk_ids"], batch["topk_logprobs"], True).backward()
+        results[attn] = (logits.detach(), encoder(pm).trainable_embedding.grad.clone())
+    assert torch.allclose(results["eager"][0], results["sdpa"][0], atol=1e-5)
+    assert torch.allclose(results["eager"][1], results["sdpa"][1], atol=1e-5, rtol=1e-4)
+    assert results["eager"][1].abs().sum() > 0
