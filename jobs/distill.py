@@ -136,6 +136,7 @@ def evaluate(cfg, out_dir: Path, report: dict) -> dict:
         max_questions=cfg.eval.max_questions,
         max_tokens=cfg.eval.max_tokens,
         engine=cfg.eval.engine,
+        enforce_eager=cfg.eval.enforce_eager,
     )
     write_text_atomic(out_dir / "eval.json", json.dumps(evaluation, indent=2))
     report["stages"]["evaluate"] = {"seconds": time.perf_counter() - t, "file": str(out_dir / "eval.json")}

@@ -31,6 +31,9 @@ class EvalConfig(StrictModel):
         description="What answers the recall questions: vLLM (cartridge through its KV connector, memory in context "
         "as a cached prefix) or the transformers reference. KL is always read by the reference.",
     )
+    enforce_eager: bool = Field(
+        False, description="The recall engine (vLLM) without torch.compile: starts sooner; for short CPU runs."
+    )
 
 
 class DistillConfig(StrictModel):

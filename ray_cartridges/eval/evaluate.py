@@ -333,6 +333,7 @@ def evaluate_cartridge(
     cache: dict | None = None,
     memory_context: MemoryContext | str | None = None,
     engine: str = "vllm",
+    enforce_eager: bool = False,
 ) -> dict:
     """Fidelity on the held-out split of ``dataset_jsonl`` and recall on the memory's facts.
 
@@ -344,7 +345,8 @@ def evaluate_cartridge(
     cartridge (a sweep over cartridges measures them once, not per cartridge). ``cache``: a dict shared by the
     evaluations of one sweep, so the readings that do not depend on the cartridge are made once.
     ``engine``: what answers the recall questions: ``vllm`` (the cartridge through vLLM's KV connector, the
-    memory in context as a cached prefix) or the ``transformers`` reference. The KL figures are read by the
+    memory in context as a cached prefix) or the ``transformers`` reference (``enforce_eager``: vLLM without
+    torch.compile). The KL figures are read by the
     transformers reference in both cases (vLLM's prompt logprobs do not read a cartridge's external KV).
     """
     mem = KVCacheMemory.from_dir(cartridge_dir, dtype=dtype)
@@ -375,7 +377,7 @@ def evaluate_cartridge(
         if key.kind == "entry"
     }
 
-    agents = _recall_agents(mem, memory, memory_context, engine, cache if cache is not None else {})
+    agents = _recall_agents(mem, memory, memory_context, engine, cache if cache is not None else {}, enforce_eager)
     agents = {k: make() for k, make in agents.items() if k in baselines or k == "cartridge"}
     batch = max(len(qs), 1) if engine == "vllm" else 8
     rec = recall(agents, qs, max_tokens=max_tokens, batch=batch) if qs else {}
@@ -426,7 +428,12 @@ def _context_length(mem: KVCacheMemory, memory_context: MemoryContext, room: int
 
 
 def _recall_agents(
-    mem: KVCacheMemory, memory: AgentMemory, memory_context: MemoryContext, engine: str, cache: dict
+    mem: KVCacheMemory,
+    memory: AgentMemory,
+    memory_context: MemoryContext,
+    engine: str,
+    cache: dict,
+    enforce_eager: bool = False,
 ) -> dict:
     """Makers of the no-memory, in-context (the memory as the teacher read it) and cartridge agents."""
     from ..agent.history import HistoryAgent, HistoryAgentConfig
@@ -451,7 +458,9 @@ def _recall_agents(
 
     if "vllm_engine" not in cache:  # one engine for a whole sweep
         length = _context_length(mem, memory_context)
-        cache["vllm_engine"] = CartridgeLLM(mem.meta.model_name, dtype=mem.config.dtype, max_model_len=length)
+        cache["vllm_engine"] = CartridgeLLM(
+            mem.meta.model_name, dtype=mem.config.dtype, max_model_len=length, enforce_eager=enforce_eager
+        )
     eng = cache["vllm_engine"]
     cart = eng.add_cartridge(str(mem.dir), mem.dir)
     return {
