@@ -56,6 +56,7 @@ bench: setup  ## every benchmark (~1.5 h on 2 CPU cores); tables on stdout, JSON
 	$(PY) benchmarks/train_scaling.py
 	$(PY) benchmarks/train_dtype.py
 	$(PY) benchmarks/train_attention.py
+	$(PY) benchmarks/train_shared_prefix.py
 	$(PY) benchmarks/serving.py
 	$(PY) benchmarks/fidelity.py
 	$(PY) benchmarks/summary.py

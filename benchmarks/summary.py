@@ -96,6 +96,18 @@ def rows() -> list[list]:
             "report",
             None,
         )
+    if s := _load("train_shared_prefix"):
+        m = s["median"]
+        row(
+            "training",
+            f"{s['machine'].get('cuda') or 'CPU'}, shared prefix read once: tok/s vs every row whole "
+            f"(losses within {s['max_rel_loss_diff']:.1%})",
+            f"{m['true']['tokens_per_s']:.0f}",
+            f"{m['false']['tokens_per_s']:.0f}",
+            f"{s['speedup']['true']:.2f}x",
+            "report",
+            None,
+        )
     if s := _load("train_scaling_gpu"):  # run on a GPU machine (README: how it was made)
         gpu = s["machine"].get("cuda") or "GPU"
         for v in s["results"].values():

@@ -24,9 +24,9 @@ from common import print_table, write_json  # noqa: E402
 from train_scaling import run_args, run_one, start  # noqa: E402
 
 
-def compare_variants(args, field: str, values: tuple[str, ...], fixed: dict | None = None) -> dict:
-    """Interleaved rounds of the real job, once per value of the top-level config ``field`` per round; the
-    first value is the baseline. Prints the table and writes ``results/<args.name>.json``; returns its dict."""
+def compare_variants(args, field: str, values: tuple, fixed: dict | None = None) -> dict:
+    """Interleaved rounds of the real job, once per value of the config ``field`` (top-level, or
+    ``training.<key>``) per round; the first value is the baseline. Prints the table and writes ``results/<args.name>.json``; returns its dict."""
     data = start(args)
     runs: dict[str, list[dict]] = {v: [] for v in values}
     with tempfile.TemporaryDirectory(prefix=field) as tmp:

@@ -31,7 +31,7 @@ PHASES = ("data", "forward", "backward", "optimizer", "comm")
 
 
 def run_one(data: Path, backend: str, workers: int, args, out: Path, extra: dict | None = None) -> dict:
-    """One real training run; ``extra``: more top-level TrainConfig keys (e.g. ``attn_implementation``)."""
+    """One real training run; ``extra``: more TrainConfig keys (``attn_implementation``, ``training.lr``)."""
     import json
 
     from ray_cartridges.config import TrainConfig, validate_config
@@ -48,6 +48,8 @@ def run_one(data: Path, backend: str, workers: int, args, out: Path, extra: dict
     }
     if backend.startswith("zero"):
         training["zero_stage"] = int(backend[4:])
+    extra = dict(extra or {})
+    training.update({k.split(".", 1)[1]: extra.pop(k) for k in list(extra) if k.startswith("training.")})
     cfg = validate_config(
         TrainConfig,
         {
@@ -57,7 +59,7 @@ def run_one(data: Path, backend: str, workers: int, args, out: Path, extra: dict
             "kv_cache": {"method": "random", "num_tokens": args.p},
             "training": training,
             "scaling": {"num_workers": workers, "use_gpu": args.use_gpu},
-            **(extra or {}),
+            **extra,
         },
     )
     run_training(cfg)

@@ -184,6 +184,7 @@ def _cmd_eval(args) -> int:
         max_questions=args.max_questions,
         max_tokens=args.max_tokens,
         engine=args.engine,
+        enforce_eager=args.enforce_eager,
     )
     out = Path(args.output or Path(args.cartridge) / "eval.json")
     write_text_atomic(out, json.dumps(ev, indent=2))
@@ -277,6 +278,7 @@ def _add_use_commands(sub) -> None:
         default="vllm",
         help="what answers the recall questions (KL is always read by the transformers reference)",
     )
+    s.add_argument("--enforce-eager", action="store_true", help="vLLM without torch.compile: starts sooner")
     s.set_defaults(func=_cmd_eval)
 
 

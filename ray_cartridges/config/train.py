@@ -91,6 +91,11 @@ class TrainingConfig(StrictModel):
     seed: int = Field(0, description="Seed of init, shuffling and everything random.")
     bf16_autocast: bool = Field(False, description="Run the frozen model under bf16 autocast.")
     max_seq_len: int = Field(2048, gt=0, description="Conversations longer than this (tokens) are dropped.")
+    shared_prefix: bool = Field(
+        True,
+        description="Read the leading tokens all rows of a micro-batch share (the chat template's system prompt) "
+        "once and repeat their keys and values over the rows: the same loss and gradients for fewer tokens.",
+    )
     save_every: int = Field(0, ge=0, description="Write a checkpoint every N steps (0: only at the end).")
     eval_every: int = Field(0, ge=0, description="Evaluate on the held-out split every N steps (0: start and end).")
     log_every: int = Field(1, gt=0, description="Log metrics every N steps.")

@@ -31,14 +31,17 @@ class DDPBackend:
         max_grad_norm: float | None,
         accumulation: int,
         profile: bool = False,
+        student=None,
     ):
+        """``student``: the module that runs forwards (default ``peft_model``; it holds the same parameters)."""
         import ray.train.torch
 
         self.peft_model = peft_model
         self.params = params
         self.opt = opt
         self.max_grad_norm = max_grad_norm
-        self.model = ray.train.torch.prepare_model(peft_model) if world > 1 else peft_model
+        student = student if student is not None else peft_model
+        self.model = ray.train.torch.prepare_model(student) if world > 1 else student
         self._comm_s = 0.0
         if profile and world > 1:
             self.model.register_comm_hook(None, self._timed_allreduce)
@@ -120,6 +123,7 @@ class DeepSpeedBackend(DDPBackend):
         micro_batch: int,
         bf16: bool,
         profile: bool = False,
+        student=None,
     ):
         import deepspeed
 
@@ -137,7 +141,11 @@ class DeepSpeedBackend(DDPBackend):
         self.peft_model = peft_model
         self.params = params
         self.engine, self.opt, _, _ = deepspeed.initialize(
-            model=peft_model, model_parameters=params, optimizer=opt, config=cfg, dist_init_required=False
+            model=student if student is not None else peft_model,
+            model_parameters=params,
+            optimizer=opt,
+            config=cfg,
+            dist_init_required=False,
         )
         self.model = self.engine
         self.zero_stage = zero_stage

@@ -30,6 +30,7 @@ from .artifacts import RunLogger
 from .backends import DDPBackend, DeepSpeedBackend
 from .no_harm import NoHarmTargets, no_harm_chunks
 from .schedule import lr_factor
+from .student import SharedPrefixStudent
 
 CARTRIDGE_FILE = "cartridge.safetensors"
 
@@ -237,14 +238,15 @@ class KDRecipe:
         t = self.t
         # micro-steps per optimizer step: the KD chunks and, with the no-harm term, one more
         n_micro = math.ceil(self.per_worker / self.micro) + (1 if len(self.no_harm) else 0)
+        student = SharedPrefixStudent(self.peft_model) if t.shared_prefix else self.peft_model
         if t.backend == "deepspeed":
             self.backend = DeepSpeedBackend(
                 self.peft_model, self.params, self.opt, self.world, t.max_grad_norm, n_micro, t.zero_stage,
-                self.micro, False, t.profile,
+                self.micro, False, t.profile, student,
             )  # fmt: skip
         else:
             self.backend = DDPBackend(
-                self.peft_model, self.params, self.opt, self.world, t.max_grad_norm, n_micro, t.profile
+                self.peft_model, self.params, self.opt, self.world, t.max_grad_norm, n_micro, t.profile, student
             )
         self.train_model = self.backend.model
         if self.collective_forward:  # every rank computes every no-harm target, in the same order
