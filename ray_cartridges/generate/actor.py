@@ -13,8 +13,11 @@ complete or absent.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
+
+import torch
 
 from ..config import GenerateConfig
 from ..contracts import Prompt, Rejection, SamplingParams
@@ -35,6 +38,10 @@ class TeacherActor:
         self.cfg = GenerateConfig.model_validate(config)
         self.cfg = resolved_config(self.cfg)  # run_generation did; an actor built on its own does here
         c = self.cfg
+        if not c.use_gpu:
+            # Ray pins OMP_NUM_THREADS to the actor's num_cpus; the transformers scorer runs while the vLLM engine
+            # waits, so it gets the node's cores (shared between the actors)
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // min(c.num_threads, os.cpu_count() or 1)))
         self._engine = None  # started on the first prompt to answer: shards rebuilt from earlier answers need none
         self._scorer = None
         self._tokenizer = None

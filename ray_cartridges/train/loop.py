@@ -238,7 +238,8 @@ class KDRecipe:
         t = self.t
         # micro-steps per optimizer step: the KD chunks and, with the no-harm term, one more
         n_micro = math.ceil(self.per_worker / self.micro) + (1 if len(self.no_harm) else 0)
-        student = SharedPrefixStudent(self.peft_model) if t.shared_prefix else self.peft_model
+        self.student = SharedPrefixStudent(self.peft_model) if t.shared_prefix else self.peft_model
+        student = self.student
         if t.backend == "deepspeed":
             self.backend = DeepSpeedBackend(
                 self.peft_model, self.params, self.opt, self.world, t.max_grad_norm, n_micro, t.zero_stage,
@@ -379,7 +380,7 @@ class KDRecipe:
             return {}
         kd_tail = self.t.tail_mass == "all"
         s, c = held_out_loss(
-            self.peft_model, self.my_eval, self.pad_id, self.t.top_k_logits, self.micro, self.autocast, self.device,
+            self.student, self.my_eval, self.pad_id, self.t.top_k_logits, self.micro, self.autocast, self.device,
             kd_tail,
         )  # fmt: skip
         if not self.collective_forward:
