@@ -84,27 +84,20 @@ def rows() -> list[list]:
             "report",
             None,
         )
-    if s := _load("train_attention"):
+    variants = (  # compare_variants results: (file, what the row says, the variant, its baseline)
+        ("train_attention", "eager attention: tok/s vs sdpa", "eager", "sdpa"),
+        ("train_shared_prefix", "shared prefix read once: tok/s vs every row whole", "true", "false"),
+    )
+    for name, what, ours, base in variants:
+        if not (s := _load(name)):
+            continue
         m = s["median"]
         row(
             "training",
-            f"{s['machine'].get('cuda') or 'CPU'}, eager attention: tok/s vs sdpa "
-            f"(losses within {s['max_rel_loss_diff']:.1%})",
-            f"{m['eager']['tokens_per_s']:.0f}",
-            f"{m['sdpa']['tokens_per_s']:.0f}",
-            f"{s['speedup']['eager']:.2f}x",
-            "report",
-            None,
-        )
-    if s := _load("train_shared_prefix"):
-        m = s["median"]
-        row(
-            "training",
-            f"{s['machine'].get('cuda') or 'CPU'}, shared prefix read once: tok/s vs every row whole "
-            f"(losses within {s['max_rel_loss_diff']:.1%})",
-            f"{m['true']['tokens_per_s']:.0f}",
-            f"{m['false']['tokens_per_s']:.0f}",
-            f"{s['speedup']['true']:.2f}x",
+            f"{s['machine'].get('cuda') or 'CPU'}, {what} (losses within {s['max_rel_loss_diff']:.1%})",
+            f"{m[ours]['tokens_per_s']:.0f}",
+            f"{m[base]['tokens_per_s']:.0f}",
+            f"{s['speedup'][ours]:.2f}x",
             "report",
             None,
         )

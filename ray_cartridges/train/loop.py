@@ -239,15 +239,14 @@ class KDRecipe:
         # micro-steps per optimizer step: the KD chunks and, with the no-harm term, one more
         n_micro = math.ceil(self.per_worker / self.micro) + (1 if len(self.no_harm) else 0)
         self.student = SharedPrefixStudent(self.peft_model) if t.shared_prefix else self.peft_model
-        student = self.student
         if t.backend == "deepspeed":
             self.backend = DeepSpeedBackend(
                 self.peft_model, self.params, self.opt, self.world, t.max_grad_norm, n_micro, t.zero_stage,
-                self.micro, False, t.profile, student,
+                self.micro, False, t.profile, self.student,
             )  # fmt: skip
         else:
             self.backend = DDPBackend(
-                self.peft_model, self.params, self.opt, self.world, t.max_grad_norm, n_micro, t.profile, student
+                self.peft_model, self.params, self.opt, self.world, t.max_grad_norm, n_micro, t.profile, self.student
             )
         self.train_model = self.backend.model
         if self.collective_forward:  # every rank computes every no-harm target, in the same order
