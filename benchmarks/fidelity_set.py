@@ -223,6 +223,7 @@ def main() -> None:
         help="an earlier fidelity_set.json: the set's memories not in --memories take their rows from it (a partial "
         "rerun of a change that leaves those memories' data and runs as they were)",
     )
+    ap.add_argument("--name", default="fidelity_set", help="results files: benchmarks/results/<name>.{json,md}")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the job config, the same for every memory")
     args = ap.parse_args()
     out = Path(args.out)
@@ -253,8 +254,8 @@ def main() -> None:
     }
     for k, c in checks.items():
         print(f"{k}: {_f(c['value'], '{:.3f}')} (target {c['target']}) -> {'MET' if c['met'] else 'NOT MET'}")
-    (RESULTS / "fidelity_set.md").write_text(text + "\n")
-    write_json("fidelity_set", {"config": vars(args), "rows": rows, "aggregate": agg, "checks": checks})
+    (RESULTS / f"{args.name}.md").write_text(text + "\n")
+    write_json(args.name, {"config": vars(args), "rows": rows, "aggregate": agg, "checks": checks})
 
 
 if __name__ == "__main__":
