@@ -8,6 +8,8 @@ import statistics
 import time
 from pathlib import Path
 
+from ray_cartridges.fsutil import write_text_atomic
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -47,9 +49,7 @@ def print_table(title: str, header: list[str], rows: list[list]) -> str:
 def write_json(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"machine": machine(), **payload}, indent=2))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps({"machine": machine(), **payload}, indent=2))
     print(f"wrote {path}")
     return path
 

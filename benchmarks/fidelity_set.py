@@ -24,6 +24,8 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(__file__))
 from common import REPO, RESULTS, print_table, write_json  # noqa: E402
 
+from ray_cartridges.fsutil import write_text_atomic  # noqa: E402
+
 DEV = REPO / "examples" / "dev_memories"
 MEMORIES = {
     "demo": REPO / "examples" / "agent_checkpoint",
@@ -254,7 +256,7 @@ def main() -> None:
     }
     for k, c in checks.items():
         print(f"{k}: {_f(c['value'], '{:.3f}')} (target {c['target']}) -> {'MET' if c['met'] else 'NOT MET'}")
-    (RESULTS / f"{args.name}.md").write_text(text + "\n")
+    write_text_atomic(RESULTS / f"{args.name}.md", text + "\n")
     write_json(args.name, {"config": vars(args), "rows": rows, "aggregate": agg, "checks": checks})
 
 
