@@ -154,6 +154,13 @@ def test_killed_worker_resumes_from_checkpoint_to_the_same_cartridge(
     import ray.cloudpickle
 
     from ray_cartridges.train import run_training
+    from ray_cartridges.train.driver import (
+        _finished_steps,
+        _prepared_config,
+        latest_checkpoint,
+        resolve_dataset,
+        run_hash,
+    )
 
     ddp_out, ddp_summary = ddp_run
     assert _sized_by_epochs(ddp_summary) and ddp_summary["steps"] == 4
@@ -173,13 +180,16 @@ def test_killed_worker_resumes_from_checkpoint_to_the_same_cartridge(
     assert [(out / f).read_bytes() for f in ("cache-final.pt", "metrics.jsonl")] == before
     assert summary["steps"] == 4 and summary["run_hash"] == first["run_hash"]
 
-    # teacher data regenerated at the same path is another run: trained afresh, not resumed from the old end
+    # teacher data regenerated at the same path is another run: neither a checkpoint nor the finished summary of
+    # the old one counts for it (the run starts from step 0, as every fresh run here does)
     lines = teacher_jsonl.read_text().splitlines()
     data.write_text("\n".join(lines[: len(lines) * 2 // 3]) + "\n")
-    summary = run_training(faulty)
-    assert summary["run_hash"] != first["run_hash"] and _sized_by_epochs(summary)
-    assert _train_losses(out)[0] == list(range(1, summary["steps"] + 1))
-    assert (out / "cache-final.pt").read_bytes() != before[0]
+    cfg, no_harm_text = _prepared_config(faulty)
+    rhash = run_hash(cfg, resolve_dataset(cfg), no_harm_text)
+    assert rhash != first["run_hash"] and run_hash(cfg, resolve_dataset(cfg), no_harm_text) == rhash
+    assert latest_checkpoint(out / "ray_results", f"cartridge-train-{first['run_hash']}", first["run_hash"])
+    assert latest_checkpoint(out / "ray_results", f"cartridge-train-{rhash}", rhash) is None
+    assert _finished_steps(out, first["run_hash"]) == 4 and _finished_steps(out, rhash) is None
 
 
 def test_deepspeed_zero2_and_zero3_match_ddp(tmp_path, ddp_run, teacher_jsonl, memory, tiny_model_dir, tokenizer):

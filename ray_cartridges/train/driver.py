@@ -8,8 +8,10 @@ import logging
 import time
 from pathlib import Path
 
+import pyarrow as pa
+
 from ..config import TrainConfig
-from ..flat_topk import parquet_files
+from ..flat_topk import parquet_files, read_flat_topk
 from ..fsutil import bundled_data, file_hash
 
 logger = logging.getLogger(__name__)
@@ -37,19 +39,19 @@ def resolve_dataset(cfg: TrainConfig) -> list[Path]:
     return [_convert_once(jsonl, cfg, convert_jsonl)]
 
 
-def preflight(cfg: TrainConfig, files: list[Path]) -> int:
+def preflight(cfg: TrainConfig, tables: dict[Path, pa.Table]) -> int:
     """Every training row validated and the step plan checked, before any Ray worker starts (seconds, not the
-    minute a worker group takes to fail); an error names the file, the row and the value. Returns the number of
-    training rows."""
+    minute a worker group takes to fail); an error names the file, the row and the value. ``tables``: each
+    file's rows (:func:`~ray_cartridges.flat_topk.read_flat_topk`). Returns the number of training rows."""
     from ..batching import split_rows
-    from ..flat_topk import read_flat_topk, validate_row
+    from ..flat_topk import validate_row
     from ..models import load_tokenizer
     from .loop import plan_steps
 
     vocab = len(load_tokenizer(cfg.model_name))
     keys = []
-    for f in files:
-        for i, row in enumerate(read_flat_topk(f).to_pylist()):
+    for f, table in tables.items():
+        for i, row in enumerate(table.to_pylist()):
             validate_row(row, vocab_size=vocab, where=f"{f}: row {i} (row_id {row['row_id']})")
             if len(row["input_ids"]) <= cfg.training.max_seq_len:
                 keys.append({"split_key": row["split_key"]})
@@ -140,7 +142,8 @@ def run_training(cfg: TrainConfig, max_failures: int | None = None, callbacks: t
     out_dir = Path(cfg.output.local_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = resolve_dataset(cfg)
-    preflight(cfg, files)
+    tables = {f: read_flat_topk(f) for f in files}
+    preflight(cfg, tables)
     if cfg.model_name == BUNDLED_MODEL:
         ensure_bundled_model(dtypes=(cfg.model_dtype,))  # once, here, not racing in every worker
     storage = cfg.scaling.storage_path or str(out_dir / "ray_results")
@@ -160,9 +163,9 @@ def run_training(cfg: TrainConfig, max_failures: int | None = None, callbacks: t
             resume_from = str(found[1])
     ensure_ray()
     ray.data.DataContext.get_current().enable_progress_bars = False  # the loop prints one line per step
-    # Materialised before the workers start: every worker reads all of it, and on a small machine the workers
-    # may hold every CPU, which would starve the dataset's list/read tasks (a silent hang). Reads take no CPU slot.
-    ds = ray.data.read_parquet([str(f) for f in files], num_cpus=0).materialize()
+    # The tables preflight read, put in the object store as they are: every worker reads all of it, so read
+    # tasks would only add their start-up, and on a small machine the workers may hold every CPU they need.
+    ds = ray.data.from_arrow(list(tables.values()))
     from .loop import WorkerInputs
 
     inputs = WorkerInputs(cfg.model_dump(mode="json"), rhash, resume_from, no_harm_text, tuple(callbacks))
