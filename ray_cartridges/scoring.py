@@ -50,4 +50,7 @@ def near_copy(text: str, phrasing: str) -> bool:
     """``text`` holds ``phrasing`` (both reduced to lowercase words), or the two read nearly alike: how a training
     prompt is checked against a held-out question."""
     a, b = (" ".join(re.findall(r"[a-z0-9]+", t.lower())) for t in (text, phrasing))
-    return bool(b) and b in a or difflib.SequenceMatcher(None, a, b).ratio() >= 0.85
+    if bool(b) and b in a:
+        return True
+    m = difflib.SequenceMatcher(None, a, b)  # the cheap upper bounds first, as difflib.get_close_matches does
+    return m.real_quick_ratio() >= 0.85 and m.quick_ratio() >= 0.85 and m.ratio() >= 0.85
