@@ -154,13 +154,7 @@ def test_killed_worker_resumes_from_checkpoint_to_the_same_cartridge(
     import ray.cloudpickle
 
     from ray_cartridges.train import run_training
-    from ray_cartridges.train.driver import (
-        _finished_steps,
-        _prepared_config,
-        latest_checkpoint,
-        resolve_dataset,
-        run_hash,
-    )
+    from ray_cartridges.train.driver import prepare_config, resolve_dataset, resume_point
 
     ddp_out, ddp_summary = ddp_run
     assert _sized_by_epochs(ddp_summary) and ddp_summary["steps"] == 4
@@ -181,15 +175,15 @@ def test_killed_worker_resumes_from_checkpoint_to_the_same_cartridge(
     assert summary["steps"] == 4 and summary["run_hash"] == first["run_hash"]
 
     # teacher data regenerated at the same path is another run: neither a checkpoint nor the finished summary of
-    # the old one counts for it (the run starts from step 0, as every fresh run here does)
+    # the old one counts for it (so it trains from step 0, as every fresh run here does)
+    cfg, no_harm_text = prepare_config(faulty)
+    finished = resume_point(cfg, resolve_dataset(cfg), no_harm_text)
+    assert finished.run_hash == first["run_hash"] and finished.checkpoint[0] == finished.finished_steps == 4
     lines = teacher_jsonl.read_text().splitlines()
     data.write_text("\n".join(lines[: len(lines) * 2 // 3]) + "\n")
-    cfg, no_harm_text = _prepared_config(faulty)
-    rhash = run_hash(cfg, resolve_dataset(cfg), no_harm_text)
-    assert rhash != first["run_hash"] and run_hash(cfg, resolve_dataset(cfg), no_harm_text) == rhash
-    assert latest_checkpoint(out / "ray_results", f"cartridge-train-{first['run_hash']}", first["run_hash"])
-    assert latest_checkpoint(out / "ray_results", f"cartridge-train-{rhash}", rhash) is None
-    assert _finished_steps(out, first["run_hash"]) == 4 and _finished_steps(out, rhash) is None
+    point = resume_point(cfg, resolve_dataset(cfg), no_harm_text)
+    assert point.run_hash != finished.run_hash and point.run_name != finished.run_name
+    assert point.checkpoint is None and point.finished_steps is None
 
 
 def test_deepspeed_zero2_and_zero3_match_ddp(tmp_path, ddp_run, teacher_jsonl, memory, tiny_model_dir, tokenizer):

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -131,6 +132,34 @@ def latest_checkpoint(storage: Path, name: str, want_hash: str):
     return best
 
 
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a run stands in its output directory."""
+
+    run_hash: str
+    run_name: str  # Ray Train's run name: its checkpoints live under storage/run_name
+    storage: str
+    checkpoint: tuple[int, Path] | None  # (step, directory) of the newest checkpoint of this very run
+    finished_steps: int | None  # the run's step count, where the output holds its finished summary
+
+
+def resume_point(cfg: TrainConfig, files: list[Path], no_harm_text: str | None) -> ResumePoint:
+    """The run's hash and Ray run name, and what an identical earlier run left in the output (``cfg`` as
+    :func:`prepare_config` returns it)."""
+    out_dir = Path(cfg.output.local_dir)
+    storage = cfg.scaling.storage_path or str(out_dir / "ray_results")
+    rhash = run_hash(cfg, files, no_harm_text)
+    # One Ray Train run name per run hash: Ray restores a run from the checkpoints under its name, so another
+    # run (other config or data) at the same output must not share it; resume: false gets a name of its own.
+    if not cfg.training.resume:
+        return ResumePoint(rhash, f"cartridge-train-{rhash}-{time.time_ns()}", storage, None, None)
+    name = f"cartridge-train-{rhash}"
+    if "://" in storage:  # remote storage is not scanned here
+        return ResumePoint(rhash, name, storage, None, None)
+    found = latest_checkpoint(Path(storage), name, rhash)
+    return ResumePoint(rhash, name, storage, found, _finished_steps(out_dir, rhash))
+
+
 def run_training(cfg: TrainConfig, max_failures: int | None = None, callbacks: tuple = ()) -> dict:
     """Train a cartridge as configured; returns the run summary (also in ``train_summary.json``).
     ``callbacks``: :class:`~ray_cartridges.train.loop.TrainCallback` objects run in every worker."""
@@ -138,7 +167,7 @@ def run_training(cfg: TrainConfig, max_failures: int | None = None, callbacks: t
 
     from ..models import BUNDLED_MODEL, ensure_bundled_model
 
-    cfg, no_harm_text = _prepared_config(cfg)
+    cfg, no_harm_text = prepare_config(cfg)
     out_dir = Path(cfg.output.local_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = resolve_dataset(cfg)
@@ -146,21 +175,14 @@ def run_training(cfg: TrainConfig, max_failures: int | None = None, callbacks: t
     preflight(cfg, tables)
     if cfg.model_name == BUNDLED_MODEL:
         ensure_bundled_model(dtypes=(cfg.model_dtype,))  # once, here, not racing in every worker
-    storage = cfg.scaling.storage_path or str(out_dir / "ray_results")
-    rhash = run_hash(cfg, files, no_harm_text)
-    # One Ray Train run name per run hash: Ray restores a run from the checkpoints under its name, so another
-    # run (other config or data) at the same output must not share it; resume: false gets a name of its own.
-    run_name = f"cartridge-train-{rhash}" if cfg.training.resume else f"cartridge-train-{rhash}-{time.time_ns()}"
+    point = resume_point(cfg, files, no_harm_text)
     resume_from = None
-    if cfg.training.resume and "://" not in storage:
-        found = latest_checkpoint(Path(storage), run_name, rhash)
-        done = _finished_steps(out_dir, rhash)
-        if found and done is not None and found[0] >= done:
-            logger.info("%s already holds this run, finished at step %d: nothing to train", out_dir, found[0])
-            return _summary(cfg, out_dir, files)
-        if found:
-            logger.info("resuming from %s (step %d)", found[1], found[0])
-            resume_from = str(found[1])
+    if point.checkpoint and point.finished_steps is not None and point.checkpoint[0] >= point.finished_steps:
+        logger.info("%s already holds this run, finished at step %d: nothing to train", out_dir, point.checkpoint[0])
+        return _summary(cfg, out_dir, files)
+    if point.checkpoint:
+        logger.info("resuming from %s (step %d)", point.checkpoint[1], point.checkpoint[0])
+        resume_from = str(point.checkpoint[1])
     ensure_ray()
     ray.data.DataContext.get_current().enable_progress_bars = False  # the loop prints one line per step
     # The tables preflight read, put in the object store as they are: every worker reads all of it, so read
@@ -168,9 +190,9 @@ def run_training(cfg: TrainConfig, max_failures: int | None = None, callbacks: t
     ds = ray.data.from_arrow(list(tables.values()))
     from .loop import WorkerInputs
 
-    inputs = WorkerInputs(cfg.model_dump(mode="json"), rhash, resume_from, no_harm_text, tuple(callbacks))
+    inputs = WorkerInputs(cfg.model_dump(mode="json"), point.run_hash, resume_from, no_harm_text, tuple(callbacks))
     max_failures = cfg.scaling.max_failures if max_failures is None else max_failures
-    _fit(_trainer(cfg, inputs, ds, run_name, storage, max_failures))
+    _fit(_trainer(cfg, inputs, ds, point.run_name, point.storage, max_failures))
     return _summary(cfg, out_dir, files)
 
 
@@ -197,7 +219,7 @@ def _summary(cfg: TrainConfig, out_dir: Path, files: list[Path]) -> dict:
     return summary
 
 
-def _prepared_config(cfg: TrainConfig) -> tuple[TrainConfig, str | None]:
+def prepare_config(cfg: TrainConfig) -> tuple[TrainConfig, str | None]:
     """The config as the workers get it (validated again: ``model_copy`` skips the validators), with what
     was left to decide decided once, here (``auto`` dtype and attention, the output as an absolute path, the init text
     read), and the no-harm text. Texts are shipped as text: workers may run on other nodes or in another cwd."""
