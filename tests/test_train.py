@@ -178,12 +178,13 @@ def test_killed_worker_resumes_from_checkpoint_to_the_same_cartridge(
     # the old one counts for it (so it trains from step 0, as every fresh run here does)
     cfg, no_harm_text = prepare_config(faulty)
     finished = resume_point(cfg, resolve_dataset(cfg), no_harm_text)
-    assert finished.run_hash == first["run_hash"] and finished.checkpoint[0] == finished.finished_steps == 4
+    assert finished.run_hash == first["run_hash"] and finished.finished
+    assert finished.checkpoint[0] == finished.finished_steps == 4
     lines = teacher_jsonl.read_text().splitlines()
     data.write_text("\n".join(lines[: len(lines) * 2 // 3]) + "\n")
     point = resume_point(cfg, resolve_dataset(cfg), no_harm_text)
     assert point.run_hash != finished.run_hash and point.run_name != finished.run_name
-    assert point.checkpoint is None and point.finished_steps is None
+    assert point.checkpoint is None and point.finished_steps is None and not point.finished
 
 
 def test_deepspeed_zero2_and_zero3_match_ddp(tmp_path, ddp_run, teacher_jsonl, memory, tiny_model_dir, tokenizer):

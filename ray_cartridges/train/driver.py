@@ -142,6 +142,11 @@ class ResumePoint:
     checkpoint: tuple[int, Path] | None  # (step, directory) of the newest checkpoint of this very run
     finished_steps: int | None  # the run's step count, where the output holds its finished summary
 
+    @property
+    def finished(self) -> bool:
+        """The output already holds this run to its last step: nothing to train."""
+        return bool(self.checkpoint) and self.finished_steps is not None and self.checkpoint[0] >= self.finished_steps
+
 
 def resume_point(cfg: TrainConfig, files: list[Path], no_harm_text: str | None) -> ResumePoint:
     """The run's hash and Ray run name, and what an identical earlier run left in the output (``cfg`` as
@@ -176,20 +181,19 @@ def run_training(cfg: TrainConfig, max_failures: int | None = None, callbacks: t
     if cfg.model_name == BUNDLED_MODEL:
         ensure_bundled_model(dtypes=(cfg.model_dtype,))  # once, here, not racing in every worker
     point = resume_point(cfg, files, no_harm_text)
-    resume_from = None
-    if point.checkpoint and point.finished_steps is not None and point.checkpoint[0] >= point.finished_steps:
+    if point.finished:
         logger.info("%s already holds this run, finished at step %d: nothing to train", out_dir, point.checkpoint[0])
         return _summary(cfg, out_dir, files)
     if point.checkpoint:
         logger.info("resuming from %s (step %d)", point.checkpoint[1], point.checkpoint[0])
-        resume_from = str(point.checkpoint[1])
     ensure_ray()
     ray.data.DataContext.get_current().enable_progress_bars = False  # the loop prints one line per step
-    # The tables preflight read, put in the object store as they are: every worker reads all of it, so read
-    # tasks would only add their start-up, and on a small machine the workers may hold every CPU they need.
+    # The tables preflight read, put in the object store as they are (every worker reads all of it): no read
+    # tasks, which would add their start-up and could wait forever on a machine whose CPUs the workers hold.
     ds = ray.data.from_arrow(list(tables.values()))
     from .loop import WorkerInputs
 
+    resume_from = str(point.checkpoint[1]) if point.checkpoint else None
     inputs = WorkerInputs(cfg.model_dump(mode="json"), point.run_hash, resume_from, no_harm_text, tuple(callbacks))
     max_failures = cfg.scaling.max_failures if max_failures is None else max_failures
     _fit(_trainer(cfg, inputs, ds, point.run_name, point.storage, max_failures))
