@@ -37,6 +37,7 @@ def make_checkpoint(root: Path, memory_tokens: int, tokenizer) -> Path:
     ep = root / "checkpoints" / "ep_000001"
     ep.mkdir(parents=True)
     shutil.copy(src / "agent.json", ep / "agent.json")
+    mem_file = ep / json.loads((src / "agent.json").read_text())["memory_snapshot_path"]
     shutil.copy(src / "runtime.json", ep / "runtime.json")
     out, rnd = [], 0
     while True:
@@ -48,16 +49,16 @@ def make_checkpoint(root: Path, memory_tokens: int, tokenizer) -> Path:
         rnd += 1
         from ray_cartridges.memory import read_memory
 
-        (ep / "memory_1.jsonl").write_text("\n".join(out) + "\n")
+        mem_file.write_text("\n".join(out) + "\n")
         n = len(tokenizer(read_memory(root).render()).input_ids)
         if n >= memory_tokens:
             break
     # trim whole experiences until just above the target
     while True:
         trial = out[:-3]
-        (ep / "memory_1.jsonl").write_text("\n".join(trial) + "\n")
+        mem_file.write_text("\n".join(trial) + "\n")
         if len(tokenizer(read_memory(root).render()).input_ids) < memory_tokens:
-            (ep / "memory_1.jsonl").write_text("\n".join(out) + "\n")
+            mem_file.write_text("\n".join(out) + "\n")
             break
         out = trial
     return root
@@ -76,7 +77,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--naive-prompts", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--shard-size", type=int, default=16)
+    ap.add_argument("--shard-size", type=int, default=None, help="prompts per engine call (default: generate's)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds of ours and plain vLLM; medians")
     args = ap.parse_args()
 
@@ -112,8 +113,9 @@ def main() -> None:
             "max_tokens": args.max_tokens,
             "top_logprobs": 20,
             "max_samples": args.prompts,
-            "shard_size": args.shard_size,
+            **({"shard_size": args.shard_size} if args.shard_size else {}),
             "self_study": {"enabled": False},
+            "quiz": {"enabled": False},  # replay questions only: the baseline answers the same prompts as given
             "max_model_len": 4096,
         },
     )
@@ -238,7 +240,7 @@ def main() -> None:
     write_json(
         "generation",
         {
-            "config": vars(args),
+            "config": {**vars(args), "shard_size": cfg.shard_size},
             "memory_tokens": mem_tokens,
             "ours": {
                 "tokens": ours_tokens,
