@@ -23,13 +23,28 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux), as results should name the machine they come from."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def machine() -> dict:
     import os
 
     import torch
 
+    from ray_cartridges.models import cpu_has_fast_bf16
+
     return {
         "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpu_fast_bf16": cpu_has_fast_bf16(),
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

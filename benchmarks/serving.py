@@ -166,6 +166,10 @@ def engine_figures(args, model, tok, mem_text, qs, cart_dir, many_texts, many_di
     many_fig["requests"] = len(reqs_c)
     engine.shutdown()
     del engine
+    pending = asyncio.all_tasks(loop)  # the engine's output handler, cancelled by shutdown: let it finish
+    for task in pending:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
     loop.close()
     return rows, many_fig
 

@@ -82,7 +82,7 @@ def main() -> None:
         loss = kd_loss_sum(logits, batch["topk_ids"], batch["topk_logprobs"], tail) / positions
         loss.backward()
         opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     V = model.config.vocab_size
     all_ids = torch.arange(V).expand(positions, V)
@@ -98,7 +98,7 @@ def main() -> None:
         loss = kd_loss_sum(logits, all_ids, teacher_lp) / positions
         loss.backward()
         opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     step_ours(), step_ours(False), step_online()  # warm up
     ours, plain, online = [], [], []

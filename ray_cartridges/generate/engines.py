@@ -145,11 +145,12 @@ class HFEngine:
                 n += 1
         if n >= self.min_shared_prefix:
             cache = copy.deepcopy(self._cached[1])
-            cache.crop(n)
+            cache.crop(n - cache.get_seq_length())  # a negative count: remove that many tokens from the end
         else:
             n, cache = 0, None
         out = self.model(input_ids=torch.tensor([ids[n:]]), past_key_values=cache, use_cache=True)
-        self._cached = (list(ids), copy.deepcopy(out.past_key_values))
+        # kept uncopied: a caller that decodes on appends to it, which leaves its first len(ids) positions as they are
+        self._cached = (list(ids), out.past_key_values)
         return out, n
 
     @torch.no_grad()
