@@ -50,7 +50,7 @@ docs: setup  ## regenerate docs/CONFIG.md from the config models
 demo: setup  ## end to end on the bundled model and the example checkpoint
 	$(PY) jobs/distill.py --config configs/demo.yaml
 
-bench: setup  ## every benchmark (~1.5 h on 2 CPU cores); tables on stdout, JSON in benchmarks/results/
+bench: setup  ## speed benchmarks + the demo fidelity sweep (~1.5 h on 2 CPU cores; fidelity_set.py runs apart)
 	$(PY) benchmarks/generation.py
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/train_scaling.py
