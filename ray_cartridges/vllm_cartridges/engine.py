@@ -173,6 +173,15 @@ def vllm_prompt(cart: LoadedCartridge | None, ids: list[int]):
     return TokensPrompt(prompt_token_ids=[PLACEHOLDER_ID] * cart.num_tokens + list(ids), cache_salt=cart.cache_salt)
 
 
+def engine_input(cart: LoadedCartridge | None, ids: list[int]):
+    """:func:`vllm_prompt` as the engine's own token input, for ``AsyncLLM.generate``, which deprecates raw
+    prompts (token ids need no rendering; the Serve app has bounded their length already)."""
+    from vllm.inputs.engine import tokens_input
+
+    prompt = vllm_prompt(cart, ids)
+    return tokens_input(prompt["prompt_token_ids"], cache_salt=prompt.get("cache_salt"))
+
+
 def logprob_entries(token_ids, logprobs, top_k: int) -> list[dict] | None:
     """Per position: the token's logprob and vLLM's top-k (rank <= k; the sampled token is added beside them
     when outside it) as ``{token_id, logprob, top: [(id, logprob)]}``."""
@@ -277,7 +286,7 @@ class AsyncCartridgeEngine(_Engine):
 
         params = vllm_sampling(sp, cartridge)
         params.output_kind = RequestOutputKind.DELTA
-        async for out in self.llm.generate(vllm_prompt(cartridge, ids), params, request_id=uuid.uuid4().hex):
+        async for out in self.llm.generate(engine_input(cartridge, ids), params, request_id=uuid.uuid4().hex):
             if out.finished and cartridge is not None:
                 self.stats.record((out.kv_transfer_params or {}).get("cartridge_tokens_loaded"))
             yield out
@@ -289,7 +298,7 @@ class AsyncCartridgeEngine(_Engine):
         params = vllm_sampling(sp, cartridge)
         params.output_kind = RequestOutputKind.FINAL_ONLY
         t0, last = time.perf_counter(), None
-        async for out in self.llm.generate(vllm_prompt(cartridge, ids), params, request_id=uuid.uuid4().hex):
+        async for out in self.llm.generate(engine_input(cartridge, ids), params, request_id=uuid.uuid4().hex):
             last = out
         comp = to_completion(last, len(ids), self.tokenizer.eos_token_id, sp.top_logprobs, time.perf_counter() - t0)
         self.stats.record(comp.cartridge_tokens_loaded)
