@@ -55,7 +55,7 @@ def test_random_init_is_seeded_and_on_model_scale(model, tokenizer):
     c = encoder(create_cartridge(model, num_tokens=8, method="random", seed=4)).weight.detach().clone()
     assert torch.equal(a, b) and not torch.equal(a, c)
     # KV of real tokens, not N(0, 1): same scale as a text-initialised cartridge
-    ref = encoder(create_cartridge(model, num_tokens=8, method="text", tokenizer=tokenizer, text=TEXT)).weight
+    ref = encoder(create_cartridge(model, num_tokens=8, method="text", tokenizer=tokenizer, text=TEXT)).weight.detach()
     ratio = float(a.std() / ref.std())
     assert 0.5 < ratio < 2.0
 
