@@ -175,7 +175,7 @@ def vllm_prompt(cart: LoadedCartridge | None, ids: list[int]):
 
 def engine_input(cart: LoadedCartridge | None, ids: list[int]):
     """:func:`vllm_prompt` as the engine's own token input, for ``AsyncLLM.generate``, which deprecates raw
-    prompts (token ids need no rendering; the Serve app has bounded their length already)."""
+    prompts (token ids need no rendering; vLLM still rejects one longer than ``max_model_len``)."""
     from vllm.inputs.engine import tokens_input
 
     prompt = vllm_prompt(cart, ids)
