@@ -57,7 +57,7 @@ def load(args):
 
 
 def main(argv=None) -> int:
-    from ray_cartridges.cli import setup_env, user_errors
+    from ray_cartridges.cli import INTERRUPTED, setup_env, user_errors
 
     args = parse_args(argv)
     setup_env()
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted (finished shards and checkpoints are kept: the same command resumes)", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         return 130
     return 0
 

@@ -307,6 +307,9 @@ def _add_file_commands(sub) -> None:
     s.set_defaults(func=_cmd_show_config)
 
 
+INTERRUPTED = "interrupted (finished shards and checkpoints are kept: the same command resumes)"
+
+
 def user_errors() -> tuple[type[Exception], ...]:
     """What bad input raises: an entry point prints these as one line, not a traceback."""
     from .config import ConfigError
@@ -337,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         return 130
 
 

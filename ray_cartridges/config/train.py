@@ -96,7 +96,12 @@ class TrainingConfig(StrictModel):
         description="Read the leading tokens all rows of a micro-batch share (the chat template's system prompt) "
         "once and repeat their keys and values over the rows: the same loss and gradients for fewer tokens.",
     )
-    save_every: int = Field(0, ge=0, description="Write a checkpoint every N steps (0: only at the end).")
+    save_every: int = Field(
+        0,
+        ge=0,
+        description="Write a checkpoint every N steps (0: only at the end); a stopped or failed run, re-run, "
+        "continues from the last one.",
+    )
     eval_every: int = Field(0, ge=0, description="Evaluate on the held-out split every N steps (0: start and end).")
     log_every: int = Field(1, gt=0, description="Log metrics every N steps.")
     backend: Literal["ddp", "deepspeed"] = Field("ddp", description="Data-parallel backend.")

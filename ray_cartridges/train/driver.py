@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -282,8 +284,16 @@ def _trainer(cfg: TrainConfig, inputs, ds, run_name: str, storage: str, max_fail
 
 
 def _fit(trainer) -> None:
+    """``trainer.fit()``; Ctrl-C comes out as KeyboardInterrupt, as everywhere else in the job.
+
+    Ray Train installs a SIGINT handler for the run that aborts it and then exits from inside ``fit``
+    (SystemExit), and leaves that handler installed after the run; both are undone here.
+    """
+    on_sigint = signal.getsignal(signal.SIGINT)
     try:
         trainer.fit()
+    except SystemExit:
+        raise KeyboardInterrupt from None
     except Exception as err:  # a worker's NaN/inf stop is the user's to read, not a stack of Ray frames
         text = str(err)
         if "NonFiniteError: " in text:
@@ -291,6 +301,9 @@ def _fit(trainer) -> None:
 
             raise NonFiniteError(text.split("NonFiniteError: ", 1)[1].splitlines()[0]) from None
         raise
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, on_sigint)
 
 
 def format_summary(summary: dict) -> str:
