@@ -116,6 +116,11 @@ def _cmd_serve(args) -> int:
 
 
 def _cmd_chat(args) -> int:
+    # a terminal chat shows the conversation, not the engine's start-up log (VLLM_LOGGING_LEVEL=INFO shows it);
+    # the environment reaches vLLM's engine processes too
+    for var, quiet in (("VLLM_LOGGING_LEVEL", "ERROR"), ("TORCH_CPP_LOG_LEVEL", "ERROR"), ("PYTHONWARNINGS", "ignore")):
+        os.environ.setdefault(var, quiet)
+    logging.getLogger().setLevel(logging.ERROR)
 
     from .agent import KVArtifact, KVCacheMemoryConfig, KVMemoryAgent, KVMemoryAgentConfig
     from .hub import cartridge_source

@@ -100,3 +100,28 @@ def test_cartridge_for_another_model_is_refused_by_the_agent(cartridge_dir, toke
 
     with pytest.raises(CartridgeMismatchError, match="num_layers"):
         _agent(cartridge_dir, tiny_llama(), tokenizer)
+
+
+def test_chat_command_answers_each_turn_with_the_whole_conversation(
+    cartridge_dir, model, tokenizer, monkeypatch, capsys
+):
+    """`ray-cartridges chat`: each reply is the agent's reply to the conversation so far; an empty line quits."""
+    import logging
+
+    from ray_cartridges import cli
+
+    for var in ("VLLM_LOGGING_LEVEL", "TORCH_CPP_LOG_LEVEL", "PYTHONWARNINGS"):  # chat sets them when unset
+        monkeypatch.setenv(var, "")
+    monkeypatch.setattr(logging.getLogger(), "level", logging.getLogger().level)
+    lines = iter([QUESTIONS[0], QUESTIONS[1], ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    argv = ["chat", "--cartridge", str(cartridge_dir), "--engine", "transformers", "--max-tokens", "12"]
+    assert cli.main(argv) == 0
+    replies = [line.removeprefix("agent> ") for line in capsys.readouterr().out.splitlines() if "agent> " in line]
+
+    agent = _agent(cartridge_dir, model, tokenizer)
+    history = [{"role": "user", "content": QUESTIONS[0]}]
+    first = agent.chat(history, max_tokens=12)
+    history += [{"role": "assistant", "content": first}, {"role": "user", "content": QUESTIONS[1]}]
+    assert replies == [first, agent.chat(history, max_tokens=12)]
+    assert replies[1] != agent.chat(history[-1:], max_tokens=12)  # the first turn was read: it changes the second reply
