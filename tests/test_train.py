@@ -182,6 +182,9 @@ def test_killed_worker_resumes_from_checkpoint_to_the_same_cartridge(
     finished = resume_point(cfg, resolve_dataset(cfg), no_harm_text)
     assert finished.run_hash == first["run_hash"] and finished.finished
     assert finished.checkpoint[0] == finished.finished_steps == 4
+    # how often it checkpoints and logs does not make it another run
+    other = cfg.model_copy(update={"training": cfg.training.model_copy(update={"save_every": 3, "log_every": 2})})
+    assert resume_point(other, resolve_dataset(cfg), no_harm_text).run_hash == first["run_hash"]
     lines = teacher_jsonl.read_text().splitlines()
     data.write_text("\n".join(lines[: len(lines) * 2 // 3]) + "\n")
     point = resume_point(cfg, resolve_dataset(cfg), no_harm_text)

@@ -114,7 +114,7 @@ def run_hash(cfg: TrainConfig, files: list[Path] = (), no_harm_text: str | None 
             "scaling": {"max_failures", "storage_path"},
         },
     )
-    for key in ("resume", "keep_best", "profile"):  # none of these changes what the run computes
+    for key in ("resume", "keep_best", "profile", "save_every", "log_every"):  # none changes what the run computes
         d["training"].pop(key, None)
     d["_data"] = sorted((Path(f).name, Path(f).stat().st_size) for f in files)
     d["_no_harm_text"] = no_harm_text
