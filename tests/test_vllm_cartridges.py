@@ -44,11 +44,24 @@ def cartridges(tmp_path_factory, model, tokenizer, memory):
 
 @pytest.fixture(scope="module")
 def engine():
+    """One engine for the module; at the end, ``shutdown`` must end every process it started."""
+    import psutil
+
     from ray_cartridges.vllm_cartridges import CartridgeLLM
 
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
     eng = CartridgeLLM(BUNDLED, dtype="fp32", block_size=32, enforce_eager=True, max_model_len=2048)
+    # multiprocessing's resource tracker is the process's own, shared by whatever it starts: not the engine's
+    started = [
+        p
+        for p in me.children(recursive=True)
+        if p.pid not in before and not any("resource_tracker" in a for a in p.cmdline())
+    ]
     yield eng
-    del eng
+    eng.shutdown()
+    _, alive = psutil.wait_procs(started, timeout=30)
+    assert started and not alive, f"vLLM processes left after shutdown: {alive}"
 
 
 def _ids(tokenizer, q):

@@ -377,13 +377,16 @@ def evaluate_cartridge(
         if key.kind == "entry"
     }
 
-    agents = _recall_agents(mem, memory, memory_context, engine, cache if cache is not None else {}, enforce_eager)
+    own = {} if cache is None else cache
+    agents = _recall_agents(mem, memory, memory_context, engine, own, enforce_eager)
     agents = {k: make() for k, make in agents.items() if k in baselines or k == "cartridge"}
     batch = max(len(qs), 1) if engine == "vllm" else 8
     rec = recall(agents, qs, max_tokens=max_tokens, batch=batch) if qs else {}
     for name in rec:
         rec[name]["heldout_accuracy"] = heldout_accuracy(rec[name]["answers"], held_entries)
     rec_reworded = recall(agents, reworded, max_tokens=max_tokens, batch=batch) if reworded else None
+    if cache is None and "vllm_engine" in own:  # this evaluation's own engine: ended here, not at exit
+        own.pop("vllm_engine").shutdown()
     if unrelated_text is None:
         unrelated_text = bundled_data("unrelated.txt").read_text()
     harm = no_harm(model, tok, mem.kv, unrelated_text, memory_text, mem.meta.student_system_prompt, cache)

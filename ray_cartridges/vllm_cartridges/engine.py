@@ -248,6 +248,10 @@ class CartridgeLLM(_Engine):
         self.llm = LLM(**engine_kwargs(resolve_model(model, kwargs.get("dtype", "fp32")), **kwargs))
         self._setup(model, self.llm.llm_engine.vllm_config, self.llm.get_tokenizer())
 
+    def shutdown(self) -> None:
+        """End the engine's processes now (otherwise they end when this process exits)."""
+        self.llm.llm_engine.engine_core.shutdown()
+
     def generate(
         self, requests: list[tuple[LoadedCartridge | None, list[int]]], sampling: SamplingParams | list[SamplingParams]
     ) -> list[Completion]:
