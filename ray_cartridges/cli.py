@@ -135,17 +135,17 @@ def _cmd_chat(args) -> int:
     )
     print(f"cartridge {args.cartridge} ({agent.num_tokens} tokens) on {agent.meta.model_name}; empty line quits")
     history: list[dict] = []
-    while True:
-        try:
-            line = input("you> ").strip()
-        except EOFError:
-            break
-        if not line:
-            break
-        history.append({"role": "user", "content": line})
-        reply = agent.chat(history, temperature=args.temperature, max_tokens=args.max_tokens)
-        history.append({"role": "assistant", "content": reply})
-        print(f"agent> {reply}")
+    try:
+        while line := input("you> ").strip():
+            history.append({"role": "user", "content": line})
+            reply = agent.chat(history, temperature=args.temperature, max_tokens=args.max_tokens)
+            history.append({"role": "assistant", "content": reply})
+            print(f"agent> {reply}")
+    except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C ends the chat like an empty line
+        print()
+    finally:
+        if agent.engine is not None:
+            agent.engine.shutdown()
     return 0
 
 
