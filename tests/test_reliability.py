@@ -160,3 +160,23 @@ def test_a_path_is_never_taken_for_a_hub_id_and_a_broken_cartridge_names_its_fil
 
     with pytest.raises(ValueError, match=rf"{weights}: cannot load the cartridge"):
         load_cartridge(load_model("smollm2-135m-instruct"), tmp_path / "c", tokenizer)
+
+
+def test_ctrl_c_during_fit_is_a_keyboard_interrupt_and_the_sigint_handler_is_restored():
+    """Ray Train's SIGINT handler aborts the run by exiting from inside ``fit`` and stays installed after it:
+    the job must see KeyboardInterrupt (its "interrupted, re-run resumes" exit) and get its own handler back."""
+    import os
+    import signal
+    import sys
+
+    from ray_cartridges.train.driver import _fit
+
+    class RayLikeTrainer:
+        def fit(self):
+            signal.signal(signal.SIGINT, lambda *_: sys.exit(0))  # what Ray Train installs for the run
+            os.kill(os.getpid(), signal.SIGINT)
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(RayLikeTrainer())
+    assert signal.getsignal(signal.SIGINT) is before

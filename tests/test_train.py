@@ -238,26 +238,6 @@ def test_deepspeed_checkpoint_files_are_read_as_tensors_only(tmp_path):
         _load_tensors_only(str(tmp_path / "bad.pt"))
 
 
-def test_ctrl_c_during_fit_is_a_keyboard_interrupt_and_the_sigint_handler_is_restored():
-    """Ray Train's SIGINT handler aborts the run by exiting from inside ``fit`` and stays installed after it:
-    the job must see KeyboardInterrupt (its "interrupted, re-run resumes" exit) and get its own handler back."""
-    import os
-    import signal
-    import sys
-
-    from ray_cartridges.train.driver import _fit
-
-    class RayLikeTrainer:
-        def fit(self):
-            signal.signal(signal.SIGINT, lambda *_: sys.exit(0))  # what Ray Train installs for the run
-            os.kill(os.getpid(), signal.SIGINT)
-
-    before = signal.getsignal(signal.SIGINT)
-    with pytest.raises(KeyboardInterrupt):
-        _fit(RayLikeTrainer())
-    assert signal.getsignal(signal.SIGINT) is before
-
-
 def test_no_harm_term_keeps_general_text_close_to_the_bare_model(
     tmp_path, text_init_run, teacher_jsonl, memory, model, tokenizer
 ):
