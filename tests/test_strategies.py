@@ -647,3 +647,14 @@ def test_quiz_questions_continue_their_plain_text_at_their_own_temperature(token
     assert [r["messages"][-2]["content"] for r in records] == ["Who keeps the key?"] * 2
     answered = [p for p, t, n in calls if n == 4]
     assert answered == [[chat_ids(tokenizer, "memory", "Who keeps the key?")] * 2]
+
+
+def test_the_generation_summary_says_how_many_shards_a_rerun_kept():
+    from ray_cartridges.generate.pipeline import format_summary
+
+    base = {"rows": 10, "rows_generated_now": 0, "rows_reused_now": 0, "rejected_now": 0, "answer_tokens": 90}
+    paths = {"dataset_jsonl": "d.jsonl", "parquet_shards": "shards"}
+    rerun = format_summary({**base, **paths, "shards": 3, "shards_generated_now": 0})
+    assert "shards: 3, of which 3 were already written and are kept as they are" in rerun
+    fresh = format_summary({**base, **paths, "rows_generated_now": 10, "shards": 3, "shards_generated_now": 3})
+    assert "already written" not in fresh and "10 generated now" in fresh

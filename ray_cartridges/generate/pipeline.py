@@ -413,8 +413,10 @@ def format_summary(s: dict) -> str:
         "=== teacher generation finished ===",
         f"  conversations: {s['rows']} ({s['rows_generated_now']} generated now, {s.get('rows_reused_now', 0)} "
         f"reused from earlier shards, {s['rejected_now']} rejected)",
-        f"  answer tokens: {s['answer_tokens']}",
     ]
+    if kept := s["shards"] - s["shards_generated_now"]:
+        lines.append(f"  shards: {s['shards']}, of which {kept} were already written and are kept as they are")
+    lines.append(f"  answer tokens: {s['answer_tokens']}")
     for kind, what, stated in _FACT_KINDS:
         if fact := s.get(f"{kind}_answers_with_fact"):
             lines.append(
