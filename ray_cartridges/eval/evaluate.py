@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -27,6 +28,8 @@ from ..memory import AgentMemory, MemoryContext, memory_questions, read_facts
 from ..models import fit_context
 from ..scoring import score_answer
 from .metrics import kl_per_token
+
+logger = logging.getLogger(__name__)
 
 
 def _logits_after(model, ids: torch.Tensor, kv=None) -> torch.Tensor:
@@ -359,6 +362,7 @@ def evaluate_cartridge(
     held_mem = [r for r in held if r["metadata"].get("strategy") != GENERAL_STRATEGY]
     # against the teacher with the whole memory in context (the ICL agent's prompt), whatever part of it the
     # generating teacher read
+    logger.info("evaluation 1/3: KL to the in-context teacher on %d held-out conversations", len(held_mem[:64]))
     fid = (
         fidelity(model, tok, mem.kv, held_mem[:64], mem.meta.student_system_prompt, cache, memory_context)
         if held_mem
@@ -377,6 +381,8 @@ def evaluate_cartridge(
         if key.kind == "entry"
     }
 
+    n_agents = sum(1 for k in ("no_memory", "icl") if k in baselines) + 1
+    logger.info("evaluation 2/3: recall, %d + %d questions to %d agents (%s)", len(qs), len(reworded), n_agents, engine)
     own = {} if cache is None else cache
     agents = _recall_agents(mem, memory, memory_context, engine, own, enforce_eager)
     agents = {k: make() for k, make in agents.items() if k in baselines or k == "cartridge"}
@@ -389,6 +395,7 @@ def evaluate_cartridge(
         own.pop("vllm_engine").shutdown()
     if unrelated_text is None:
         unrelated_text = bundled_data("unrelated.txt").read_text()
+    logger.info("evaluation 3/3: perplexity of unrelated text with and without the cartridge (no harm)")
     harm = no_harm(model, tok, mem.kv, unrelated_text, memory_text, mem.meta.student_system_prompt, cache)
     return {
         "fidelity": fid,
