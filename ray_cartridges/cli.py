@@ -115,10 +115,13 @@ def _cmd_serve(args) -> int:
     return 0
 
 
+# a terminal chat shows the conversation, not the engine's start-up log (VLLM_LOGGING_LEVEL=INFO shows it);
+# set where the user has not, in the environment so that vLLM's engine processes get it too
+CHAT_QUIET_ENV = {"VLLM_LOGGING_LEVEL": "ERROR", "TORCH_CPP_LOG_LEVEL": "ERROR", "PYTHONWARNINGS": "ignore"}
+
+
 def _cmd_chat(args) -> int:
-    # a terminal chat shows the conversation, not the engine's start-up log (VLLM_LOGGING_LEVEL=INFO shows it);
-    # the environment reaches vLLM's engine processes too
-    for var, quiet in (("VLLM_LOGGING_LEVEL", "ERROR"), ("TORCH_CPP_LOG_LEVEL", "ERROR"), ("PYTHONWARNINGS", "ignore")):
+    for var, quiet in CHAT_QUIET_ENV.items():
         os.environ.setdefault(var, quiet)
     logging.getLogger().setLevel(logging.ERROR)
 

@@ -110,8 +110,8 @@ def test_chat_command_answers_each_turn_with_the_whole_conversation(
 
     from ray_cartridges import cli
 
-    for var in ("VLLM_LOGGING_LEVEL", "TORCH_CPP_LOG_LEVEL", "PYTHONWARNINGS"):  # chat sets them when unset
-        monkeypatch.setenv(var, "")
+    for var, quiet in cli.CHAT_QUIET_ENV.items():  # what chat sets, undone after the test
+        monkeypatch.setenv(var, quiet)
     monkeypatch.setattr(logging.getLogger(), "level", logging.getLogger().level)
     lines = iter([QUESTIONS[0], QUESTIONS[1], ""])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))

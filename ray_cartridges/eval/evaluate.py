@@ -381,11 +381,13 @@ def evaluate_cartridge(
         if key.kind == "entry"
     }
 
-    n_agents = sum(1 for k in ("no_memory", "icl") if k in baselines) + 1
-    logger.info("evaluation 2/3: recall, %d + %d questions to %d agents (%s)", len(qs), len(reworded), n_agents, engine)
+    names = [k for k in ("no_memory", "icl", "cartridge") if k in baselines or k == "cartridge"]
+    logger.info(
+        "evaluation 2/3: recall, %d + %d questions to %d agents (%s)", len(qs), len(reworded), len(names), engine
+    )
     own = {} if cache is None else cache
-    agents = _recall_agents(mem, memory, memory_context, engine, own, enforce_eager)
-    agents = {k: make() for k, make in agents.items() if k in baselines or k == "cartridge"}
+    makers = _recall_agents(mem, memory, memory_context, engine, own, enforce_eager)
+    agents = {k: makers[k]() for k in names}
     batch = max(len(qs), 1) if engine == "vllm" else 8
     rec = recall(agents, qs, max_tokens=max_tokens, batch=batch) if qs else {}
     for name in rec:
