@@ -187,6 +187,21 @@ def unit_text(group: list[MemoryEntry], is_corpus: bool) -> str:
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+# titles and the like whose period does not end a sentence ("Dr. Amara Okafor"), lowercased, without the period
+_ABBREVIATIONS = {"dr", "mr", "mrs", "ms", "prof", "st", "mt", "jr", "sr", "vs", "e.g", "i.e"}
+
+
+def split_sentences(text: str) -> list[str]:
+    """``text`` cut after each ``.``, ``!`` or ``?`` that a space follows, except after a title ("Dr.") or an
+    initial ("J.")."""
+    out: list[str] = []
+    for piece in _SENTENCE_END.split(text.strip()):
+        last = out[-1].rsplit(" ", 1)[-1] if out else ""
+        if last.endswith(".") and (last[:-1].lower() in _ABBREVIATIONS or (len(last) == 2 and last[0].isupper())):
+            out[-1] += " " + piece
+        else:
+            out.append(piece)
+    return out
 _LABEL = re.compile(r"^[A-Z][\w ]{0,30}:\s+")  # "Task: ", "Please remember this: "
 
 
@@ -213,7 +228,7 @@ def unit_sentences(group: list[MemoryEntry], is_corpus: bool, min_chars: int = 2
         value = e.raw if isinstance(e.raw, dict | list) else _maybe_json(e.content)
         for text in _strings(value):
             for line in text.splitlines():
-                pieces = (_LABEL.sub("", s) for s in _SENTENCE_END.split(line.strip()))
+                pieces = (_LABEL.sub("", s) for s in split_sentences(line))
                 out += [s for s in pieces if len(s) >= min_chars and s[-1] in ".!?"]
     return out
 

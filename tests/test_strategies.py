@@ -578,6 +578,13 @@ def test_sentences_of_a_unit_are_its_whole_sentences_also_inside_a_tool_result()
         MemoryEntry("Observation", "It opens at 9 am daily.", 1),
     ]
     assert unit_sentences(section, True) == ["It opens at 9 am daily."]
+    # a title's or an initial's period does not end the sentence: the quiz asks about the whole fact
+    titled = [MemoryEntry("Feedback", "The station doctor is Dr. Amara Okafor. Ask J. Berg or Ms. Lee. It was no.", 0)]
+    assert unit_sentences(titled, False, min_chars=5) == [
+        "The station doctor is Dr. Amara Okafor.",
+        "Ask J. Berg or Ms. Lee.",
+        "It was no.",
+    ]
 
 
 def test_quiz_asks_about_each_distinct_sentence_from_a_window_that_holds_its_unit():
@@ -607,11 +614,63 @@ def test_quiz_asks_about_each_distinct_sentence_from_a_window_that_holds_its_uni
     for p in quiz:
         sentence, gi = p["metadata"]["sentence"], p["metadata"]["memory_entry"]
         assert gi == first[sentence] and p["split_key"] == f"quiz-{gi}" and p["user"] is None
+        assert "answer" not in p  # answers: auto is the teacher's own answer for an agent's experiences
         assert p["question_text"] == quiz_question_text(sentence)
         assert p["question_text"].endswith(f"Sentence: {sentence}\nQuestion:")
         assert all(q in p["question_text"] for _, q in QUIZ_EXAMPLES)
         shown = [i for i, g in enumerate(groups) if g[0].render() in p["context"]]
         assert gi in shown and len(shown) == 3
+
+
+def test_a_corpus_quiz_answers_with_the_sentence_read_by_the_teacher_after_its_written_question(tokenizer):
+    """quiz.answers: auto on a document corpus: each question (written by the teacher) is answered with the
+    sentence it asks about, which the teacher reads with the window in context (scored, not written); an agent's
+    quiz keeps its prompt keys, as if the field did not exist."""
+    from ray_cartridges.contracts import SamplingParams
+    from ray_cartridges.generate.pipeline import prompt_keys
+    from ray_cartridges.generate.records import logprob_entry
+    from ray_cartridges.generate.strategies import for_memory
+    from ray_cartridges.generate.teacher import chat_ids, run_prompts
+
+    corpus = REPO / "examples" / "dev_memories" / "documents" / "corpus.md"
+    memory = read_memory(corpus)
+    base = {"checkpoint_dir": str(corpus), "self_study": {"num_samples": 0}, "quiz": {"enabled": True}}
+    quiz = [p for p in build_prompts(memory, _gen(base)) if p["strategy"].startswith("quiz/")]
+    assert quiz and {p["strategy"] for p in quiz} == {"quiz/text"}
+    assert all(p["answer"] == p["metadata"]["sentence"] and p["user"] is None for p in quiz)
+    taught = _gen({**base, "quiz": {"enabled": True, "answers": "teacher"}})
+    asked = [p for p in build_prompts(memory, taught) if p["strategy"].startswith("quiz/")]
+    assert {p["strategy"] for p in asked} == {"quiz/sentence"} and not [p for p in asked if "answer" in p]
+
+    agent = read_memory(EXAMPLE_CHECKPOINT)
+    auto = _gen({"checkpoint_dir": str(EXAMPLE_CHECKPOINT), "quiz": {"enabled": True}})
+    explicit = _gen({"checkpoint_dir": str(EXAMPLE_CHECKPOINT), "quiz": {"enabled": True, "answers": "teacher"}})
+    prompts = build_prompts(agent, auto)
+    assert prompts == build_prompts(agent, explicit)
+    assert prompt_keys(prompts, for_memory(auto, agent)) == prompt_keys(prompts, for_memory(explicit, agent))
+
+    calls = []
+
+    class Teacher:
+        tokenizer = None
+
+        def complete(self, prompts, sampling, seeds):
+            calls.append(("complete", prompts))
+            ids = tokenizer("Who runs the centre?", add_special_tokens=False).input_ids
+            return [(ids, []) for _ in prompts]
+
+        def score(self, prompts, answers, top_logprobs):
+            calls.append(("score", prompts, answers))
+            return [[logprob_entry(tokenizer, t, -0.5, [(t, -0.5)]) for t in a] for a in answers]
+
+    Teacher.tokenizer = tokenizer
+    records, rejected = run_prompts(Teacher(), quiz[:2], sampling=SamplingParams(max_tokens=4, top_logprobs=1))
+    assert not rejected and [c[0] for c in calls] == ["complete", "score"]  # the answer is read, never written
+    assert calls[1][1] == [chat_ids(tokenizer, p["context"], "Who runs the centre?") for p in quiz[:2]]
+    for rec, p in zip(records, quiz[:2]):
+        ids = tokenizer.encode(p["answer"], add_special_tokens=False) + [tokenizer.eos_token_id]
+        assert rec["messages"][-2]["content"] == "Who runs the centre?"
+        assert rec["messages"][-1]["content"] == p["answer"] and rec["messages"][-1]["token_ids"] == ids
 
 
 def test_quiz_questions_continue_their_plain_text_at_their_own_temperature(tokenizer):

@@ -120,6 +120,13 @@ class QuizConfig(StrictModel):
     min_chars: int = Field(
         20, gt=0, description="Shortest sentence asked about (shorter ones are replies such as 'Thanks!')."
     )
+    answers: Literal["auto", "teacher", "text"] = Field(
+        "auto",
+        description="teacher: the teacher answers each question; text: the sentence asked about is the answer, its "
+        "targets the teacher's logprobs reading it with the window in context (teacher forcing: every question "
+        "gets an answer that states its fact). auto: text for a document corpus (all statements, which a small "
+        "teacher misstates), teacher for an agent's experiences (whose sentences include questions).",
+    )
 
 
 class GeneralConfig(StrictModel):

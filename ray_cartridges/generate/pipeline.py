@@ -46,7 +46,12 @@ _NOT_IN_SHARD_NAME = {
 _NOT_IN_PROMPT_KEY = _NOT_IN_SHARD_NAME | {"min_prob_mass", "student_system_prompt"}
 
 
-_LATER_FIELDS = {"memory_layout": "system", "deterministic": False, "recite.answers": "teacher"}
+_LATER_FIELDS = {
+    "memory_layout": "system",
+    "deterministic": False,
+    "recite.answers": "teacher",
+    "quiz.answers": "teacher",
+}
 
 
 def _named_settings(cfg: GenerateConfig, exclude: set[str]) -> dict:
@@ -348,10 +353,10 @@ def _push(out: Path, cfg: GenerateConfig) -> str:
 
 
 def fact_answer_share(records: list[dict], memory, prefix: str = "replay/") -> dict | None:
-    """How good the teacher's targets are: of the answers (of strategies starting with ``prefix``: replay,
-    recitals or the quiz) about a known fact, how many state it (the recall scoring of ``ray-cartridges eval``).
-    The fact is the Feedback of the answer's experience, or for a quiz answer the sentence its question was
-    written from. None where there are no such answers."""
+    """How good the teacher's targets are: of the answers the teacher wrote (of strategies starting with
+    ``prefix``: replay, recitals or the quiz) about a known fact, how many state it (the recall scoring of
+    ``ray-cartridges eval``). The fact is the Feedback of the answer's experience, or for a quiz answer the
+    sentence its question was written from. None where there are no such answers."""
     from ..memory import memory_questions
     from ..scoring import score_answer
 
@@ -359,7 +364,8 @@ def fact_answer_share(records: list[dict], memory, prefix: str = "replay/") -> d
     hits = []
     for r in records:
         meta = r.get("metadata", {})
-        if not str(meta.get("strategy", "")).startswith(prefix):
+        strategy = str(meta.get("strategy", ""))
+        if not strategy.startswith(prefix) or strategy.endswith("/text"):  # (a given text states its fact)
             continue
         if "sentence" in meta:
             q, ref = r["messages"][-2]["content"], meta["sentence"]

@@ -190,7 +190,8 @@ def quiz_question_text(sentence: str) -> str:
 def quiz_prompts(memory: AgentMemory, cfg: GenerateConfig, rng: random.Random) -> list[Prompt]:
     """For each distinct sentence of the memory (the first unit that holds it): ``questions_per_sentence``
     questions the teacher writes by continuing :data:`QUIZ_EXAMPLES`, each answered by the teacher reading a
-    random window of ``window_k`` units around that unit. Its own split key kind (``quiz-``), per unit."""
+    random window of ``window_k`` units around that unit (``answers: text``: the sentence is the answer, which
+    the teacher reads). Its own split key kind (``quiz-``), per unit."""
     qc = cfg.quiz
     groups = memory.triples()
     seen: set[str] = set()
@@ -205,7 +206,7 @@ def quiz_prompts(memory: AgentMemory, cfg: GenerateConfig, rng: random.Random) -
                 out.append(
                     {
                         "prompt_id": _pid("quiz", sentence, s, qc.window_k, cfg.seed),
-                        "strategy": "quiz/sentence",
+                        "strategy": "quiz/text" if qc.answers == "text" else "quiz/sentence",
                         "context": render_context(memory, cfg, groups[start:end]),
                         "user": None,
                         "question_text": quiz_question_text(sentence),
@@ -214,6 +215,8 @@ def quiz_prompts(memory: AgentMemory, cfg: GenerateConfig, rng: random.Random) -
                         "metadata": {"memory_entry": gi, "sentence": sentence, "sample": s, "window": [start, end]},
                     }
                 )
+                if qc.answers == "text":
+                    out[-1]["answer"] = sentence
     return out
 
 
@@ -292,7 +295,7 @@ def units_in_budget(memory: AgentMemory, tokens: int, tokenizer) -> int:
 
 
 def for_memory(cfg: GenerateConfig, memory: AgentMemory, tokenizer=None) -> GenerateConfig:
-    """The config with the settings that follow the memory decided (``recite.enabled: auto``: its kind;
+    """The config with the settings that follow the memory decided (``recite.enabled``, ``quiz.answers``: its kind;
     ``self_study.num_samples: auto``: its number of units; ``replay.window_k: auto``: its units' length in
     ``tokenizer``'s tokens, the teacher's by default), so that shard names see the concrete values."""
     update = {}
@@ -305,6 +308,8 @@ def for_memory(cfg: GenerateConfig, memory: AgentMemory, tokenizer=None) -> Gene
         update["replay"] = cfg.replay.model_copy(update={"window_k": k})
     if cfg.recite.enabled == "auto":
         update["recite"] = cfg.recite.model_copy(update={"enabled": memory.is_corpus})
+    if cfg.quiz.answers == "auto":
+        update["quiz"] = cfg.quiz.model_copy(update={"answers": "text" if memory.is_corpus else "teacher"})
     if cfg.self_study.num_samples == "auto":
         n = round(cfg.self_study.per_unit * len(memory.triples()))
         update["self_study"] = cfg.self_study.model_copy(update={"num_samples": n})
