@@ -202,6 +202,8 @@ def split_sentences(text: str) -> list[str]:
         else:
             out.append(piece)
     return out
+
+
 _LABEL = re.compile(r"^[A-Z][\w ]{0,30}:\s+")  # "Task: ", "Please remember this: "
 
 
