@@ -652,7 +652,8 @@ def test_a_corpus_quiz_answers_with_the_sentence_read_by_the_teacher_after_its_w
     calls = []
 
     class Teacher:
-        tokenizer = None
+        def __init__(self):
+            self.tokenizer = tokenizer
 
         def complete(self, prompts, sampling, seeds):
             calls.append(("complete", prompts))
@@ -663,7 +664,6 @@ def test_a_corpus_quiz_answers_with_the_sentence_read_by_the_teacher_after_its_w
             calls.append(("score", prompts, answers))
             return [[logprob_entry(tokenizer, t, -0.5, [(t, -0.5)]) for t in a] for a in answers]
 
-    Teacher.tokenizer = tokenizer
     records, rejected = run_prompts(Teacher(), quiz[:2], sampling=SamplingParams(max_tokens=4, top_logprobs=1))
     assert not rejected and [c[0] for c in calls] == ["complete", "score"]  # the answer is read, never written
     assert calls[1][1] == [chat_ids(tokenizer, p["context"], "Who runs the centre?") for p in quiz[:2]]
