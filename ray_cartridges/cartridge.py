@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -257,9 +260,33 @@ def export_cache_pt(peft_model, path: str | Path, weight: torch.Tensor | None = 
         torch.save(state, tmp)
 
 
+def load_tensors_only(path: str | Path, what: str, allowed: Sequence[type] = (), map_location="cpu"):
+    """``torch.load(weights_only=True)``, with ``allowed`` classes permitted besides tensors and containers.
+
+    A file holding any other object is refused, never unpickled; that, or a file ``torch.save`` did not write, is
+    a ValueError naming the file, ``what`` it was read as, and the reason (the class refused, or the format error).
+    """
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        raise ValueError(f"{path}: refused to load {what}: {_refusal(err)}") from None
+
+
+def _refusal(err: Exception) -> str:
+    """The line of torch's load error that says why (its advice to load with ``weights_only=False`` is dropped)."""
+    text = str(err)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return f"it holds {found.group(1)} (not a tensor); only tensors are loaded"
+    lines = [x.strip() for x in text.splitlines() if x.strip()]
+    detail = next((x for x in lines if "Unsupported" in x), lines[-1] if lines else "the file ended early")
+    return f"not a file of tensors written by torch.save ({detail})"
+
+
 def load_cache_pt(path: str | Path) -> dict[str, list[torch.Tensor]]:
     """Load a ``cache-*.pt`` export safely (tensors only)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return load_tensors_only(path, "a cartridge export")
 
 
 def read_meta(cartridge_dir: str | Path) -> CartridgeMeta:

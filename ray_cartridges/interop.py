@@ -10,13 +10,19 @@ Tokasaurus (cartridge branch): ``<dir>/<id>/cartridge.pt`` in that layout and a 
 from __future__ import annotations
 
 import logging
-import pickle
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
 
-from .cartridge import CartridgeMeta, CartridgeMismatchError, ModelShape, encoder, save_cartridge
+from .cartridge import (
+    CartridgeMeta,
+    CartridgeMismatchError,
+    ModelShape,
+    encoder,
+    load_tensors_only,
+    save_cartridge,
+)
 from .fsutil import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -32,12 +38,7 @@ def read_cartridges_pt(path: str | Path) -> tuple[list[torch.Tensor], list[torch
     Loaded with ``weights_only=True``; the only classes allowed besides tensors are the containers the
     trainer saves (``nn.ParameterList``, ``OrderedDict``), so a file holding anything else is refused."""
     path = Path(path)
-    try:
-        with torch.serialization.safe_globals([torch.nn.ParameterList, OrderedDict, set]):
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{path}: not a cartridge of tensors only ({first})") from None
+    state = load_tensors_only(path, "a Cartridges .pt", [torch.nn.ParameterList, OrderedDict, set])
     if not isinstance(state, dict) or "trainable_keys" not in state or "trainable_values" not in state:
         keys = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"{path}: expected trainable_keys / trainable_values (has {keys})")

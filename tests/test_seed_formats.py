@@ -144,6 +144,18 @@ def test_their_pt_cartridge_imports_and_answers_like_the_cartridge_it_came_from(
     assert n_frozen == 1 and keys[0].dtype == torch.float32 and torch.allclose(keys[3], kv[3][0], atol=0.05)
 
 
+class _Payload:
+    """A pickle that makes a directory when unpickled: what a hostile .pt could run instead."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        import os
+
+        return (os.mkdir, (self.path,))
+
+
 def test_a_pt_with_other_objects_or_shapes_is_refused(tmp_path, tiny_model_dir):
     import argparse
 
@@ -151,8 +163,15 @@ def test_a_pt_with_other_objects_or_shapes_is_refused(tmp_path, tiny_model_dir):
     from ray_cartridges.interop import import_cartridge, read_cartridges_pt
 
     torch.save({"trainable_keys": argparse.Namespace(run="anything")}, tmp_path / "evil.pt")  # not a tensor
-    with pytest.raises(ValueError, match="not a cartridge of tensors only"):
+    with pytest.raises(ValueError, match=r"evil.pt: refused to load a Cartridges .pt: it holds argparse.Namespace"):
         read_cartridges_pt(tmp_path / "evil.pt")
+    torch.save({"trainable_keys": _Payload(tmp_path / "ran")}, tmp_path / "code.pt")  # unpickling would run code
+    with pytest.raises(ValueError, match=r"it holds posix.mkdir \(not a tensor\)") as refused:
+        read_cartridges_pt(tmp_path / "code.pt")
+    assert not (tmp_path / "ran").exists() and "weights_only` set to `False" not in str(refused.value)
+    (tmp_path / "text.pt").write_text("not a torch file")
+    with pytest.raises(ValueError, match="text.pt: refused to load a Cartridges .pt: not a file of tensors"):
+        read_cartridges_pt(tmp_path / "text.pt")
     ks = [torch.randn(3, 8, 64) for _ in range(30)]
     _their_pt(tmp_path / "c.pt", ks, ks, 1, "frozen")
     with pytest.raises(CartridgeMismatchError, match="num_layers: file has 30, model has 2"):

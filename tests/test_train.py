@@ -234,7 +234,7 @@ def test_deepspeed_checkpoint_files_are_read_as_tensors_only(tmp_path):
     torch.save({"module": {"w": torch.ones(2)}, "step": 3}, tmp_path / "ok.pt")
     assert _load_tensors_only(str(tmp_path / "ok.pt"))["step"] == 3
     torch.save({"args": argparse.Namespace(cmd="anything")}, tmp_path / "bad.pt")
-    with pytest.raises(ValueError, match="refused to load a DeepSpeed checkpoint holding non-tensor objects"):
+    with pytest.raises(ValueError, match="bad.pt: refused to load a DeepSpeed checkpoint: it holds argparse.Namespace"):
         _load_tensors_only(str(tmp_path / "bad.pt"))
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..cartridge import encoder
+from ..cartridge import encoder, load_tensors_only
 
 
 class DDPBackend:
@@ -102,7 +102,7 @@ class DDPBackend:
         return True
 
     def load_state(self, d: Path, sched) -> int:
-        state = torch.load(d / "train_state.pt", map_location="cpu", weights_only=True)
+        state = load_tensors_only(d / "train_state.pt", "a training state")
         self.opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         return int(state["step"])
@@ -213,13 +213,4 @@ def _deepspeed_checkpoint_globals() -> list:
 def _load_tensors_only(path: str, map_location=None):
     """DeepSpeed's checkpoint read with ``weights_only=True`` (its own engine uses ``weights_only=False``): a file
     under the run's storage that holds any other object is refused, never executed."""
-    import pickle
-
-    try:
-        with torch.serialization.safe_globals(_deepspeed_checkpoint_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        lines = [x for x in str(err).splitlines() if "Unsupported global" in x] or str(err).splitlines()[:1]
-        raise ValueError(
-            f"{path}: refused to load a DeepSpeed checkpoint holding non-tensor objects ({lines[0].strip()})"
-        ) from None
+    return load_tensors_only(path, "a DeepSpeed checkpoint", _deepspeed_checkpoint_globals(), map_location)
