@@ -368,31 +368,19 @@ def evaluate_cartridge(
         if held_mem
         else {}
     )
-    qs = memory_questions(memory)[:max_questions]
-    facts, reworded = read_facts(memory.source), []
-    if facts is not None:  # the memory's own questions where it asks them, and the held-out phrasings
-        qs = [RecallQuestion(f.entry, f.question, f.answer, f.value) for f in facts if f.question][:max_questions]
-        reworded = [RecallQuestion(f.entry, f.heldout[0], f.answer, f.value) for f in facts if f.heldout][
-            :max_questions
-        ]
+    qs, reworded = _recall_questions(memory, max_questions)
     held_entries = {
         int(key.index)
         for key in (SplitKey.parse(r["metadata"].get("split_key", "")) for r in held)
         if key.kind == "entry"
     }
-
     names = [k for k in ("no_memory", "icl", "cartridge") if k in baselines or k == "cartridge"]
     logger.info(
         "evaluation 2/3: recall, %d + %d questions to %d agents (%s)", len(qs), len(reworded), len(names), engine
     )
     own = {} if cache is None else cache
     makers = _recall_agents(mem, memory, memory_context, engine, own, enforce_eager)
-    agents = {k: makers[k]() for k in names}
-    batch = max(len(qs), 1) if engine == "vllm" else 8
-    rec = recall(agents, qs, max_tokens=max_tokens, batch=batch) if qs else {}
-    for name in rec:
-        rec[name]["heldout_accuracy"] = heldout_accuracy(rec[name]["answers"], held_entries)
-    rec_reworded = recall(agents, reworded, max_tokens=max_tokens, batch=batch) if reworded else None
+    rec, rec_reworded = _recall_both({k: makers[k]() for k in names}, qs, reworded, held_entries, engine, max_tokens)
     if cache is None and "vllm_engine" in own:  # this evaluation's own engine: ended here, not at exit
         own.pop("vllm_engine").shutdown()
     if unrelated_text is None:
@@ -409,6 +397,28 @@ def evaluate_cartridge(
         "questions": len(qs),
         "memory_context": context_source,
     }
+
+
+def _recall_questions(memory: AgentMemory, max_questions: int) -> tuple[list[RecallQuestion], list[RecallQuestion]]:
+    """(the questions in the memory's own words, the held-out phrasings of its facts): where the memory has a
+    facts file, its facts' questions and first held-out phrasings; otherwise the questions read from the memory,
+    and no held-out phrasing."""
+    facts = read_facts(memory.source)
+    if facts is None:
+        return memory_questions(memory)[:max_questions], []
+    seen = [RecallQuestion(f.entry, f.question, f.answer, f.value) for f in facts if f.question]
+    reworded = [RecallQuestion(f.entry, f.heldout[0], f.answer, f.value) for f in facts if f.heldout]
+    return seen[:max_questions], reworded[:max_questions]
+
+
+def _recall_both(agents: dict, qs, reworded, held_entries: set[int], engine: str, max_tokens: int):
+    """(recall on the memory's own questions, each agent's also on the held-out entries' questions alone;
+    recall on the held-out phrasings, or None without them). vLLM answers a question set in one batch."""
+    batch = max(len(qs), 1) if engine == "vllm" else 8
+    rec = recall(agents, qs, max_tokens=max_tokens, batch=batch) if qs else {}
+    for name in rec:
+        rec[name]["heldout_accuracy"] = heldout_accuracy(rec[name]["answers"], held_entries)
+    return rec, (recall(agents, reworded, max_tokens=max_tokens, batch=batch) if reworded else None)
 
 
 def _memory_context(
