@@ -57,23 +57,20 @@ def load(args):
 
 
 def main(argv=None) -> int:
-    from ray_cartridges.cli import INTERRUPTED, setup_env, user_errors
+    from ray_cartridges.cli import run_entry, setup_env
 
     args = parse_args(argv)
     setup_env()
-    try:
+
+    def body() -> int:
         cfg = load(args)
         from ray_cartridges.raycluster import init_ray
 
         init_ray()  # joins RAY_ADDRESS / a `ray start` cluster when there is one, else starts a local one
         run_job(cfg)
-    except user_errors() as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(INTERRUPTED, file=sys.stderr)
-        return 130
-    return 0
+        return 0
+
+    return run_entry(body)
 
 
 def _stage(report: dict, name: str, title: str, fn, summary) -> dict:

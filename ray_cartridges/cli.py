@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 
 
 def setup_env() -> None:
@@ -339,17 +340,22 @@ def user_errors() -> tuple[type[Exception], ...]:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_env()
+def run_entry(body: Callable[[], int]) -> int:
+    """An entry point's exit status: ``body``'s, or 2 with one line on stderr for bad input, or 130 on Ctrl-C."""
     try:
-        return args.func(args)
+        return body()
     except user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(INTERRUPTED, file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_env()
+    return run_entry(lambda: args.func(args))
 
 
 if __name__ == "__main__":

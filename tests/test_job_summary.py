@@ -53,3 +53,31 @@ def test_the_chat_examples_ask_a_question_of_the_memory_quoted_for_the_shell(tmp
     code = shlex.split(next(x for x in lines if "python -c" in x))[2]
     compile(code, "client", "exec")
     assert json.dumps(tricky) in code and 'model="cartridge"' in code
+
+
+def test_entry_points_exit_2_with_one_line_on_bad_input_and_130_on_ctrl_c(tmp_path, capsys):
+    """`ray-cartridges` and the distill job: a config error is an `error:` line naming the file, then a line per
+    problem naming its key (exit status 2, no traceback); Ctrl-C is exit status 130 and says the same command
+    resumes."""
+    from ray_cartridges import cli
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("generate:\n  checkpoint_dir: x\n  max_tokenz: 3\n")
+    assert _distill().main(["--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(bad) in err and "generate.max_tokenz" in err
+    lines = err.strip().splitlines()  # the header, then one indented `key: problem` line per problem
+    assert "Traceback" not in err and all(x.startswith("  ") and ": " in x for x in lines[1:])
+
+    train = tmp_path / "train.yaml"
+    train.write_text(f"input_dataset:\n  local_path: /nonexistent.parquet\noutput:\n  local_dir: {tmp_path}/c\n")
+    assert cli.main(["train", "--config", str(train)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: input_dataset.local_path: /nonexistent.parquet does not exist")
+
+    def interrupted() -> int:
+        raise KeyboardInterrupt
+
+    assert cli.run_entry(interrupted) == 130
+    assert capsys.readouterr().err.strip() == cli.INTERRUPTED
+    assert cli.run_entry(lambda: 0) == 0
