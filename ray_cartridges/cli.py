@@ -175,6 +175,33 @@ def _cmd_export_cartridge(args) -> int:
     return 0
 
 
+def eval_split(cartridge: str, eval_fraction: float | None, split_seed: int | None) -> tuple[float, int]:
+    """The held-out split to evaluate on: the one the cartridge's training left out (its
+    ``distillation_config.yaml``) unless given; a given one that differs is warned about, since its held-out
+    rows then include rows the cartridge was trained on."""
+    from pathlib import Path
+
+    from .config.base import load_yaml
+    from .config.train import InputDatasetConfig
+
+    fields = InputDatasetConfig.model_fields
+    path = Path(cartridge) / "distillation_config.yaml"
+    ds = (load_yaml(path).get("input_dataset") or {}) if path.is_file() else {}  # not trained here: the defaults
+    trained = (
+        ds.get("eval_fraction", fields["eval_fraction"].default),
+        ds.get("split_seed", fields["split_seed"].default),
+    )
+    chosen = (trained[0] if eval_fraction is None else eval_fraction, trained[1] if split_seed is None else split_seed)
+    if path.is_file() and chosen != trained:
+        print(
+            f"warning: evaluating on eval_fraction={chosen[0]}, split_seed={chosen[1]}, but {path} trained with "
+            f"eval_fraction={trained[0]}, split_seed={trained[1]}: the held-out figures then include rows it "
+            "was trained on",
+            file=sys.stderr,
+        )
+    return chosen
+
+
 def _cmd_eval(args) -> int:
     import json
     from pathlib import Path
@@ -184,12 +211,13 @@ def _cmd_eval(args) -> int:
     from .memory import read_memory
     from .report import evaluation_lines
 
+    eval_fraction, split_seed = eval_split(args.cartridge, args.eval_fraction, args.split_seed)
     ev = evaluate_cartridge(
         args.cartridge,
         args.dataset,
         read_memory(args.checkpoint),
-        eval_fraction=args.eval_fraction,
-        split_seed=args.split_seed,
+        eval_fraction=eval_fraction,
+        split_seed=split_seed,
         max_questions=args.max_questions,
         max_tokens=args.max_tokens,
         engine=args.engine,
@@ -276,8 +304,13 @@ def _add_use_commands(sub) -> None:
     s.add_argument("--cartridge", required=True, help="cartridge directory")
     s.add_argument("--dataset", required=True, help="teacher dataset.jsonl (its held-out split is used)")
     s.add_argument("--checkpoint", required=True, help="agent checkpoint (for the ICL baseline and the facts)")
-    s.add_argument("--eval-fraction", type=float, default=0.15, help="held-out share, as in training")
-    s.add_argument("--split-seed", type=int, default=0, help="split seed, as in training")
+    s.add_argument(
+        "--eval-fraction",
+        type=float,
+        default=None,
+        help="held-out share (default: the cartridge's training config's, so the split is the one it never saw)",
+    )
+    s.add_argument("--split-seed", type=int, default=None, help="split seed (default: as in the cartridge's training)")
     s.add_argument("--max-questions", type=int, default=30, help="memory facts asked")
     s.add_argument("--max-tokens", type=int, default=40, help="max answer tokens")
     s.add_argument("--output", default=None, help="JSON file to write (default: <cartridge>/eval.json)")

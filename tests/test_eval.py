@@ -402,3 +402,27 @@ def test_recall_on_a_facts_value_needs_the_value_and_not_the_references_other_wo
     for ckpt in (EXAMPLE_CHECKPOINT, dev / "team_qa", dev / "assistant_log", dev / "tool_agent", dev / "documents"):
         for f in read_facts(ckpt):  # a value is the answer's own words, so the answer itself scores right
             assert f.value and score_answer(f.answer, f.answer, f.heldout[0], value=f.value)["correct"], f
+
+
+def test_eval_defaults_to_the_split_the_cartridge_was_trained_without(tmp_path, capsys):
+    """`ray-cartridges eval` holds out what the cartridge's training held out (its distillation_config.yaml);
+    another split given on the command line is used, with a warning that it holds rows the cartridge trained on."""
+    from ray_cartridges.cli import eval_split
+    from ray_cartridges.config.train import InputDatasetConfig
+
+    cart = tmp_path / "cartridge"
+    cart.mkdir()
+    (cart / "distillation_config.yaml").write_text(
+        "input_dataset:\n  local_path: data\n  eval_fraction: 0.3\n  split_seed: 5\n"
+    )
+    assert eval_split(str(cart), None, None) == (0.3, 5)
+    assert eval_split(str(cart), 0.3, 5) == (0.3, 5) and capsys.readouterr().err == ""
+    assert eval_split(str(cart), 0.1, None) == (0.1, 5)
+    err = capsys.readouterr().err
+    assert "eval_fraction=0.3, split_seed=5" in err and "include rows it was trained on" in err
+
+    imported = tmp_path / "imported"  # no training config beside it: the training defaults, no warning
+    imported.mkdir()
+    fields = InputDatasetConfig.model_fields
+    assert eval_split(str(imported), None, None) == (fields["eval_fraction"].default, fields["split_seed"].default)
+    assert eval_split(str(imported), 0.2, 1) == (0.2, 1) and capsys.readouterr().err == ""
