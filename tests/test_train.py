@@ -104,6 +104,26 @@ def test_global_batch_that_does_not_divide_is_a_clear_error(tmp_path, ray_cluste
         run_training(_train_cfg(tmp_path, teacher_jsonl, memory, 2, "bad", global_batch_size=3))
 
 
+def test_more_workers_than_a_local_cluster_holds_is_a_clear_error_not_a_wait(
+    tmp_path, ray_cluster, teacher_jsonl, memory, monkeypatch, caplog
+):
+    """Ray Train waits for resources that a cluster started here (2 CPUs) will never have: the driver says so
+    before any worker starts. On a cluster it joined, an autoscaler may add nodes: a warning, and it waits."""
+    from ray_cartridges import raycluster
+    from ray_cartridges.train import run_training
+
+    with pytest.raises(ValueError, match=r"num_workers=4 needs CPU 4 \(the cluster has 2\), and this local Ray"):
+        run_training(_train_cfg(tmp_path, teacher_jsonl, memory, 4, "big", global_batch_size=4))
+    assert not (tmp_path / "big" / "ray_results").exists()  # refused before Ray Train started
+    with pytest.raises(ValueError, match=r"needs GPU 1 \(the cluster has 0\)"):
+        raycluster.check_fits({"CPU": 1.0, "GPU": 1.0}, "a GPU run")
+    raycluster.check_fits({"CPU": 2.0}, "a run that fits")  # nothing to say
+    monkeypatch.setattr(raycluster, "started_here", lambda: False)
+    with caplog.at_level("WARNING", logger="ray_cartridges.raycluster"):
+        raycluster.check_fits({"CPU": 4.0}, "a big run")
+    assert "a big run needs CPU 4 (the cluster has 2): waiting for the cluster's autoscaler" in caplog.text
+
+
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory, ray_cluster, teacher_jsonl, memory, tiny_model_dir):
     """The reference run of the mechanics tests: DDP over 2 workers, the tiny random Llama, two passes over the

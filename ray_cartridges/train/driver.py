@@ -16,6 +16,7 @@ import pyarrow as pa
 from ..config import TrainConfig
 from ..flat_topk import parquet_files, read_flat_topk
 from ..fsutil import bundled_data, file_hash
+from ..raycluster import check_fits
 
 logger = logging.getLogger(__name__)
 
@@ -189,6 +190,7 @@ def run_training(cfg: TrainConfig, max_failures: int | None = None, callbacks: t
     if point.checkpoint:
         logger.info("resuming from %s (step %d)", point.checkpoint[1], point.checkpoint[0])
     ensure_ray()
+    check_fits(_scaling(cfg).total_resources, f"training with scaling.num_workers={cfg.scaling.num_workers}")
     ray.data.DataContext.get_current().enable_progress_bars = False  # the loop prints one line per step
     # The tables preflight read, put in the object store as they are (every worker reads all of it): no read
     # tasks, which would add their start-up and could wait forever on a machine whose CPUs the workers hold.
@@ -255,6 +257,15 @@ def prepare_config(cfg: TrainConfig) -> tuple[TrainConfig, str | None]:
     return cfg, path.read_text(encoding="utf-8")
 
 
+def _scaling(cfg: TrainConfig):
+    import ray.train
+
+    sc = cfg.scaling
+    return ray.train.ScalingConfig(
+        num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=sc.resources_per_worker
+    )
+
+
 def _trainer(cfg: TrainConfig, inputs, ds, run_name: str, storage: str, max_failures: int):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -268,11 +279,7 @@ def _trainer(cfg: TrainConfig, inputs, ds, run_name: str, storage: str, max_fail
         train_loop_per_worker,
         train_loop_config={"inputs": inputs},
         torch_config=TorchConfig(backend=backend),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.num_workers,
-            use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker=cfg.scaling.resources_per_worker,
-        ),
+        scaling_config=_scaling(cfg),
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=storage,
