@@ -273,3 +273,13 @@ def test_a_changed_strategy_setting_regenerates_only_that_strategys_answers(hf_r
     fewer = read_flat_topk(shards)
     assert fewer.num_rows == len(got)
     assert len(fewer.column("topk_ids").combine_chunks().flatten()) < len(entries)  # converted again, cut sooner
+
+
+def test_more_teacher_actors_than_a_local_cluster_holds_is_a_clear_error(tmp_path, ray_cluster):
+    """A fixed pool of vLLM actors waits for all of them: 3 actors of 1 CPU on the suite's 2-CPU cluster (which
+    nothing can grow) stop before any engine starts, saying what is missing; nothing is written as a shard."""
+    from ray_cartridges.generate.pipeline import run_generation
+
+    with pytest.raises(ValueError, match=r"generation with num_threads=3 needs CPU 3 \(the cluster has 2\)"):
+        run_generation(_cfg(tmp_path / "out", num_threads=3, shard_size=1), progress=False)
+    assert not list((tmp_path / "out").rglob("shard-*"))

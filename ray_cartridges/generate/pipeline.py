@@ -25,6 +25,7 @@ from ..contracts import strategy_family
 from ..engine_env import engine_actor_env
 from ..fsutil import atomic_writer, write_text_atomic
 from ..memory import read_memory
+from ..raycluster import check_fits
 from .strategies import build_prompts, for_memory, render_context
 from .teacher import fit_engine_context, resolved_config, scored_by_another
 
@@ -109,6 +110,7 @@ def prompt_keys(prompts: list[dict], cfg: GenerateConfig) -> list[str]:
     return keys
 
 
+_RESOURCE = {"num_cpus": "CPU", "num_gpus": "GPU"}  # Ray Data's actor options -> Ray resource names
 _KEY_IN_LINE = re.compile(rb'"prompt_key": "([0-9a-f]{16})"')
 
 
@@ -277,6 +279,9 @@ def _run_actors(cfg: GenerateConfig, plan: ShardPlan, shards_dir: Path, base_met
         for k in plan.todo
     ]
     slots = {"num_gpus": cfg.tensor_parallel_size, "num_cpus": 1} if cfg.use_gpu else {"num_cpus": cfg.actor_num_cpus}
+    actors = min(cfg.num_threads, len(plan.todo))
+    # a fixed pool waits for all its actors: on a cluster that cannot hold them, it would wait forever
+    check_fits({_RESOURCE[k]: v * actors for k, v in slots.items()}, f"generation with num_threads={actors}")
     ds = ray.data.from_items(items).map_batches(
         TeacherActor,
         fn_constructor_kwargs={
@@ -286,7 +291,7 @@ def _run_actors(cfg: GenerateConfig, plan: ShardPlan, shards_dir: Path, base_met
             "prompts": prompts,
         },
         batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=min(cfg.num_threads, len(plan.todo))),
+        compute=ray.data.ActorPoolStrategy(size=actors),
         runtime_env={"env_vars": engine_actor_env(cfg.use_gpu, deterministic=cfg.deterministic)},
         **slots,
     )
