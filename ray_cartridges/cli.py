@@ -98,13 +98,14 @@ def _cmd_serve(args) -> int:
 
     from ray import serve
 
-    from .raycluster import init_ray
-    from .serve.app import deployment
+    from .raycluster import check_fits, init_ray
+    from .serve.app import deployment, replica_resources
     from .serve.engine import preflight
 
     cfg = _serve_config(args)
     preflight(cfg)  # a cartridge that cannot be served is named here, before Ray and vLLM start
     init_ray()
+    check_fits(*replica_resources(cfg))  # `serve.run` would wait forever for replicas that cannot be placed
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(deployment(cfg), name="ray_cartridges", route_prefix="/")
     print(f"serving {list(cfg.cartridges)} on http://{cfg.host}:{cfg.port}/v1 (Ctrl-C to stop)", flush=True)

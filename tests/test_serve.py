@@ -233,3 +233,17 @@ def test_a_dropped_stream_stops_decoding_and_streams_count_against_the_queue_lim
     admitted, codes = asyncio.run(many())
     # max_queued_requests = 3, open streams included: three held streams, three refused
     assert admitted == 3 and sorted(codes) == [200] * 3 + [429] * 3, (admitted, codes)
+
+
+def test_serve_asking_for_more_replicas_than_a_local_cluster_holds_stops_with_what_is_missing(server, capsys):
+    """`serve.run` waits forever for replicas that cannot be placed: on the suite's 2-CPU cluster (started by
+    this process), 3 replicas of 1 CPU, or an autoscaling minimum of 5, stop before Serve starts them."""
+    from ray_cartridges import cli
+    from ray_cartridges.config.serve import ServeConfig
+    from ray_cartridges.serve.app import replica_resources
+
+    alpha = str(server[1]["alpha"])
+    assert cli.main(["serve", "--cartridge", alpha, "num_replicas=3"]) == 2
+    assert "error: serving with 3 replica(s) needs CPU 3 (the cluster has 2)" in capsys.readouterr().err
+    scaled = ServeConfig(cartridges={"a": alpha}, autoscaling={"min_replicas": 5}, num_gpus_per_replica=1)
+    assert replica_resources(scaled) == ({"CPU": 5.0, "GPU": 5.0}, "serving with 5 replica(s)")

@@ -214,6 +214,14 @@ def resolve_api_key(cfg: ServeConfig) -> str | None:
     return cfg.api_key or (os.environ.get(cfg.api_key_env) if cfg.api_key_env else None) or None
 
 
+def replica_resources(cfg: ServeConfig) -> tuple[dict[str, float], str]:
+    """(Ray resources of the replicas Serve starts first, what asks for them): ``num_replicas``, or the
+    autoscaling config's ``min_replicas``."""
+    n = int(cfg.autoscaling.get("min_replicas", 1)) if cfg.autoscaling else cfg.num_replicas
+    need = {"CPU": n * cfg.num_cpus_per_replica, "GPU": n * cfg.num_gpus_per_replica}
+    return {k: v for k, v in need.items() if v > 0}, f"serving with {n} replica(s)"
+
+
 def deployment(cfg: ServeConfig):
     """The bound Serve application for ``cfg`` (replicas, autoscaling, resources)."""
     from ..engine_env import engine_actor_env
