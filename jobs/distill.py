@@ -89,6 +89,11 @@ def run_job(cfg) -> None:
     t_start = time.perf_counter()
     report: dict = {"stages": {}}
     out_dir = Path(cfg.train.output.local_dir).resolve()
+    if cfg.stages.train:  # a run that cannot train stops now, not after its generation
+        from ray_cartridges.raycluster import check_fits
+        from ray_cartridges.train.driver import training_resources
+
+        check_fits(*training_resources(cfg.train))
     if cfg.stages.generate:
         from ray_cartridges.generate.pipeline import format_summary, run_generation
 

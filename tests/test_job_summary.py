@@ -81,3 +81,21 @@ def test_entry_points_exit_2_with_one_line_on_bad_input_and_130_on_ctrl_c(tmp_pa
     assert cli.run_entry(interrupted) == 130
     assert capsys.readouterr().err.strip() == cli.INTERRUPTED
     assert cli.run_entry(lambda: 0) == 0
+
+
+def test_the_job_stops_before_generation_when_training_cannot_fit_the_local_cluster(tmp_path, ray_cluster, capsys):
+    """The training stage's workers are checked against the cluster before the generation stage spends its
+    minutes: 4 workers on the suite's 2-CPU cluster stop the job at once, with nothing generated."""
+    from helpers import EXAMPLE_CHECKPOINT
+
+    argv = [
+        "--config",
+        str(REPO / "configs" / "demo.yaml"),
+        f"generate.checkpoint_dir={EXAMPLE_CHECKPOINT}",
+        f"generate.output_dir={tmp_path / 'data'}",
+        f"train.output.local_dir={tmp_path / 'cartridge'}",
+        "train.scaling.num_workers=4",
+    ]
+    assert _distill().main(argv) == 2
+    assert "error: training with scaling.num_workers=4 needs CPU 4 (the cluster has 2)" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()

@@ -190,7 +190,7 @@ def run_training(cfg: TrainConfig, max_failures: int | None = None, callbacks: t
     if point.checkpoint:
         logger.info("resuming from %s (step %d)", point.checkpoint[1], point.checkpoint[0])
     ensure_ray()
-    check_fits(_scaling(cfg).total_resources, f"training with scaling.num_workers={cfg.scaling.num_workers}")
+    check_fits(*training_resources(cfg))
     ray.data.DataContext.get_current().enable_progress_bars = False  # the loop prints one line per step
     # The tables preflight read, put in the object store as they are (every worker reads all of it): no read
     # tasks, which would add their start-up and could wait forever on a machine whose CPUs the workers hold.
@@ -264,6 +264,11 @@ def _scaling(cfg: TrainConfig):
     return ray.train.ScalingConfig(
         num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=sc.resources_per_worker
     )
+
+
+def training_resources(cfg: TrainConfig) -> tuple[dict[str, float], str]:
+    """(the Ray resources the run's workers hold together, what asks for them), for ``raycluster.check_fits``."""
+    return _scaling(cfg).total_resources, f"training with scaling.num_workers={cfg.scaling.num_workers}"
 
 
 def _trainer(cfg: TrainConfig, inputs, ds, run_name: str, storage: str, max_failures: int):
