@@ -89,6 +89,22 @@ def test_score_engine_vllm_needs_the_vllm_engine(tmp_path):
     assert load_config(GenerateConfig, p, ["engine=vllm"]).score_engine == "vllm"
 
 
+def test_block_size_resolves_per_device_and_a_cpu_misfit_names_field_and_file(tmp_path):
+    """auto: vLLM's smallest CPU block (finer prefix reuse) on CPU, vLLM's own choice on GPUs and never for the
+    transformers engine; a CPU block that vLLM's CPU attention cannot take is refused before any engine starts."""
+    from ray_cartridges.generate.teacher import resolved_config
+
+    p = _write(tmp_path, "checkpoint_dir: ck\n")
+    assert resolved_config(load_config(GenerateConfig, p)).block_size == 32
+    assert resolved_config(load_config(GenerateConfig, p, ["use_gpu=true"])).block_size is None
+    assert resolved_config(load_config(GenerateConfig, p, ["engine=transformers"])).block_size is None
+    assert resolved_config(load_config(GenerateConfig, p, ["block_size=64"])).block_size == 64
+    with pytest.raises(ConfigError) as e:
+        load_config(GenerateConfig, p, ["block_size=48"])
+    assert "block_size" in str(e.value) and "48" in str(e.value) and str(p) in str(e.value)
+    assert load_config(GenerateConfig, p, ["block_size=48", "use_gpu=true"]).block_size == 48
+
+
 def test_overrides_apply_and_validate(tmp_path):
     p = _write(tmp_path, BASE)
     cfg = load_config(TrainConfig, p, ["training.lr=3e-3", "kv_cache.num_tokens=64", "scaling.num_workers=2"])

@@ -283,3 +283,29 @@ def test_more_teacher_actors_than_a_local_cluster_holds_is_a_clear_error(tmp_pat
     with pytest.raises(ValueError, match=r"generation with num_threads=3 needs CPU 3 \(the cluster has 2\)"):
         run_generation(_cfg(tmp_path / "out", num_threads=3, shard_size=1), progress=False)
     assert not list((tmp_path / "out").rglob("shard-*"))
+
+
+def test_the_engine_gets_the_resolved_block_size(monkeypatch):
+    """The teacher's block size reaches vLLM's engine arguments (the CPU engine's own default, 128 tokens, would
+    reuse no shared prompt start shorter than that); unset, vLLM chooses."""
+    import vllm
+    from vllm.platforms import current_platform
+
+    from ray_cartridges.generate.engines import VLLMEngine
+
+    seen = []
+
+    class Recorder:
+        def __init__(self, **kw):
+            seen.append(kw)
+
+        def get_tokenizer(self):
+            return None
+
+    monkeypatch.setattr(vllm, "LLM", Recorder)
+    VLLMEngine("m", dtype="fp32", block_size=32)
+    VLLMEngine("m", dtype="fp32")
+    assert seen[0]["block_size"] == 32 and "block_size" not in seen[1]
+    assert seen[0]["enable_prefix_caching"]
+    if current_platform.is_cpu():  # the CPU engine's own settings kept beside it
+        assert seen[0]["enable_chunked_prefill"] is False

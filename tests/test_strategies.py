@@ -325,7 +325,13 @@ def test_shard_names_change_with_what_changes_a_shards_content_only():
     assert len(set(base)) == len(base)
     for same in ({"output_dir": "elsewhere"}, {"num_threads": 4}, {"actor_num_cpus": 2.0}):
         assert shard_names(shards, cfg.model_copy(update=same)) == base, same
-    others = ({"enforce_eager": True}, {"dtype": "bf16"}, {"temperature": 0.7}, {"top_logprobs": 10})
+    others = (
+        {"enforce_eager": True},
+        {"dtype": "bf16"},
+        {"temperature": 0.7},
+        {"top_logprobs": 10},
+        {"block_size": 64},
+    )
     for other in (*others, {"deterministic": True}):
         renamed = shard_names(shards, cfg.model_copy(update=other))
         assert all(a != b for a, b in zip(renamed, base)), other
@@ -349,6 +355,7 @@ def test_shard_names_change_with_what_changes_a_shards_content_only():
     assert not set(shard_names(chat_shards, chat)) & set(base)
     # a field that came later, at its default, is left out of the names: data written before it keeps them
     assert "answers" not in _named_settings(cfg, set())["recite"] and "deterministic" not in _named_settings(cfg, set())
+    assert "block_size" not in _named_settings(cfg.model_copy(update={"block_size": None}), set())  # vLLM's choice
     text = cfg.model_copy(update={"recite": cfg.recite.model_copy(update={"answers": "text"})})
     assert _named_settings(text, set())["recite"]["answers"] == "text"
     # the quiz section is named only where it is on (off, its other settings rename nothing)

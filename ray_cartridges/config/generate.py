@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from .base import StrictModel
 
+CPU_BLOCK = 32  # the smallest KV block vLLM's CPU attention takes; its block sizes are multiples of it
 FAMILIES = ("structuring", "summarization", "question", "use_case", "creative")
 
 
@@ -183,6 +184,12 @@ class GenerateConfig(StrictModel):
         description="vLLM without torch.compile (and without CUDA graphs on GPUs): the engine starts faster but "
         "prefills long prompts slower; for short runs and tests.",
     )
+    block_size: Annotated[int, Field(gt=0)] | Literal["auto"] | None = Field(
+        "auto",
+        description="Tokens per block of vLLM's KV cache, the unit in which its prefix cache reuses a prompt's "
+        "start. auto: 32 on CPUs (the smallest block vLLM's CPU attention takes: its default of 128 reuses "
+        "nothing of a shared start shorter than 128 tokens) and vLLM's own choice on GPUs; null: vLLM's choice.",
+    )
     deterministic: bool = Field(
         False,
         description="Bit-reproducible teacher outputs: vLLM's engine runs in the actor's own process, so which "
@@ -234,5 +241,11 @@ class GenerateConfig(StrictModel):
             raise ValueError(
                 f"score_engine 'vllm' needs engine 'vllm' (engine is {self.engine!r}: no vLLM engine is started to "
                 "score with); use score_engine 'auto' or 'transformers'"
+            )
+        cpu_vllm = self.engine == "vllm" and not self.use_gpu
+        if cpu_vllm and isinstance(self.block_size, int) and self.block_size % CPU_BLOCK:
+            raise ValueError(
+                f"block_size {self.block_size}: vLLM's CPU attention takes blocks of a multiple of {CPU_BLOCK} "
+                "tokens; use one, 'auto' or null"
             )
         return self

@@ -29,6 +29,8 @@ def _type_name(ann) -> str:
         return " or ".join(_type_name(a) for a in args)
     if get_origin(ann) is list and args and get_origin(args[0]) is Literal:
         return f"list of {_type_name(args[0])}"
+    if ann is type(None):
+        return "None"
     name = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
     return name.replace(" | ", " or ")
 

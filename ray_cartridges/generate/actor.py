@@ -67,6 +67,7 @@ class TeacherActor:
                     tensor_parallel_size=c.tensor_parallel_size,
                     seed=c.seed,
                     enforce_eager=c.enforce_eager,
+                    block_size=c.block_size,
                 )
             else:
                 self._engine = HFEngine.load(c.model_name, c.dtype)

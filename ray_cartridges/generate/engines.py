@@ -47,17 +47,18 @@ class VLLMEngine:
         tensor_parallel_size: int = 1,
         seed: int = 0,
         enforce_eager: bool = False,
+        block_size: int | None = None,
     ):
         from vllm import LLM
         from vllm.platforms import current_platform
 
         set_engine_env(cpu=current_platform.is_cpu())
-        extra = {}
+        extra = {} if block_size is None else {"block_size": block_size}
         if current_platform.is_cpu():
             # vLLM CPU cannot rewind a per-request torch.Generator ("CPU Generator does not use offset") when a
             # prompt's prefill is split over steps and its sampled token discarded; per-request seeds keep
             # sampling independent of batching (resume-safe), so prompts are never split here instead.
-            extra = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(4096, max_model_len)}
+            extra |= {"enable_chunked_prefill": False, "max_num_batched_tokens": max(4096, max_model_len)}
         self.llm = LLM(
             model=model_path,
             tokenizer=model_path,

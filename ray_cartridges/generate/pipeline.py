@@ -50,6 +50,7 @@ _NOT_IN_PROMPT_KEY = _NOT_IN_SHARD_NAME | {"min_prob_mass", "student_system_prom
 _LATER_FIELDS = {
     "memory_layout": "system",
     "deterministic": False,
+    "block_size": None,
     "recite.answers": "teacher",
     "quiz.answers": "teacher",
 }

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 from ..chat import chat_template_ids
 from ..config import GenerateConfig
+from ..config.generate import CPU_BLOCK
 from ..contracts import Prompt, Rejection, SamplingParams, TeacherRecord
 from ..memory import MemoryContext
 from .engines import request_seed
@@ -101,14 +102,16 @@ def resolve_score_engine(cfg) -> str:
 
 
 def resolved_config(cfg: GenerateConfig) -> GenerateConfig:
-    """The config with its ``auto`` settings (``dtype``, ``score_engine``) decided: the driver does it once, so
-    that shard names, actors and metadata all see the concrete values."""
+    """The config with its ``auto`` settings (``dtype``, ``score_engine``, ``block_size``) decided: the driver does
+    it once, so that shard names, actors and metadata all see the concrete values."""
     from ..models import resolve_dtype
 
     if cfg.dtype == "auto":
         cfg = cfg.model_copy(update={"dtype": resolve_dtype(cfg.dtype, gpu=cfg.use_gpu)})
     if cfg.score_engine == "auto":
         cfg = cfg.model_copy(update={"score_engine": resolve_score_engine(cfg)})
+    if cfg.block_size == "auto":
+        cfg = cfg.model_copy(update={"block_size": CPU_BLOCK if cfg.engine == "vllm" and not cfg.use_gpu else None})
     return cfg
 
 
