@@ -1,7 +1,7 @@
 """Teacher generation time against vLLM's KV block size (the unit its prefix cache reuses), on a config's prompts.
 
-    python benchmarks/generation_block_size.py                   # the demo's prompts, blocks of 128 (vLLM's CPU
-    python benchmarks/generation_block_size.py --sizes 128,32,64   # default, the baseline) against 32
+    python benchmarks/generation_block_size.py                      # the demo's prompts: 128 (baseline), 32
+    python benchmarks/generation_block_size.py --sizes 128,32,64
 
 Each round writes the same prompts (the config's replay, self-study, quiz and unrelated prompts, in shards of
 ``generate.shard_size``) with a fresh teacher actor per block size, each in its own process, sizes interleaved;
@@ -22,7 +22,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import median, print_table, write_json  # noqa: E402
-from generation_shard_size import _prompts  # noqa: E402
+from generation_shard_size import _prompts, sweep_args  # noqa: E402
 
 
 def one_run(config: str, block_size: int, count: int) -> dict:
@@ -51,11 +51,7 @@ def one_run(config: str, block_size: int, count: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--config", default="configs/demo.yaml", help="job config whose generate section is used")
-    ap.add_argument("--sizes", default="128,32", help="comma-separated block sizes; the first is the baseline")
-    ap.add_argument("--prompts", type=int, default=192, help="prompts written per size per round")
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--name", default="generation_block_size", help="results file: benchmarks/results/<name>.json")
+    sweep_args(ap, "KV block", "128,32", 192, "generation_block_size")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: one run in this process, JSON out
     args = ap.parse_args()
     if args.one:

@@ -36,13 +36,18 @@ def _prompts(config: str, start: int, count: int):
     return cfg, prompts[:16], prompts[start : start + count]
 
 
+def sweep_args(ap: argparse.ArgumentParser, what: str, sizes: str, prompts: int, name: str) -> None:
+    """The arguments of a sweep over one size of the teacher's generation, on a config's prompts."""
+    ap.add_argument("--config", default="configs/demo.yaml", help="job config whose generate section is used")
+    ap.add_argument("--sizes", default=sizes, help=f"comma-separated {what} sizes; the first is the baseline")
+    ap.add_argument("--prompts", type=int, default=prompts, help="prompts written per size per round")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--name", default=name, help="results file: benchmarks/results/<name>.json")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--config", default="configs/demo.yaml", help="job config whose generate section is used")
-    ap.add_argument("--sizes", default="16,32,64", help="comma-separated shard sizes; the first is the baseline")
-    ap.add_argument("--prompts", type=int, default=128, help="prompts written per size per round")
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--name", default="generation_shard_size", help="results file: benchmarks/results/<name>.json")
+    sweep_args(ap, "shard", "16,32,64", 128, "generation_shard_size")
     args = ap.parse_args()
     from ray_cartridges.generate.actor import TeacherActor
 
