@@ -228,6 +228,11 @@ class GenerateConfig(StrictModel):
     hf_repo_id: str | None = Field(None, description="Hub dataset repo to push to.")
     hf_private: bool = Field(True, description="Create the hub dataset as private.")
 
+    @property
+    def vllm_on_cpu(self) -> bool:
+        """The teacher is a vLLM engine on CPU, whose attention decides which KV block sizes work."""
+        return self.engine == "vllm" and not self.use_gpu
+
     @model_validator(mode="after")
     def _check(self):
         if not (
@@ -242,8 +247,7 @@ class GenerateConfig(StrictModel):
                 f"score_engine 'vllm' needs engine 'vllm' (engine is {self.engine!r}: no vLLM engine is started to "
                 "score with); use score_engine 'auto' or 'transformers'"
             )
-        cpu_vllm = self.engine == "vllm" and not self.use_gpu
-        if cpu_vllm and isinstance(self.block_size, int) and self.block_size % CPU_BLOCK:
+        if self.vllm_on_cpu and isinstance(self.block_size, int) and self.block_size % CPU_BLOCK:
             raise ValueError(
                 f"block_size {self.block_size}: vLLM's CPU attention takes blocks of a multiple of {CPU_BLOCK} "
                 "tokens; use one, 'auto' or null"

@@ -111,7 +111,7 @@ def resolved_config(cfg: GenerateConfig) -> GenerateConfig:
     if cfg.score_engine == "auto":
         cfg = cfg.model_copy(update={"score_engine": resolve_score_engine(cfg)})
     if cfg.block_size == "auto":
-        cfg = cfg.model_copy(update={"block_size": CPU_BLOCK if cfg.engine == "vllm" and not cfg.use_gpu else None})
+        cfg = cfg.model_copy(update={"block_size": CPU_BLOCK if cfg.vllm_on_cpu else None})
     return cfg
 
 
