@@ -1,4 +1,5 @@
-"""The process environment of vLLM engines run by this project, and the lifeline that ends them with their owner.
+"""The process environment and engine arguments of vLLM engines run by this project, and the lifeline that ends
+them with their owner.
 
 vLLM runs its engine core (and, on CPU, its worker) as child processes of the process that built the engine.
 Ray SIGKILLs an actor's process group when the actor ends, which leaks vLLM's shared memory.
@@ -56,6 +57,43 @@ def set_engine_env(cpu: bool) -> None:
     for k, v in (cpu_engine_env() if cpu else {}).items():
         os.environ.setdefault(k, v)
     os.environ[LIFELINE_ENV] = "1"
+
+
+def vllm_engine_args(
+    model_path: str,
+    *,
+    dtype: str = "fp32",
+    max_model_len: int = 4096,
+    seed: int = 0,
+    enforce_eager: bool = False,
+    block_size: int | None = None,
+    max_num_seqs: int | None = None,
+    **extra,
+) -> dict:
+    """Arguments of every vLLM engine this project builds (teacher and cartridge engines): prefix caching on,
+    ``None`` meaning vLLM's own choice, and on CPU this process's engine env set and prompts never split.
+    ``extra``: any other vLLM engine argument (kv_transfer_config, tensor_parallel_size, ...)."""
+    from vllm.platforms import current_platform
+
+    kw = dict(
+        model=model_path,
+        tokenizer=model_path,
+        dtype={"fp32": "float32", "bf16": "bfloat16"}[dtype],
+        max_model_len=max_model_len,
+        enable_prefix_caching=True,
+        seed=seed,
+        enforce_eager=enforce_eager,
+        **extra,
+    )
+    kw |= {k: v for k, v in (("block_size", block_size), ("max_num_seqs", max_num_seqs)) if v is not None}
+    cpu = current_platform.is_cpu()
+    set_engine_env(cpu=cpu)
+    if cpu:
+        # vLLM CPU cannot rewind a per-request torch.Generator ("CPU Generator does not use offset") when a
+        # prompt's prefill is split over steps; per-request seeds keep sampling independent of batching
+        # (resume-safe), so prompts are never split
+        kw |= {"enable_chunked_prefill": False, "max_num_batched_tokens": max(4096, max_model_len)}
+    return kw
 
 
 def _remove_stale_openmp_files(exiting: bool = False) -> None:

@@ -105,6 +105,19 @@ def test_block_size_resolves_per_device_and_a_cpu_misfit_names_field_and_file(tm
     assert load_config(GenerateConfig, p, ["block_size=48", "use_gpu=true"]).block_size == 48
 
 
+def test_a_serve_block_size_cpu_attention_cannot_take_is_refused(tmp_path):
+    """Replicas without a GPU run vLLM's CPU attention: a block that is not a multiple of 32 fails there, so the
+    config refuses it up front, naming field, value and file; GPU replicas take any block size."""
+    from ray_cartridges.config.serve import ServeConfig
+
+    p = _write(tmp_path, "cartridges: {demo: outputs/demo/cartridge}\n")
+    assert load_config(ServeConfig, p, ["block_size=64"]).block_size == 64
+    with pytest.raises(ConfigError) as e:
+        load_config(ServeConfig, p, ["block_size=48"])
+    assert "block_size" in str(e.value) and "48" in str(e.value) and str(p) in str(e.value)
+    assert load_config(ServeConfig, p, ["block_size=48", "num_gpus_per_replica=1"]).block_size == 48
+
+
 def test_overrides_apply_and_validate(tmp_path):
     p = _write(tmp_path, BASE)
     cfg = load_config(TrainConfig, p, ["training.lr=3e-3", "kv_cache.num_tokens=64", "scaling.num_workers=2"])

@@ -14,7 +14,7 @@ import torch
 
 from ..agent.decoding import sample_next
 from ..contracts import SamplingParams
-from ..engine_env import set_engine_env
+from ..engine_env import vllm_engine_args
 from .records import logprob_entry
 
 
@@ -50,25 +50,17 @@ class VLLMEngine:
         block_size: int | None = None,
     ):
         from vllm import LLM
-        from vllm.platforms import current_platform
 
-        set_engine_env(cpu=current_platform.is_cpu())
-        extra = {} if block_size is None else {"block_size": block_size}
-        if current_platform.is_cpu():
-            # vLLM CPU cannot rewind a per-request torch.Generator ("CPU Generator does not use offset") when a
-            # prompt's prefill is split over steps and its sampled token discarded; per-request seeds keep
-            # sampling independent of batching (resume-safe), so prompts are never split here instead.
-            extra |= {"enable_chunked_prefill": False, "max_num_batched_tokens": max(4096, max_model_len)}
         self.llm = LLM(
-            model=model_path,
-            tokenizer=model_path,
-            dtype={"fp32": "float32", "bf16": "bfloat16"}[dtype],
-            max_model_len=max_model_len,
-            tensor_parallel_size=tensor_parallel_size,
-            enable_prefix_caching=True,
-            seed=seed,
-            enforce_eager=enforce_eager,
-            **extra,
+            **vllm_engine_args(
+                model_path,
+                dtype=dtype,
+                max_model_len=max_model_len,
+                seed=seed,
+                enforce_eager=enforce_eager,
+                block_size=block_size,
+                tensor_parallel_size=tensor_parallel_size,
+            )
         )
         self.tokenizer = self.llm.get_tokenizer()
 

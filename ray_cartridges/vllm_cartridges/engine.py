@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 from ..agent.decoding import Completion, SamplingParams
 from ..cartridge import CartridgeMeta, check_compatible, read_meta
-from ..engine_env import set_engine_env
+from ..engine_env import vllm_engine_args
 from ..fsutil import file_hash
 from .connector import CartridgeParams, adapter_file, connector_config
 
@@ -64,42 +64,10 @@ class EngineStats:
             self.requests_fully_cached += loaded == 0
 
 
-def engine_kwargs(
-    model_path: str,
-    *,
-    dtype: str = "fp32",
-    max_model_len: int = 4096,
-    block_size: int | None = None,
-    max_resident_cartridges: int = 8,
-    enforce_eager: bool = False,
-    seed: int = 0,
-    max_num_seqs: int | None = None,
-    **extra,
-) -> dict:
-    """Engine arguments of a cartridge engine: prefix caching on, the cartridge connector registered;
-    ``extra``: any other vLLM engine argument (gpu_memory_utilization, tensor_parallel_size, ...)."""
-    from vllm.platforms import current_platform
-
-    kw = dict(
-        model=model_path,
-        tokenizer=model_path,
-        dtype={"fp32": "float32", "bf16": "bfloat16"}[dtype],
-        max_model_len=max_model_len,
-        enable_prefix_caching=True,
-        kv_transfer_config=connector_config(max_resident_cartridges),
-        seed=seed,
-        enforce_eager=enforce_eager,
-        **extra,
-    )
-    if block_size:
-        kw["block_size"] = block_size
-    if max_num_seqs:
-        kw["max_num_seqs"] = max_num_seqs
-    set_engine_env(cpu=current_platform.is_cpu())
-    if current_platform.is_cpu():
-        # seeded sampling on vLLM CPU fails when a prefill is split over steps (see generate/engines.py)
-        kw.update(enable_chunked_prefill=False, max_num_batched_tokens=max(4096, max_model_len))
-    return kw
+def engine_kwargs(model_path: str, *, max_resident_cartridges: int = 8, **kwargs) -> dict:
+    """Engine arguments of a cartridge engine: the project's vLLM arguments with the cartridge connector
+    registered; ``kwargs``: those of :func:`vllm_engine_args` and any other vLLM engine argument."""
+    return vllm_engine_args(model_path, kv_transfer_config=connector_config(max_resident_cartridges), **kwargs)
 
 
 class CartridgeSet:
