@@ -40,12 +40,16 @@ def cpu_engine_env() -> dict[str, str]:
     return {k: os.environ.get(k, v) for k, v in env.items()}
 
 
-def engine_actor_env(use_gpu: bool, deterministic: bool = False) -> dict[str, str]:
-    """``runtime_env["env_vars"]`` of a Ray actor that owns a vLLM engine; ``deterministic``: the engine core in
-    the actor's own process, so that which requests share a step never depends on timing."""
+def engine_actor_env(use_gpu: bool, in_process: bool = False) -> dict[str, str]:
+    """``runtime_env["env_vars"]`` of a Ray actor that owns a vLLM engine. ``in_process``: vLLM's engine core and
+    worker run in the actor's own process (on CPU with the threads its worker process would bind): the engine
+    starts without two more processes importing vLLM, and which requests share a step never depends on timing.
+    Values the user set in the driver's environment win."""
     env = {} if use_gpu else cpu_engine_env()
-    if deterministic:
-        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if in_process:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if not use_gpu:  # Ray gives a 1-CPU actor one OpenMP thread; vLLM's CPU worker binds every core
+            env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     # Ray SIGKILLs an actor's children at exit by default, leaking vLLM's shared memory; the lifeline ends them
     env["RAY_kill_child_processes_on_worker_exit"] = "0"
     env[LIFELINE_ENV] = "1"

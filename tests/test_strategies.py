@@ -1,5 +1,7 @@
 """Prompt strategies: replay phrasings and the split keys that keep held-out experiences out of training."""
 
+import os
+
 import pytest
 from helpers import EXAMPLE_CHECKPOINT, REPO
 
@@ -365,13 +367,20 @@ def test_shard_names_change_with_what_changes_a_shards_content_only():
     assert all(a != b for a, b in zip(shard_names(shards, quiz_on), base))
 
 
-def test_a_deterministic_teacher_runs_its_engine_core_in_the_actors_process():
+def test_an_in_process_teacher_runs_its_engine_in_the_actors_process_with_the_nodes_threads(monkeypatch):
+    """In process (deterministic on GPUs, always on CPU) vLLM spawns no engine core: on CPU with the threads its
+    worker would bind, not the one OpenMP thread Ray gives a 1-CPU actor; the user's own settings win."""
     from ray_cartridges.engine_env import LIFELINE_ENV, engine_actor_env
 
+    for var in ("VLLM_ENABLE_V1_MULTIPROCESSING", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(var, raising=False)
     for gpu in (False, True):
         assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in engine_actor_env(gpu)
-        env = engine_actor_env(gpu, deterministic=True)
+        env = engine_actor_env(gpu, in_process=True)
         assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and env[LIFELINE_ENV] == "1"
+        assert env.get("OMP_NUM_THREADS") == (None if gpu else str(os.cpu_count()))
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    assert engine_actor_env(False, in_process=True)["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
     assert "VLLM_CPU_KVCACHE_SPACE" in engine_actor_env(False) and "VLLM_CPU_KVCACHE_SPACE" not in engine_actor_env(
         True
     )

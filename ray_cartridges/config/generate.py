@@ -192,9 +192,10 @@ class GenerateConfig(StrictModel):
     )
     deterministic: bool = Field(
         False,
-        description="Bit-reproducible teacher outputs: vLLM's engine runs in the actor's own process, so which "
-        "requests share a step never depends on timing (slower). Without it, bf16 answers of two fresh runs may "
-        "differ in a few tokens; a re-run keeps the shards written first either way.",
+        description="Bit-reproducible teacher outputs on GPUs: vLLM's engine runs in the actor's own process, so "
+        "which requests share a step never depends on timing (slower there). Without it, bf16 answers of two fresh "
+        "runs may differ in a few tokens; a re-run keeps the shards written first either way. A CPU teacher always "
+        "runs in the actor's process (it starts sooner so).",
     )
     score_engine: Literal["auto", "vllm", "transformers"] = Field(
         "auto",
