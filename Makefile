@@ -26,12 +26,11 @@ endif
 	touch $@
 
 test: setup  ## the whole suite (CI runs this)
-	# test_multinode and test_job_submit each in its own process: they start their own Ray clusters, which must
-	# not meet the suite's session cluster. The three share one run's teacher data (made once, then removed).
+	# test_multinode and test_job_submit in a process of their own: they start their own Ray clusters (one after
+	# the other), which must not meet the suite's session cluster. Both runs share one teacher dataset (made once).
 	share=$$(mktemp -d) && trap 'rm -rf "$$share"' EXIT && export RAY_CARTRIDGES_TEST_SHARE=$$share && \
 	$(PY) -m pytest -q --durations=25 tests --ignore=tests/test_job_submit.py --ignore=tests/test_multinode.py && \
-	$(PY) -m pytest -q tests/test_multinode.py && \
-	$(PY) -m pytest -q tests/test_job_submit.py
+	$(PY) -m pytest -q tests/test_multinode.py tests/test_job_submit.py
 
 test-fast: setup  ## unit tests only: no Ray cluster, vLLM engine, teacher data or bundled model (tests/conftest.py)
 	$(PY) -m pytest -q -m "not slow" tests
