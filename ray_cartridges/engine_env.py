@@ -61,6 +61,37 @@ def set_engine_env(cpu: bool) -> None:
     for k, v in (cpu_engine_env() if cpu else {}).items():
         os.environ.setdefault(k, v)
     os.environ[LIFELINE_ENV] = "1"
+    if cpu and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
+        _start_openmp_reaper()
+
+
+# Waits for one process to end, then removes its Intel OpenMP registration file; only the standard library, so
+# it starts in a few milliseconds
+_REAPER = """
+import sys, time
+from pathlib import Path
+pid = sys.argv[1]
+while Path("/proc/" + pid).exists():
+    time.sleep(0.5)
+for f in Path("/dev/shm").glob("__KMP_REGISTERED_LIB_" + pid + "_*"):
+    f.unlink(missing_ok=True)
+"""
+_reaper_started = False
+
+
+def _start_openmp_reaper() -> None:
+    """An engine in this process has no vLLM child to clean up after it: Ray SIGKILLs an actor, so the OpenMP
+    runtime's file of this process is removed by a watcher of its own session (out of reach of the group kill)."""
+    global _reaper_started
+    if _reaper_started or not Path("/dev/shm").is_dir():
+        return
+    import subprocess
+
+    cmd = [sys.executable, "-c", _REAPER, str(os.getpid())]
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}  # no OpenMP runtime (and file) of its own
+    subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     start_new_session=True, env=env)  # fmt: skip
+    _reaper_started = True
 
 
 def vllm_engine_args(

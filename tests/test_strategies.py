@@ -733,3 +733,29 @@ def test_the_generation_summary_says_how_many_shards_a_rerun_kept():
     assert "shards: 3, of which 3 were already written and are kept as they are" in rerun
     fresh = format_summary({**base, **paths, "rows_generated_now": 10, "shards": 3, "shards_generated_now": 3})
     assert "already written" not in fresh and "10 generated now" in fresh
+
+
+def test_a_killed_in_process_engine_leaves_no_openmp_file():
+    """A process whose CPU engine runs in process (a teacher actor) and is then SIGKILLed, as Ray ends an actor,
+    leaves no Intel OpenMP registration file in /dev/shm: its watcher removes it."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    code = (
+        "import os, signal\n"
+        "from ray_cartridges.engine_env import set_engine_env\n"
+        "open(f'/dev/shm/__KMP_REGISTERED_LIB_{os.getpid()}_0', 'w').close()\n"
+        "os.environ['VLLM_ENABLE_V1_MULTIPROCESSING'] = '0'\n"
+        "set_engine_env(cpu=True)\n"
+        "print(os.getpid(), flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == -9, out.stderr
+    left = Path(f"/dev/shm/__KMP_REGISTERED_LIB_{out.stdout.strip()}_0")
+    deadline = time.time() + 10
+    while left.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    assert not left.exists()
