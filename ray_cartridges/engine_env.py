@@ -1,5 +1,5 @@
-"""The process environment and engine arguments of vLLM engines run by this project, and the lifeline that ends
-them with their owner.
+"""The process environment and engine arguments of vLLM engines run by this project, the lifeline that ends
+them with their owner, and the watcher that cleans up after an engine run in its owner's own process.
 
 vLLM runs its engine core (and, on CPU, its worker) as child processes of the process that built the engine.
 Ray SIGKILLs an actor's process group when the actor ends, which leaks vLLM's shared memory.
