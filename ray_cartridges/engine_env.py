@@ -65,17 +65,6 @@ def set_engine_env(cpu: bool) -> None:
         _start_openmp_reaper()
 
 
-# Waits for one process to end, then removes its Intel OpenMP registration file; only the standard library, so
-# it starts in a few milliseconds
-_REAPER = """
-import sys, time
-from pathlib import Path
-pid = sys.argv[1]
-while Path("/proc/" + pid).exists():
-    time.sleep(0.5)
-for f in Path("/dev/shm").glob("__KMP_REGISTERED_LIB_" + pid + "_*"):
-    f.unlink(missing_ok=True)
-"""
 _reaper_started = False
 
 
@@ -87,8 +76,11 @@ def _start_openmp_reaper() -> None:
         return
     import subprocess
 
-    cmd = [sys.executable, "-c", _REAPER, str(os.getpid())]
+    # this module alone (it imports nothing heavy), found where this process found it
+    code = f"from ray_cartridges.engine_env import _reap_after; _reap_after({os.getpid()})"
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}  # no OpenMP runtime (and file) of its own
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-c", code]
     subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                      start_new_session=True, env=env)  # fmt: skip
     _reaper_started = True
@@ -139,6 +131,13 @@ def _remove_stale_openmp_files(exiting: bool = False) -> None:
         pid = f.name.split("_")[-2]
         if pid.isdigit() and (not Path(f"/proc/{pid}").exists() or (exiting and int(pid) == os.getpid())):
             f.unlink(missing_ok=True)
+
+
+def _reap_after(pid: int) -> None:
+    """The watcher's body: wait for ``pid`` to end, then remove the OpenMP files of processes that are gone."""
+    while Path(f"/proc/{pid}").exists():
+        time.sleep(_POLL_S / 2)
+    _remove_stale_openmp_files()
 
 
 def _watch(parent: int) -> None:

@@ -9,6 +9,17 @@ from pydantic import Field, model_validator
 from .base import StrictModel
 
 CPU_BLOCK = 32  # the smallest KV block vLLM's CPU attention takes; its block sizes are multiples of it
+
+
+def check_cpu_block(block_size: int | None, alternatives: str) -> None:
+    """Refuse a KV block size that vLLM's CPU attention cannot take (``alternatives``: what else the field takes)."""
+    if isinstance(block_size, int) and block_size % CPU_BLOCK:
+        raise ValueError(
+            f"block_size {block_size}: vLLM's CPU attention takes blocks of a multiple of {CPU_BLOCK} tokens; use "
+            f"one, {alternatives}"
+        )
+
+
 FAMILIES = ("structuring", "summarization", "question", "use_case", "creative")
 
 
@@ -234,6 +245,11 @@ class GenerateConfig(StrictModel):
         """The teacher is a vLLM engine on CPU, whose attention decides which KV block sizes work."""
         return self.engine == "vllm" and not self.use_gpu
 
+    @property
+    def engine_in_process(self) -> bool:
+        """vLLM's engine runs in the teacher actor's own process: asked for (deterministic), and always on CPU."""
+        return self.deterministic or self.vllm_on_cpu
+
     @model_validator(mode="after")
     def _check(self):
         if not (
@@ -248,9 +264,6 @@ class GenerateConfig(StrictModel):
                 f"score_engine 'vllm' needs engine 'vllm' (engine is {self.engine!r}: no vLLM engine is started to "
                 "score with); use score_engine 'auto' or 'transformers'"
             )
-        if self.vllm_on_cpu and isinstance(self.block_size, int) and self.block_size % CPU_BLOCK:
-            raise ValueError(
-                f"block_size {self.block_size}: vLLM's CPU attention takes blocks of a multiple of {CPU_BLOCK} "
-                "tokens; use one, 'auto' or null"
-            )
+        if self.vllm_on_cpu:
+            check_cpu_block(self.block_size, "'auto' or null")
         return self

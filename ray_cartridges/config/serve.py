@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from .base import StrictModel
-from .generate import CPU_BLOCK
+from .generate import check_cpu_block
 
 
 class LimitsConfig(StrictModel):
@@ -42,8 +42,9 @@ class ServeConfig(StrictModel):
     block_size: int | None = Field(
         None,
         gt=0,
-        description="vLLM KV block size (default: vLLM's; without a GPU a multiple of 32). A cartridge whose p is a multiple of it stays in the "
-        "prefix cache between requests; otherwise it is written again for each request.",
+        description="vLLM KV block size (default: vLLM's; without a GPU a multiple of 32). A cartridge whose p is "
+        "a multiple of it stays in the prefix cache between requests; otherwise it is written again for each "
+        "request.",
     )
     enforce_eager: bool = Field(False, description="Run vLLM without torch.compile: starts sooner, decodes slower.")
     max_num_seqs: int | None = Field(None, gt=0, description="Most requests in vLLM's running batch (default: vLLM's).")
@@ -51,9 +52,6 @@ class ServeConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self):
-        if not self.num_gpus_per_replica and self.block_size and self.block_size % CPU_BLOCK:
-            raise ValueError(
-                f"block_size {self.block_size}: replicas without a GPU run vLLM's CPU attention, which takes blocks "
-                f"of a multiple of {CPU_BLOCK} tokens; use one or null"
-            )
+        if not self.num_gpus_per_replica:  # replicas without a GPU run vLLM's CPU attention
+            check_cpu_block(self.block_size, "or null")
         return self

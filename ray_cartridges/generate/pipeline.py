@@ -293,7 +293,7 @@ def _run_actors(cfg: GenerateConfig, plan: ShardPlan, shards_dir: Path, base_met
         },
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=actors),
-        runtime_env={"env_vars": engine_actor_env(cfg.use_gpu, in_process=cfg.deterministic or cfg.vllm_on_cpu)},
+        runtime_env={"env_vars": engine_actor_env(cfg.use_gpu, in_process=cfg.engine_in_process)},
         **slots,
     )
     stats = _ShardStats()
@@ -392,7 +392,7 @@ _FACT_KINDS = (
 
 
 def _reproducible(cfg: GenerateConfig) -> str:
-    if cfg.deterministic or cfg.vllm_on_cpu:
+    if cfg.engine_in_process:
         return "yes (the engine core in the actor's process)"
     if cfg.dtype == "fp32":
         return "likely (fp32 answers do not depend on rounding races); deterministic makes it certain"
