@@ -125,16 +125,18 @@ def test_more_workers_than_a_local_cluster_holds_is_a_clear_error_not_a_wait(
 
 
 @pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory, ray_cluster, teacher_jsonl, memory, tiny_model_dir):
-    """The reference run of the mechanics tests: DDP over 2 workers, the tiny random Llama, two passes over the
-    32 training rows in batches of 16 (4 steps), checkpoints every 2 (Adam moves each cartridge entry ~lr a step
-    whatever the model, so a resume that lost or repeated a step, or the optimizer state, or another backend's
-    different update, ends elsewhere)."""
+def reference_run(tmp_path_factory, ray_cluster, teacher_jsonl, memory, tiny_model_dir):
+    """The reference run of the mechanics tests: DeepSpeed ZeRO-3 over 2 workers, uninterrupted, the tiny random
+    Llama, two passes over the 32 training rows in batches of 16 (4 steps), checkpoints every 2. The DDP and
+    ZeRO-2 runs of the tests below are killed at step 3 and must end where it ends (Adam moves each cartridge
+    entry ~lr a step whatever the model, so a resume that lost or repeated a step, or the optimizer state, or a
+    backend's different update, ends elsewhere)."""
     from ray_cartridges.train import run_training
 
-    root = tmp_path_factory.mktemp("ddp")
-    summary = run_training(_mechanics_cfg(root, teacher_jsonl, memory, tiny_model_dir, "ddp"))
-    return root / "ddp", summary
+    root = tmp_path_factory.mktemp("reference")
+    ds = {"backend": "deepspeed", "zero_stage": 3}
+    summary = run_training(_mechanics_cfg(root, teacher_jsonl, memory, tiny_model_dir, "zero3", **ds))
+    return root / "zero3", summary
 
 
 MECHANICS_EPOCHS, MECHANICS_BATCH = 2, 16
@@ -167,19 +169,20 @@ def _same_cartridge(a_dir, b_dir, atol):
 
 
 def test_killed_worker_resumes_from_checkpoint_to_the_same_cartridge(
-    tmp_path, ddp_run, teacher_jsonl, memory, tiny_model_dir
+    tmp_path, reference_run, teacher_jsonl, memory, tiny_model_dir
 ):
-    """A fault at step 3 (checkpoints every 2 steps): the run restarts from step 2 and ends where the
-    uninterrupted run ends, with every step logged exactly once; a re-run of a finished run (sized by passes, so
-    its length comes from its own summary) is a no-op; teacher data regenerated at the same path is another run."""
+    """A DDP run with a fault at step 3 (checkpoints every 2 steps): it restarts from step 2 and ends where the
+    uninterrupted reference run ends, with its losses and every step logged exactly once; a re-run of a finished
+    run (sized by passes, so its length comes from its own summary) is a no-op; teacher data regenerated at the
+    same path is another run."""
     import helpers
     import ray.cloudpickle
 
     from ray_cartridges.train import run_training
     from ray_cartridges.train.driver import prepare_config, resolve_dataset, resume_point
 
-    ddp_out, ddp_summary = ddp_run
-    assert _sized_by_epochs(ddp_summary) and ddp_summary["steps"] == 4
+    ref_out, ref_summary = reference_run
+    assert _sized_by_epochs(ref_summary) and ref_summary["steps"] == 4
     ray.cloudpickle.register_pickle_by_value(helpers)  # the workers cannot import tests/
     data = tmp_path / "teacher.jsonl"  # a copy: regenerated below at the same path
     data.write_text(teacher_jsonl.read_text())
@@ -187,8 +190,11 @@ def test_killed_worker_resumes_from_checkpoint_to_the_same_cartridge(
     first = run_training(faulty, callbacks=[FailOnceAt(3)])
     out = tmp_path / "faulty"
     assert (out / ".fault_injected").read_text() == "3"
-    assert _same_cartridge(ddp_out, out, atol=1e-5)
-    assert _train_losses(out)[0] == [1, 2, 3, 4]  # continuous, nothing repeated or skipped
+    assert _same_cartridge(ref_out, out, atol=1e-4)
+    steps, losses = _train_losses(out)
+    assert steps == [1, 2, 3, 4]  # continuous, nothing repeated or skipped
+    assert losses == pytest.approx(_train_losses(ref_out)[1], abs=1e-4)
+    assert _sized_by_epochs(first)
 
     # a finished run, re-run with the same config, returns its summary and changes nothing
     before = [(out / f).read_bytes() for f in ("cache-final.pt", "metrics.jsonl")]
@@ -212,10 +218,13 @@ def test_killed_worker_resumes_from_checkpoint_to_the_same_cartridge(
     assert point.checkpoint is None and point.finished_steps is None and not point.finished
 
 
-def test_deepspeed_zero2_and_zero3_match_ddp(tmp_path, ddp_run, teacher_jsonl, memory, tiny_model_dir, tokenizer):
-    """The same loop under DeepSpeed ZeRO-2/3 (2 workers, gloo on CPU): the loss curve and the cartridge of DDP,
-    and the cartridge loads in the agent. ZeRO-2 is also profiled (DeepSpeed's own timers give its gradient
-    reduce) and killed at step 3: it resumes from DeepSpeed's checkpoint (read with weights_only=True)."""
+def test_deepspeed_zero2_resumed_and_zero3_give_one_cartridge_that_the_agent_loads(
+    tmp_path, reference_run, teacher_jsonl, memory, tiny_model_dir, tokenizer
+):
+    """The same loop under DeepSpeed ZeRO-2 (2 workers, gloo on CPU), profiled (DeepSpeed's own timers give its
+    gradient reduce) and killed at step 3: it resumes from DeepSpeed's checkpoint (read with weights_only=True)
+    to the loss curve and the cartridge of the ZeRO-3 reference run (which the DDP run matches too), and both
+    cartridges load in the agent."""
     import helpers
     import ray.cloudpickle
 
@@ -224,26 +233,24 @@ def test_deepspeed_zero2_and_zero3_match_ddp(tmp_path, ddp_run, teacher_jsonl, m
     from ray_cartridges.train import run_training
 
     ray.cloudpickle.register_pickle_by_value(helpers)
+    ref_out = reference_run[0]
+    ds = {"backend": "deepspeed", "zero_stage": 2}
+    cfg = _mechanics_cfg(tmp_path, teacher_jsonl, memory, tiny_model_dir, "zero2", 1, profile=True, **ds)
+    run_training(cfg, callbacks=[FailOnceAt(3)])
+    out = tmp_path / "zero2"
+    assert (out / ".fault_injected").read_text() == "3"
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    comm = [json.loads(x)["time/comm_s"] for x in lines if "train/loss" in x]
+    assert len(comm) == 4 and all(c > 0 for c in comm)
+    steps, losses = _train_losses(out)
+    assert steps == [1, 2, 3, 4] and losses == pytest.approx(_train_losses(ref_out)[1], abs=1e-4)
+    assert _same_cartridge(ref_out, out, atol=1e-4)
     model = load_model(str(tiny_model_dir))
-    for stage in (2, 3):
-        name = f"zero{stage}"
-        ds = {"backend": "deepspeed", "zero_stage": stage}
-        if stage == 2:
-            cfg = _mechanics_cfg(tmp_path, teacher_jsonl, memory, tiny_model_dir, name, 1, profile=True, **ds)
-            run_training(cfg, callbacks=[FailOnceAt(3)])
-            assert (tmp_path / name / ".fault_injected").read_text() == "3"
-            lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
-            comm = [json.loads(x)["time/comm_s"] for x in lines if "train/loss" in x]
-            assert len(comm) == 4 and all(c > 0 for c in comm)
-        else:
-            run_training(_mechanics_cfg(tmp_path, teacher_jsonl, memory, tiny_model_dir, name, **ds))
-        steps, losses = _train_losses(tmp_path / name)
-        assert steps == [1, 2, 3, 4] and losses == pytest.approx(_train_losses(ddp_run[0])[1], abs=1e-4), name
-        assert _same_cartridge(ddp_run[0], tmp_path / name, atol=1e-4), name
+    for d in (out, ref_out):
         agent = KVMemoryAgent(
-            KVMemoryAgentConfig(KVCacheMemoryConfig(KVArtifact(str(tmp_path / name)))), model=model, tokenizer=tokenizer
+            KVMemoryAgentConfig(KVCacheMemoryConfig(KVArtifact(str(d)))), model=model, tokenizer=tokenizer
         )
-        assert agent.memory.num_tokens == 32 and agent.chat([{"role": "user", "content": "Hello"}], max_tokens=4)
+        assert agent.memory.num_tokens == 32 and agent.chat([{"role": "user", "content": "Hello"}], max_tokens=4), d
 
 
 def test_deepspeed_checkpoint_files_are_read_as_tensors_only(tmp_path):
@@ -273,7 +280,8 @@ def test_no_harm_term_keeps_general_text_close_to_the_bare_model(
     general = bundled_data("general.txt").read_text()
     text = tokenizer.decode(no_harm_chunks(tokenizer, general, 128)[0])
     plain = text_init_run[0]
-    run_training(_text_init_cfg(tmp_path / "guarded", teacher_jsonl, memory, artifacts=False, no_harm_weight=2.0))
+    guarded = _text_init_cfg(tmp_path / "guarded", teacher_jsonl, memory, False, no_harm_weight=2.0, no_harm_tokens=64)
+    run_training(guarded)
     ratios = {}
     for name, out in (("plain", plain), ("guarded", tmp_path / "guarded")):
         peft = load_cartridge(load_model("smollm2-135m-instruct"), out, tokenizer)
