@@ -280,8 +280,7 @@ def test_no_harm_term_keeps_general_text_close_to_the_bare_model(
     general = bundled_data("general.txt").read_text()
     text = tokenizer.decode(no_harm_chunks(tokenizer, general, 128)[0])
     plain = text_init_run[0]
-    guarded = _text_init_cfg(tmp_path / "guarded", teacher_jsonl, memory, False, no_harm_weight=2.0, no_harm_tokens=64)
-    run_training(guarded)
+    run_training(_text_init_cfg(tmp_path / "guarded", teacher_jsonl, memory, artifacts=False, no_harm_weight=2.0))
     ratios = {}
     for name, out in (("plain", plain), ("guarded", tmp_path / "guarded")):
         peft = load_cartridge(load_model("smollm2-135m-instruct"), out, tokenizer)
