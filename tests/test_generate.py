@@ -28,7 +28,8 @@ SMALL = {
     "shard_size": 2,
     # answered from a chunk, scored by the teacher with the whole memory (vLLM prompt logprobs)
     # (score_engine auto: on CPU the transformers scorer beside the vLLM engine; the killed-run test uses vLLM's)
-    "self_study": {"num_samples": 8, "answer_context": "chunk", "targets": "full_memory"},  # 2 of the first 8
+    # one of the first 8 prompts (in the second shard: the killed run is stopped while it is scored)
+    "self_study": {"num_samples": 3, "answer_context": "chunk", "targets": "full_memory"},
     "history_instructions": "These are your earlier experiences; answer from them.",
     "quiz": {"enabled": False},  # its plain-text question writing is tested in test_strategies
     # no torch.compile warm-up: ~40 s instead of ~150 s per engine start on a 2-core CPU (3 starts here)
