@@ -71,7 +71,7 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
 
 
 @pytest.fixture(scope="session")
-def teacher_jsonl(tmp_path_factory, model, tokenizer, memory) -> Path:
+def teacher_jsonl(tmp_path_factory) -> Path:
     """Teacher data from the bundled model (see make_teacher_jsonl).
 
     ``RAY_CARTRIDGES_TEST_TEACHER=<file>`` reads a file made earlier by make_teacher_jsonl instead: for a machine
@@ -81,13 +81,13 @@ def teacher_jsonl(tmp_path_factory, model, tokenizer, memory) -> Path:
     if given:
         return Path(given)
     shared = os.environ.get("RAY_CARTRIDGES_TEST_SHARE")
-    if shared:  # `make test` runs three pytest processes: the first makes the data, the others read it
+    if shared:  # `make test` runs two pytest processes: the first makes the data, the other reads it
         path = Path(shared) / "teacher.jsonl"
         if not path.is_file():
-            tmp = make_teacher_jsonl(Path(shared) / f"teacher.jsonl.{os.getpid()}.tmp", model, tokenizer, memory)
+            tmp = make_teacher_jsonl(Path(shared) / f"teacher.jsonl.{os.getpid()}.tmp")
             os.replace(tmp, path)
         return path
-    return make_teacher_jsonl(tmp_path_factory.mktemp("teacher") / "dataset.jsonl", model, tokenizer, memory)
+    return make_teacher_jsonl(tmp_path_factory.mktemp("teacher") / "dataset.jsonl")
 
 
 @pytest.fixture(scope="session")

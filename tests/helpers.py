@@ -68,13 +68,34 @@ def small_train_config(tmp_path, teacher_jsonl, memory, workers, name, scaling=N
     )
 
 
-def make_teacher_jsonl(path: Path, model, tokenizer, memory) -> Path:
-    """Teacher data made by the transformers reference teacher: 2 phrasings of each of the memory's first 20
-    questions (40 records, answers of at most 20 tokens)."""
-    from ray_cartridges.contracts import SamplingParams
-    from ray_cartridges.generate.engines import HFEngine
-    from ray_cartridges.generate.teacher import run_prompts
+def make_teacher_jsonl(path: Path) -> Path:
+    """Teacher data from the bundled model: 2 phrasings of each of the example memory's first 20 questions (40
+    records, answers of at most 20 tokens), answered by the vLLM teacher (fp32, greedy) in a process of its own,
+    with its engine in that process as in a CPU teacher actor; the transformers reference teacher gives the same
+    answers (test_generate checks the two engines agree)."""
+    import os
+    import subprocess
+    import sys
 
+    from ray_cartridges.engine_env import engine_actor_env
+
+    env = {**os.environ, **engine_actor_env(torch.cuda.is_available(), in_process=True)}
+    code = "import sys, helpers; helpers.write_teacher_jsonl(sys.argv[1])"
+    run = subprocess.run([sys.executable, "-c", code, str(path)], cwd=Path(__file__).parent, env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:]
+    return path
+
+
+def write_teacher_jsonl(path: str) -> None:
+    """The body of :func:`make_teacher_jsonl`, in its process."""
+    from ray_cartridges.contracts import SamplingParams
+    from ray_cartridges.generate.engines import VLLMEngine
+    from ray_cartridges.generate.teacher import run_prompts
+    from ray_cartridges.memory import read_memory
+    from ray_cartridges.models import resolve_model
+
+    memory = read_memory(EXAMPLE_CHECKPOINT)
     context = memory.render()
     prompts = []
     for i, group in enumerate(memory.triples()[:20]):
@@ -89,12 +110,10 @@ def make_teacher_jsonl(path: Path, model, tokenizer, memory) -> Path:
                     "split_key": f"entry-{i}",
                 }
             )
-    records, problems = run_prompts(
-        HFEngine(model, tokenizer), prompts, sampling=SamplingParams(max_tokens=20, top_logprobs=20)
-    )
+    engine = VLLMEngine(resolve_model(BUNDLED, "fp32"), dtype="fp32", enforce_eager=True, block_size=32)
+    records, problems = run_prompts(engine, prompts, sampling=SamplingParams(max_tokens=20, top_logprobs=20))
     assert not problems
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
 class FailOnceAt(TrainCallback):

@@ -58,6 +58,7 @@ def server(tmp_path_factory, ray_cluster, model, tokenizer, memory, monkeypatch_
     serve.run(deployment(cfg), name="test_cartridges", route_prefix="/")
     yield f"http://127.0.0.1:{port}", {"alpha": a, "beta": b}
     serve.delete("test_cartridges")
+    serve.shutdown()  # the controller and proxy too: the tests after these share the cluster's two CPUs
 
 
 @pytest.fixture(scope="module")
